@@ -1,0 +1,142 @@
+// Argument checks for the raw operators, run before any kernel reads tensor data. The Python
+// face (cda2_ext/_checks.py) checks the same things with the same messages first; these guard
+// direct torch.ops.cda2_ext.* calls so that no input can make a kernel read out of bounds.
+// TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError in Python.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <cmath>
+
+namespace cda2 {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   name, ": expected a floating dtype (float16, bfloat16, float32, float64), got ", st);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), nb, ": expected a tensor on ", a.device(), " like ", na,
+                    ", got ", b.device());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), nb, ": expected dtype ", a.scalar_type(), " like ",
+                   na, ", got ", b.scalar_type());
+}
+
+inline void check_reduction(int64_t r) {
+  TORCH_CHECK_VALUE(r >= 0 && r <= 2, "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", r);
+}
+
+inline void check_nonneg(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0, name, ": must be finite and >= 0, got ", v);
+}
+
+inline void check_collab_loss(const at::Tensor& logits, const at::Tensor& target, double sigma,
+                              int64_t reduction) {
+  check_float(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 3, "logits: expected shape [M, B, K], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(1) >= 1,
+                    "logits: needs M >= 1 sub-models and B >= 1 samples, got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(2) >= 2, "logits: needs K >= 2 classes, got K=", logits.size(2));
+  TORCH_CHECK(target.defined(), "target: expected a tensor, got None");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target: expected int64 labels, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1), "target: expected shape [B]=[",
+                    logits.size(1), "] to match logits ", logits.sizes(), ", got ", target.sizes());
+  check_same_device(logits, "logits", target, "target");
+  TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, "sigma: must be finite and > 0, got ", sigma);
+  check_reduction(reduction);
+}
+
+// Labels in [0, K): reads target (B int64s) and nothing else; CPU tensors only.
+inline void check_labels_cpu(const int64_t* y, int64_t B, int64_t K) {
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(y[b] >= 0 && y[b] < K, "target: labels must lie in [0, ", K, "), found ", y[b],
+                      " at index ", b);
+  }
+}
+
+inline void check_ppd_bce(const at::Tensor& s, const at::Tensor& t, int64_t reduction) {
+  check_float(s, "ppd_logit");
+  check_float(t, "target_prob");
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.numel() > 0, "ppd_logit: expected a non-empty [M, B] tensor, got ",
+                    s.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == s.sizes(), "target_prob: expected shape ", s.sizes(),
+                    " like ppd_logit, got ", t.sizes());
+  check_same_dtype(s, "ppd_logit", t, "target_prob");
+  check_same_device(s, "ppd_logit", t, "target_prob");
+  check_reduction(reduction);
+}
+
+inline void check_box(double eps, double lo, double hi) {
+  check_nonneg(eps, "eps");
+  TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi), "lo: expected numbers for lo and hi, got ", lo,
+                    ", ", hi);
+  TORCH_CHECK_VALUE(lo <= hi, "lo: must be <= hi, got lo=", lo, " > hi=", hi);
+}
+
+// x_nat has x_adv's shape, or x_adv's shape without its leading sub-model axis.
+inline void check_image_pair(const at::Tensor& x_adv, const at::Tensor& x_nat) {
+  TORCH_CHECK_VALUE(x_adv.numel() > 0, "x_adv: expected a non-empty tensor, got ", x_adv.sizes());
+  const bool same = x_nat.sizes() == x_adv.sizes();
+  const bool bcast = x_adv.dim() >= 1 && x_nat.sizes() == x_adv.sizes().slice(1);
+  TORCH_CHECK_VALUE(same || bcast, "x_nat: expected shape ", x_adv.sizes(), " or ", x_adv.sizes().slice(1),
+                    " (broadcast over the sub-model axis of x_adv), got ", x_nat.sizes());
+  check_same_dtype(x_adv, "x_adv", x_nat, "x_nat");
+  check_same_device(x_adv, "x_adv", x_nat, "x_nat");
+}
+
+inline void check_sign_step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                            double eps, double alpha, double lo, double hi) {
+  check_float(x_adv, "x_adv");
+  check_float(grad, "grad");
+  check_float(x_nat, "x_nat");
+  TORCH_CHECK_VALUE(grad.sizes() == x_adv.sizes(), "grad: expected shape ", x_adv.sizes(),
+                    " like x_adv, got ", grad.sizes());
+  check_same_dtype(x_adv, "x_adv", grad, "grad");
+  check_same_device(x_adv, "x_adv", grad, "grad");
+  check_image_pair(x_adv, x_nat);
+  check_box(eps, lo, hi);
+  check_nonneg(alpha, "alpha");
+}
+
+inline void check_random_start(const at::Tensor& x_adv, const at::Tensor& x_nat, double eps, double lo,
+                               double hi) {
+  check_float(x_adv, "x_adv");
+  check_float(x_nat, "x_nat");
+  check_image_pair(x_adv, x_nat);
+  check_box(eps, lo, hi);
+}
+
+inline void check_select(const at::Tensor& ppd_logit, const at::Tensor& logits) {
+  check_float(ppd_logit, "ppd_logit");
+  check_float(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.numel() > 0,
+                    "logits: expected a non-empty [M, B, K] tensor, got ", logits.sizes());
+  TORCH_CHECK_VALUE(ppd_logit.dim() == 2 && ppd_logit.size(0) == logits.size(0) &&
+                        ppd_logit.size(1) == logits.size(1),
+                    "ppd_logit: expected shape [", logits.size(0), ", ", logits.size(1),
+                    "] ([M, B] of logits), got ", ppd_logit.sizes());
+  check_same_device(ppd_logit, "ppd_logit", logits, "logits");
+}
+
+inline void check_select_backward(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models) {
+  check_float(grad_chosen, "grad_chosen");
+  TORCH_CHECK_VALUE(grad_chosen.dim() == 2, "grad_chosen: expected [B, K], got ", grad_chosen.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index: expected int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == grad_chosen.size(0), "index: expected shape [",
+                    grad_chosen.size(0), "], got ", index.sizes());
+  TORCH_CHECK_VALUE(num_models >= 1, "num_models: must be >= 1, got ", num_models);
+  check_same_device(grad_chosen, "grad_chosen", index, "index");
+}
+
+// The statistics (loss, ce, weights, p_true, bce) of half-precision inputs are float32.
+inline at::ScalarType stat_type(at::ScalarType st) {
+  return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
+}
+
+}  // namespace cda2

@@ -1,0 +1,250 @@
+// CPU kernels of the collaboration loss: forward (M-way cross-entropy + soft-min surrogate) and
+// its gradient w.r.t. the logits, each one pass over logits [M, B, K].
+//
+// For the backward pass the forward keeps the log-partition lse[m,b] in float64 (exp(z - lse) must
+// be accurate even for logits of 1e4, where a float32 lse would carry an error of 1e-3) and, when
+// autograd asks, the softmax itself, so the backward is a multiply rather than another exp.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../kernels/collab_loss.h"
+#include "vec_math.h"
+
+namespace cda2 {
+namespace {
+
+// ---- row routines: inlined into the per-chunk functions below, which are compiled twice --------
+// (baseline and AVX2+FMA, CDA2_CPU_CLONES) so each row loop vectorises for the CPU it runs on
+// without paying a dispatched call per row (rows have only K = 10 logits at the paper's shape).
+
+// log-sum-exp of a row, in float64; mx is exact and log(sum) in [0, log K] is accurate to float
+// precision on its own, so the float64 result carries no float32 rounding of a large lse.
+// With prob, also writes the row's softmax (the exps are computed for the sum anyway).
+template <typename T>
+CDA2_ALWAYS_INLINE double row_lse(const T* row, int64_t K, T* prob) {
+  const T mx = cpu::row_max(row, K);
+  T s = 0;
+  if (prob) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) {
+      prob[k] = cpu::exp_f(row[k] - mx);
+      s += prob[k];
+    }
+    const T inv = T(1) / s;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) prob[k] *= inv;
+  } else {
+    s = cpu::row_sum_exp(row, K, mx);
+  }
+  return static_cast<double>(mx) + static_cast<double>(std::log(s));
+}
+
+// dz[k] = g * (exp(z[k] - lse) - [k == y]). lse is split into a head and a tail in T so the
+// subtraction stays in T (and vectorises) without losing lse's float64 accuracy.
+template <typename T>
+CDA2_ALWAYS_INLINE void grad_row(const T* z, int64_t K, T g, double lse, int64_t y, T* dz) {
+  const T hi = static_cast<T>(lse);
+  const T lo = static_cast<T>(lse - static_cast<double>(hi));
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) dz[k] = g * cpu::exp_f((z[k] - hi) - lo);
+  dz[y] -= g;
+}
+
+// dz[k] = g * (prob[k] - [k == y]) from a saved softmax row.
+template <typename T>
+CDA2_ALWAYS_INLINE void grad_row_from_prob(const T* prob, int64_t K, T g, int64_t y, T* dz) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) dz[k] = g * prob[k];
+  dz[y] = g * (prob[y] - T(1));
+}
+
+// Rows as the math type: float and double are read in place; half types are widened into a
+// per-thread buffer (and their gradients narrowed back through another).
+template <typename scalar_t, typename T>
+struct Rows {
+  std::vector<T> in, out;
+  const T* read(const scalar_t* z, int64_t K) {
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      return z;
+    } else {
+      in.resize(K);
+      for (int64_t k = 0; k < K; ++k) in[k] = static_cast<T>(z[k]);
+      return in.data();
+    }
+  }
+  T* dest(scalar_t* dz, int64_t K) {
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      return dz;
+    } else {
+      out.resize(K);
+      return out.data();
+    }
+  }
+  void commit(scalar_t* dz, int64_t K) {
+    if constexpr (!std::is_same_v<scalar_t, T>)
+      for (int64_t k = 0; k < K; ++k) dz[k] = static_cast<scalar_t>(out[k]);
+  }
+};
+
+template <typename scalar_t>
+using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Raw pointers of one call; T is the math/statistics type (float for half inputs).
+template <typename scalar_t, typename T = math_t<scalar_t>>
+struct Buffers {
+  int64_t M, B, K;
+  const scalar_t* z;
+  const int64_t* y;
+  T sigma;
+  double* lse;  // written by forward, read by backward
+  T* prob;      // may be null
+  T *loss, *ce, *w, *p;                       // forward outputs
+  scalar_t* dz;                               // backward output
+  const T *gL, *gce, *gw, *gp;                // backward inputs (null = no gradient)
+  T gscale;                                   // 1/B for mean reduction
+  bool per_sample;                            // grad_loss has one entry per sample
+};
+
+template <typename scalar_t, typename T = math_t<scalar_t>>
+CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) {
+  Rows<scalar_t, T> rows;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int64_t r = m * a.B + b;
+      const T* row = rows.read(a.z + r * a.K, a.K);
+      a.lse[r] = row_lse<T>(row, a.K, a.prob ? a.prob + r * a.K : nullptr);
+      a.ce[r] = static_cast<T>(a.lse[r] - static_cast<double>(row[a.y[b]]));
+    }
+    a.loss[b] = softmin_forward<T>(a.ce + b, a.w + b, a.p + b, a.M, a.B, a.sigma);
+  }
+}
+
+template <typename scalar_t, typename T = math_t<scalar_t>>
+CDA2_ALWAYS_INLINE void backward_chunk_body(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) {
+  Rows<scalar_t, T> rows;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T gLb = a.gL ? a.gL[a.per_sample ? b : 0] * a.gscale : T(0);
+    T wgw = 0;
+    if (a.gw)
+      for (int64_t m = 0; m < a.M; ++m) wgw += a.gw[m * a.B + b] * a.w[m * a.B + b];
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int64_t r = m * a.B + b;
+      const T g = ce_grad<T>(gLb, a.w[r], a.p[r], a.gce, a.gw, a.gp, r, wgw, a.sigma);
+      T* dz = rows.dest(a.dz + r * a.K, a.K);
+      if (a.prob)
+        grad_row_from_prob<T>(a.prob + r * a.K, a.K, g, a.y[b], dz);
+      else
+        grad_row<T>(rows.read(a.z + r * a.K, a.K), a.K, g, a.lse[r], a.y[b], dz);
+      rows.commit(a.dz + r * a.K, a.K);
+    }
+  }
+}
+
+CDA2_CPU_CLONES void forward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
+CDA2_CPU_CLONES void forward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
+CDA2_CPU_CLONES void backward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
+CDA2_CPU_CLONES void backward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
+template <typename scalar_t>
+void forward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
+template <typename scalar_t>
+void backward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
+
+// Samples b are split across threads; each thread does the M rows of its samples, so the
+// soft-min over sub-models needs no cross-thread step. Rows are heavy when K is large: give
+// each thread at least ~32k logits.
+template <typename F>
+void for_samples(int64_t M, int64_t B, int64_t K, const F& f) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, M * K)), f);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, double sigma, int64_t reduction, bool save_prob) {
+  check_collab_loss(logits, target, sigma, reduction);
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  const int64_t M = z.size(0), B = z.size(1), K = z.size(2);
+  check_labels_cpu(y.data_ptr<int64_t>(), B, K);
+  const auto opts = z.options().dtype(stat_type(z.scalar_type()));
+  auto loss_vec = at::empty({B}, opts);
+  auto ce = at::empty({M, B}, opts), w = at::empty({M, B}, opts), p = at::empty({M, B}, opts);
+  auto lse = at::empty({M, B}, z.options().dtype(at::kDouble));
+  // On the CPU the exp per logit dominates, so keeping the softmax halves the backward's work.
+  auto prob = at::empty(save_prob ? std::vector<int64_t>{M, B, K} : std::vector<int64_t>{0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "collab_loss_cpu", [&] {
+    using T = math_t<scalar_t>;
+    Buffers<scalar_t> a{M, B, K, z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), static_cast<T>(sigma),
+                        lse.data_ptr<double>(), save_prob ? prob.data_ptr<T>() : nullptr,
+                        loss_vec.data_ptr<T>(), ce.data_ptr<T>(), w.data_ptr<T>(), p.data_ptr<T>(),
+                        nullptr, nullptr, nullptr, nullptr, nullptr, T(1), true};
+    for_samples(M, B, K, [&](int64_t b0, int64_t b1) { forward_chunk(a, b0, b1); });
+  });
+  if (reduction == kNone) return {loss_vec, ce, w, p, lse, prob};
+  // Reduce here rather than with another op: one dispatcher call less per step.
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(loss_vec.scalar_type(), "collab_loss_reduce", [&] {
+    const scalar_t* lp = loss_vec.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) total += static_cast<double>(lp[b]);
+  });
+  if (reduction == kMean) total /= static_cast<double>(B);
+  return {at::scalar_tensor(total, opts), ce, w, p, lse, prob};
+}
+
+void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st,
+                const at::Tensor& like) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", st, ", got ", t.scalar_type());
+  check_same_device(like, "logits", t, name);
+}
+
+at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
+                                    const std::optional<at::Tensor>& grad_ce,
+                                    const std::optional<at::Tensor>& grad_weights,
+                                    const std::optional<at::Tensor>& grad_p_true, const at::Tensor& logits,
+                                    const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
+                                    const at::Tensor& weights, const at::Tensor& p_true, double sigma,
+                                    int64_t reduction) {
+  check_collab_loss(logits, target, sigma, reduction);
+  const int64_t M = logits.size(0), B = logits.size(1), K = logits.size(2);
+  const auto st = stat_type(logits.scalar_type());
+  const std::vector<int64_t> mb{M, B};
+  const auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  const auto gL = opt(grad_loss);
+  check_stat(gL, "grad_loss", reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, st, logits);
+  const auto gce = opt(grad_ce), gw = opt(grad_weights), gp = opt(grad_p_true);
+  check_stat(gce, "grad_ce", mb, st, logits);
+  check_stat(gw, "grad_weights", mb, st, logits);
+  check_stat(gp, "grad_p_true", mb, st, logits);
+  check_stat(lse, "lse", mb, at::kDouble, logits);
+  if (prob.numel()) check_stat(prob, "prob", {M, B, K}, st, logits);
+  check_stat(weights, "weights", mb, st, logits);
+  check_stat(p_true, "p_true", mb, st, logits);
+  const auto z = logits.contiguous();
+  const auto y = target.contiguous();
+  check_labels_cpu(y.data_ptr<int64_t>(), B, K);
+  auto dz = at::empty_like(z);
+  const auto w = weights.contiguous(), p = p_true.contiguous(), lse_c = lse.contiguous(), prob_c = prob.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "collab_loss_backward_cpu", [&] {
+    using T = math_t<scalar_t>;
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    Buffers<scalar_t> a{M, B, K, z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), static_cast<T>(sigma),
+                        const_cast<double*>(lse_c.data_ptr<double>()), prob_c.numel() ? prob_c.data_ptr<T>() : nullptr,
+                        nullptr, nullptr, w.data_ptr<T>(), p.data_ptr<T>(),
+                        dz.data_ptr<scalar_t>(), ptr(gL), ptr(gce), ptr(gw), ptr(gp),
+                        reduction == kMean ? T(1) / static_cast<T>(B) : T(1), reduction == kNone};
+    for_samples(M, B, K, [&](int64_t b0, int64_t b1) { backward_chunk(a, b0, b1); });
+  });
+  return dz;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cda2_ext, CPU, m) {
+  m.impl("collab_loss", &collab_loss_cpu);
+  m.impl("collab_loss_backward", &collab_loss_backward_cpu);
+}
+
+}  // namespace cda2

@@ -1,0 +1,79 @@
+// CPU-only helpers that let g++ auto-vectorise the hot row loops.
+//
+// Why not at::vec::Vectorized? An extension is compiled once with baseline flags, so ATen's
+// vector classes fall back to scalar code here, and libm's expf does not vectorise. Instead the
+// row loops are plain C++ written so g++ vectorises them (`#pragma omp simd` with -fopenmp-simd,
+// branch-free bodies), and CDA2_CPU_CLONES asks for an AVX2+FMA copy of each hot function next to
+// the baseline one, picked at load time by the CPU it runs on (GCC function multi-versioning).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CDA2_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CDA2_CPU_CLONES
+#endif
+
+// Row helpers must inline into the cloned function that calls them to get its instruction set.
+#if defined(__GNUC__)
+#define CDA2_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define CDA2_ALWAYS_INLINE inline
+#endif
+
+namespace cda2 {
+namespace cpu {
+
+// exp(x) for float in ~1.5 ulp, branch-free so loops of it vectorise (Cephes expf polynomial
+// after the usual 2^n * e^r range reduction; n is rounded with the 1.5 * 2^23 trick, which needs
+// no SSE4.1 round instruction in the baseline clone). Underflows to exactly 0 below -87.3, where
+// softmax entries stop mattering; callers pass x - max, so overflow is never reached.
+CDA2_ALWAYS_INLINE float exp_f(float x) {
+  const float lo = -87.33654475f, hi = 88.3762626647949f, magic = 12582912.0f;  // 1.5 * 2^23
+  const bool under = x < lo;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  const float t = x * 1.44269504088896341f + magic;  // the low bits of t hold round(x / ln 2)
+  const float n = t - magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t ti;
+  std::memcpy(&ti, &t, sizeof(ti));
+  const int32_t bits = (ti - 0x4B400000 + 127) << 23;  // 2^n as a float's exponent field
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return under ? 0.0f : p * scale;
+}
+
+CDA2_ALWAYS_INLINE double exp_f(double x) { return std::exp(x); }
+
+// max over a row. NaNs need no special care here: a NaN logit turns exp(z - max) and so the row's
+// sum into NaN, which is what torch's log_softmax gives too (and a flag would stop vectorisation).
+template <typename T>
+CDA2_ALWAYS_INLINE T row_max(const T* z, int64_t K) {
+  T m = z[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < K; ++k) m = z[k] > m ? z[k] : m;
+  return m;
+}
+
+// sum_k exp(z[k] - mx)
+template <typename T>
+CDA2_ALWAYS_INLINE T row_sum_exp(const T* z, int64_t K, T mx) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < K; ++k) s += exp_f(z[k] - mx);
+  return s;
+}
+
+}  // namespace cpu
+}  // namespace cda2
