@@ -26,18 +26,11 @@ namespace {
 template <typename T>
 CDA2_ALWAYS_INLINE double row_lse(const T* row, int64_t K, T* prob) {
   const T mx = cpu::row_max(row, K);
-  T s = 0;
+  const T s = cpu::row_sum_exp(row, K, mx, prob);
   if (prob) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) {
-      prob[k] = cpu::exp_f(row[k] - mx);
-      s += prob[k];
-    }
     const T inv = T(1) / s;
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k) prob[k] *= inv;
-  } else {
-    s = cpu::row_sum_exp(row, K, mx);
   }
   return static_cast<double>(mx) + static_cast<double>(std::log(s));
 }
@@ -48,8 +41,7 @@ template <typename T>
 CDA2_ALWAYS_INLINE void grad_row(const T* z, int64_t K, T g, double lse, int64_t y, T* dz) {
   const T hi = static_cast<T>(lse);
   const T lo = static_cast<T>(lse - static_cast<double>(hi));
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) dz[k] = g * cpu::exp_f((z[k] - hi) - lo);
+  cpu::row_scaled_exp(z, K, g, hi, lo, dz);
   dz[y] -= g;
 }
 

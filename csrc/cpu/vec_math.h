@@ -66,13 +66,28 @@ CDA2_ALWAYS_INLINE T row_max(const T* z, int64_t K) {
   return m;
 }
 
-// sum_k exp(z[k] - mx)
+// sum_k exp(z[k] - mx); with out, also stores each exp(z[k] - mx) there.
 template <typename T>
-CDA2_ALWAYS_INLINE T row_sum_exp(const T* z, int64_t K, T mx) {
+CDA2_ALWAYS_INLINE T row_sum_exp(const T* z, int64_t K, T mx, T* out = nullptr) {
   T s = 0;
+  if (out) {
 #pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < K; ++k) s += exp_f(z[k] - mx);
+    for (int64_t k = 0; k < K; ++k) {
+      out[k] = exp_f(z[k] - mx);
+      s += out[k];
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += exp_f(z[k] - mx);
+  }
   return s;
+}
+
+// out[k] = g * exp((z[k] - hi) - lo)
+template <typename T>
+CDA2_ALWAYS_INLINE void row_scaled_exp(const T* z, int64_t K, T g, T hi, T lo, T* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = g * exp_f((z[k] - hi) - lo);
 }
 
 }  // namespace cpu
