@@ -61,7 +61,10 @@ if HAS_EXTENSION:
         loss = logits.new_empty((B,) if reduction == 0 else (), dtype=dt)
         stats = [logits.new_empty((M, B), dtype=dt) for _ in range(3)]
         lse = logits.new_empty((M, B), dtype=torch.float64)
-        prob = logits.new_empty((M, B, K) if save_prob else (0,), dtype=dt)
+        # Only the CPU kernel keeps the softmax (there the exps dominate; on a GPU the backward is
+        # memory-bound and recomputing exp(z - lse) moves fewer bytes than saving prob).
+        keep = save_prob and logits.device.type != "cuda"
+        prob = logits.new_empty((M, B, K) if keep else (0,), dtype=dt)
         return (loss, *stats, lse, prob)
 
     @torch.library.register_fake("cda2_ext::collab_loss_backward")

@@ -7,6 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <cmath>
+#include <optional>
+#include <vector>
+
+#include "kernels/common.h"
 
 namespace cda2 {
 
@@ -137,6 +141,47 @@ inline void check_select_backward(const at::Tensor& grad_chosen, const at::Tenso
 // The statistics (loss, ce, weights, p_true, bce) of half-precision inputs are float32.
 inline at::ScalarType stat_type(at::ScalarType st) {
   return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
+}
+
+// A tensor that a backward op reads: undefined (no gradient) or of the expected shape and dtype.
+inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st,
+                        const at::Tensor& like) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", st, ", got ", t.scalar_type());
+  check_same_device(like, "logits", t, name);
+}
+
+// The upstream gradients of collab_loss_backward, contiguous; undefined where none flowed.
+struct CollabLossGrads {
+  at::Tensor loss, ce, weights, p_true;
+};
+
+inline CollabLossGrads check_collab_loss_backward(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_ce,
+    const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_p_true,
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
+    const at::Tensor& weights, const at::Tensor& p_true, double sigma, int64_t reduction) {
+  check_collab_loss(logits, target, sigma, reduction);
+  const int64_t M = logits.size(0), B = logits.size(1), K = logits.size(2);
+  const auto st = stat_type(logits.scalar_type());
+  const std::vector<int64_t> mb{M, B};
+  const auto opt = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+  };
+  CollabLossGrads g{opt(grad_loss), opt(grad_ce), opt(grad_weights), opt(grad_p_true)};
+  check_saved(g.loss, "grad_loss", reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, st, logits);
+  check_saved(g.ce, "grad_ce", mb, st, logits);
+  check_saved(g.weights, "grad_weights", mb, st, logits);
+  check_saved(g.p_true, "grad_p_true", mb, st, logits);
+  TORCH_CHECK_VALUE(lse.defined() && weights.defined() && p_true.defined(),
+                    "lse: expected the tensors saved by collab_loss (lse, weights, p_true), got None");
+  check_saved(lse, "lse", mb, at::kDouble, logits);
+  check_saved(weights, "weights", mb, st, logits);
+  check_saved(p_true, "p_true", mb, st, logits);
+  // prob is empty unless the forward kept the softmax.
+  if (prob.defined() && prob.numel()) check_saved(prob, "prob", {M, B, K}, st, logits);
+  return g;
 }
 
 }  // namespace cda2

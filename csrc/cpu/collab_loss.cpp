@@ -184,14 +184,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {at::scalar_tensor(total, opts), ce, w, p, lse, prob};
 }
 
-void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st,
-                const at::Tensor& like) {
-  if (!t.defined()) return;
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", st, ", got ", t.scalar_type());
-  check_same_device(like, "logits", t, name);
-}
-
 at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
                                     const std::optional<at::Tensor>& grad_ce,
                                     const std::optional<at::Tensor>& grad_weights,
@@ -199,21 +191,9 @@ at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
                                     const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
                                     const at::Tensor& weights, const at::Tensor& p_true, double sigma,
                                     int64_t reduction) {
-  check_collab_loss(logits, target, sigma, reduction);
+  const auto g = check_collab_loss_backward(grad_loss, grad_ce, grad_weights, grad_p_true, logits, target, lse,
+                                            prob, weights, p_true, sigma, reduction);
   const int64_t M = logits.size(0), B = logits.size(1), K = logits.size(2);
-  const auto st = stat_type(logits.scalar_type());
-  const std::vector<int64_t> mb{M, B};
-  const auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  const auto gL = opt(grad_loss);
-  check_stat(gL, "grad_loss", reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, st, logits);
-  const auto gce = opt(grad_ce), gw = opt(grad_weights), gp = opt(grad_p_true);
-  check_stat(gce, "grad_ce", mb, st, logits);
-  check_stat(gw, "grad_weights", mb, st, logits);
-  check_stat(gp, "grad_p_true", mb, st, logits);
-  check_stat(lse, "lse", mb, at::kDouble, logits);
-  if (prob.numel()) check_stat(prob, "prob", {M, B, K}, st, logits);
-  check_stat(weights, "weights", mb, st, logits);
-  check_stat(p_true, "p_true", mb, st, logits);
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   check_labels_cpu(y.data_ptr<int64_t>(), B, K);
@@ -225,7 +205,7 @@ at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
     Buffers<scalar_t> a{M, B, K, z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), static_cast<T>(sigma),
                         const_cast<double*>(lse_c.data_ptr<double>()), prob_c.numel() ? prob_c.data_ptr<T>() : nullptr,
                         nullptr, nullptr, w.data_ptr<T>(), p.data_ptr<T>(),
-                        dz.data_ptr<scalar_t>(), ptr(gL), ptr(gce), ptr(gw), ptr(gp),
+                        dz.data_ptr<scalar_t>(), ptr(g.loss), ptr(g.ce), ptr(g.weights), ptr(g.p_true),
                         reduction == kMean ? T(1) / static_cast<T>(B) : T(1), reduction == kNone};
     for_samples(M, B, K, [&](int64_t b0, int64_t b1) { backward_chunk(a, b0, b1); });
   });
