@@ -5,7 +5,9 @@ autograd formulas are C++ (``csrc/autograd.cpp``), so a forward+backward costs t
 calls and no Python. This module adds what Python is best at:
 
 * fake (meta) kernels, so the ops trace under ``torch.compile`` and run on meta tensors,
-* a friendly functional API with argument checks whose messages name the argument,
+* a friendly functional API; the kernels check every argument themselves (csrc/checks.h, the
+  same messages as _checks.py, which serves the reference twins and the fake kernels), so the
+  fused path spends no Python time on checks,
 * a fallback to :mod:`cda2_ext.reference` (with one warning) where the extension was not built.
 
 Every function here has a plain-PyTorch twin of the same name in :mod:`cda2_ext.reference`.
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}  # same codes as at::Reduction
+_REDUCTION_NAME = {v: k for k, v in _REDUCTION.items()}
 
 
 def cuda_available() -> bool:
@@ -54,8 +57,11 @@ if HAS_EXTENSION:
     _collab_loss = _ops.collab_loss.default  # the overload itself: skips the packet's lookup
 
     # ----- fake kernels: shapes and dtypes only, mirroring csrc/cpu/*.cpp -----------------------
+    # Each runs the same metadata checks as the C++ kernels, so bad input fails the same way under
+    # torch.compile and on meta tensors.
     @torch.library.register_fake("cda2_ext::collab_loss")
     def _collab_loss_fake(logits, target, sigma, reduction, save_prob=False):
+        _checks.collab_loss_args(logits, target, sigma, _REDUCTION_NAME.get(reduction, reduction))
         M, B, K = logits.shape
         dt = _stat_dtype(logits.dtype)
         loss = logits.new_empty((B,) if reduction == 0 else (), dtype=dt)
@@ -74,6 +80,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("cda2_ext::ppd_bce")
     def _ppd_bce_fake(ppd_logit, target_prob, reduction):
+        _checks.ppd_bce_args(ppd_logit, target_prob, _REDUCTION_NAME.get(reduction, reduction))
         dt = _stat_dtype(ppd_logit.dtype)
         return ppd_logit.new_empty(ppd_logit.shape if reduction == 0 else (), dtype=dt)
 
@@ -83,14 +90,17 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("cda2_ext::sign_step_")
     def _sign_step_fake(x_adv, grad, x_nat, eps, alpha, lo, hi):
+        _checks.sign_step_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
         return None
 
     @torch.library.register_fake("cda2_ext::random_start_")
     def _random_start_fake(x_adv, x_nat, eps, lo, hi, seed):
+        _checks.random_start_args(x_nat, eps, lo, hi, None)
         return None
 
     @torch.library.register_fake("cda2_ext::collab_select")
     def _collab_select_fake(ppd_logit, logits):
+        _checks.select_args(ppd_logit, logits)
         M, B, K = logits.shape
         return (ppd_logit.new_empty((B,), dtype=torch.int64),
                 logits.new_empty((B, K)))
@@ -111,8 +121,6 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
     """
     if not HAS_EXTENSION:
         return reference.collaboration_loss(logits, target, sigma, reduction)
-    # The kernels check every argument themselves (csrc/checks.h, same messages as _checks.py),
-    # which saves the Python checks' microseconds on every training step.
     _checks.reduction(reduction)
     # lse and prob exist only to be saved for the backward pass (autograd asks for prob itself).
     loss, ce, weights, p_true, _, _ = _collab_loss(logits, target, float(sigma), _REDUCTION[reduction])
@@ -127,9 +135,9 @@ def ppd_bce(ppd_logit: Tensor, target_prob: Tensor, reduction: str = "mean") -> 
     """
     if not HAS_EXTENSION:
         return reference.ppd_bce(ppd_logit, target_prob, reduction)
-    _checks.ppd_bce_args(ppd_logit, target_prob, reduction)
+    _checks.reduction(reduction)
     t = target_prob.detach()
-    if t.dtype != ppd_logit.dtype:
+    if isinstance(t, Tensor) and isinstance(ppd_logit, Tensor) and t.dtype != ppd_logit.dtype:
         t = t.to(ppd_logit.dtype)
     return _ops.ppd_bce(ppd_logit, t, _REDUCTION[reduction])
 
@@ -144,7 +152,6 @@ def pgd_sign_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps: float, alpha
     """
     if not HAS_EXTENSION:
         return reference.pgd_sign_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
-    _checks.sign_step_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
     _ops.sign_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
     return x_adv
 
@@ -178,6 +185,5 @@ def collaborative_select(ppd_logit: Tensor, logits: Tensor) -> Tuple[Tensor, Ten
     """
     if not HAS_EXTENSION:
         return reference.collaborative_select(ppd_logit, logits)
-    _checks.select_args(ppd_logit, logits)
     index, chosen = _ops.collab_select(ppd_logit, logits)
     return index, chosen
