@@ -42,6 +42,13 @@ def _same_device(*named: tuple) -> None:
             raise ValueError(f"{n}: expected a tensor on {t0.device} like {n0}, got {t.device}")
 
 
+def same_device(**named: Optional[Tensor]) -> None:
+    """All given tensors (None skipped) on the first one's device; keyword names go in the error."""
+    present = [(n, t) for n, t in named.items() if t is not None]
+    if present:
+        _same_device(*present)
+
+
 def _same_dtype(n0: str, t0: Tensor, n: str, t: Tensor) -> None:
     if t.dtype != t0.dtype:
         raise TypeError(f"{n}: expected dtype {t0.dtype} like {n0}, got {t.dtype}")

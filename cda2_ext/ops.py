@@ -5,9 +5,9 @@ autograd formulas are C++ (``csrc/autograd.cpp``), so a forward+backward costs t
 calls and no Python. This module adds what Python is best at:
 
 * fake (meta) kernels, so the ops trace under ``torch.compile`` and run on meta tensors,
-* a friendly functional API; the kernels check every argument themselves (csrc/checks.h, the
-  same messages as _checks.py, which serves the reference twins and the fake kernels), so the
-  fused path spends no Python time on checks,
+* a friendly functional API whose argument checks (_checks.py, shared with the reference twins
+  and the fake kernels) raise TypeError/ValueError naming the argument; the kernels repeat them
+  (csrc/checks.h) for direct ``torch.ops.cda2_ext`` calls,
 * a fallback to :mod:`cda2_ext.reference` (with one warning) where the extension was not built.
 
 Every function here has a plain-PyTorch twin of the same name in :mod:`cda2_ext.reference`.
@@ -76,6 +76,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("cda2_ext::collab_loss_backward")
     def _collab_loss_backward_fake(grad_loss, grad_ce, grad_weights, grad_p_true, logits, target,
                                    lse, prob, weights, p_true, sigma, reduction):
+        _checks.same_device(logits=logits, target=target, grad_loss=grad_loss, grad_ce=grad_ce,
+                            grad_weights=grad_weights, grad_p_true=grad_p_true, lse=lse, prob=prob,
+                            weights=weights, p_true=p_true)
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("cda2_ext::ppd_bce")
@@ -86,6 +89,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("cda2_ext::ppd_bce_backward")
     def _ppd_bce_backward_fake(grad, ppd_logit, target_prob, reduction):
+        _checks.same_device(ppd_logit=ppd_logit, target_prob=target_prob, grad=grad)
         return torch.empty_like(ppd_logit, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("cda2_ext::sign_step_")
@@ -96,6 +100,7 @@ if HAS_EXTENSION:
     @torch.library.register_fake("cda2_ext::random_start_")
     def _random_start_fake(x_adv, x_nat, eps, lo, hi, seed):
         _checks.random_start_args(x_nat, eps, lo, hi, None)
+        _checks.same_device(x_adv=x_adv, x_nat=x_nat)
         return None
 
     @torch.library.register_fake("cda2_ext::collab_select")
@@ -107,6 +112,7 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("cda2_ext::collab_select_backward")
     def _collab_select_backward_fake(grad_chosen, index, num_models):
+        _checks.same_device(grad_chosen=grad_chosen, index=index)
         B, K = grad_chosen.shape
         return grad_chosen.new_empty((num_models, B, K))
 
@@ -121,7 +127,7 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
     """
     if not HAS_EXTENSION:
         return reference.collaboration_loss(logits, target, sigma, reduction)
-    _checks.reduction(reduction)
+    _checks.collab_loss_args(logits, target, sigma, reduction)
     # lse and prob exist only to be saved for the backward pass (autograd asks for prob itself).
     loss, ce, weights, p_true, _, _ = _collab_loss(logits, target, float(sigma), _REDUCTION[reduction])
     return CollabLoss(loss, ce, weights, p_true)
@@ -135,9 +141,9 @@ def ppd_bce(ppd_logit: Tensor, target_prob: Tensor, reduction: str = "mean") -> 
     """
     if not HAS_EXTENSION:
         return reference.ppd_bce(ppd_logit, target_prob, reduction)
-    _checks.reduction(reduction)
+    _checks.ppd_bce_args(ppd_logit, target_prob, reduction)
     t = target_prob.detach()
-    if isinstance(t, Tensor) and isinstance(ppd_logit, Tensor) and t.dtype != ppd_logit.dtype:
+    if t.dtype != ppd_logit.dtype:
         t = t.to(ppd_logit.dtype)
     return _ops.ppd_bce(ppd_logit, t, _REDUCTION[reduction])
 
@@ -147,11 +153,12 @@ def pgd_sign_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps: float, alpha
     """Fused projected sign step over all ``M*B`` images, in place; returns ``x_adv``.
 
     Reads ``x_adv``, ``grad`` and ``x_nat`` once and writes ``x_adv`` once; bit-identical to
-    :func:`cda2_ext.reference.pgd_sign_step_` in float32/float64 (NaN gradients propagate, as
-    ``torch.sign`` does).
+    :func:`cda2_ext.reference.pgd_sign_step_` in float32/float64 (a NaN gradient does not move
+    ``x``, as ``torch.sign(nan) == 0``). Not differentiable: raises if a tensor requires grad.
     """
     if not HAS_EXTENSION:
         return reference.pgd_sign_step_(x_adv, grad, x_nat, eps, alpha, lo, hi)
+    _checks.sign_step_args(x_adv, grad, x_nat, eps, alpha, lo, hi)
     _ops.sign_step_(x_adv, grad, x_nat, float(eps), float(alpha), float(lo), float(hi))
     return x_adv
 
@@ -185,5 +192,6 @@ def collaborative_select(ppd_logit: Tensor, logits: Tensor) -> Tuple[Tensor, Ten
     """
     if not HAS_EXTENSION:
         return reference.collaborative_select(ppd_logit, logits)
+    _checks.select_args(ppd_logit, logits)
     index, chosen = _ops.collab_select(ppd_logit, logits)
     return index, chosen

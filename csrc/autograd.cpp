@@ -4,6 +4,7 @@
 // The backward formulas are operators too (collab_loss_backward, ...), so they dispatch to
 // whichever device the tensors live on and trace under torch.compile.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 namespace cda2 {
@@ -110,12 +111,73 @@ std::tuple<at::Tensor, at::Tensor> select_ag(const at::Tensor& ppd, const at::Te
   return {r[0], r[1]};
 }
 
+// ---- the in-place PGD ops: not differentiable, but they must play by autograd's rules -------
+// Autograd: refuse to write into a tensor that records gradients (as torch's in-place ops do for
+// leaves), instead of silently corrupting a graph. ADInplaceOrView: bump x_adv's version counter,
+// so a tensor saved for backward and then stepped on raises instead of giving a wrong gradient.
+using SignStepFn = void(at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double, double);
+using RandomStartFn = void(at::Tensor&, const at::Tensor&, double, double, double, int64_t);
+
+void check_no_grad(const at::Tensor& x_adv, const at::Tensor& other, const char* op) {
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (x_adv.requires_grad() || other.requires_grad())),
+                    "x_adv: ", op, " is an in-place attack step and not differentiable; call it under "
+                    "torch.no_grad() on tensors that do not require grad");
+}
+
+c10::TypedOperatorHandle<SignStepFn>& sign_step_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("cda2_ext::sign_step_", "").typed<SignStepFn>();
+  return op;
+}
+
+c10::TypedOperatorHandle<RandomStartFn>& random_start_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cda2_ext::random_start_", "").typed<RandomStartFn>();
+  return op;
+}
+
+void sign_step_ag(c10::DispatchKeySet ks, at::Tensor& x, const at::Tensor& g, const at::Tensor& x0, double eps,
+                  double alpha, double lo, double hi) {
+  check_no_grad(x, g, "sign_step_");
+  sign_step_op().redispatch(ks & c10::after_autograd_keyset, x, g, x0, eps, alpha, lo, hi);
+}
+
+void sign_step_view(c10::DispatchKeySet ks, at::Tensor& x, const at::Tensor& g, const at::Tensor& x0, double eps,
+                    double alpha, double lo, double hi) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    sign_step_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, g, x0, eps, alpha, lo, hi);
+  }
+  torch::autograd::increment_version(x);
+}
+
+void random_start_ag(c10::DispatchKeySet ks, at::Tensor& x, const at::Tensor& x0, double eps, double lo, double hi,
+                     int64_t seed) {
+  check_no_grad(x, x0, "random_start_");
+  random_start_op().redispatch(ks & c10::after_autograd_keyset, x, x0, eps, lo, hi, seed);
+}
+
+void random_start_view(c10::DispatchKeySet ks, at::Tensor& x, const at::Tensor& x0, double eps, double lo,
+                       double hi, int64_t seed) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    random_start_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, x0, eps, lo, hi, seed);
+  }
+  torch::autograd::increment_version(x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cda2_ext, Autograd, m) {
   m.impl("collab_loss", &collab_loss_ag);
   m.impl("ppd_bce", &ppd_bce_ag);
   m.impl("collab_select", &select_ag);
+  m.impl("sign_step_", &sign_step_ag);
+  m.impl("random_start_", &random_start_ag);
+}
+
+TORCH_LIBRARY_IMPL(cda2_ext, ADInplaceOrView, m) {
+  m.impl("sign_step_", &sign_step_view);
+  m.impl("random_start_", &random_start_view);
 }
 
 }  // namespace cda2

@@ -38,16 +38,16 @@ CDA2_HD float hash_uniform(uint64_t seed, uint64_t i) {
 }
 
 // ---- torch-compatible elementwise pieces -----------------------------------------------------
-// These mirror torch.sign / torch.maximum / torch.minimum / torch.clamp exactly, NaN included,
+// These mirror torch.sign / torch.maximum / torch.minimum / torch.clamp exactly, NaN included
+// (a NaN gradient does not move x; a NaN x or x_nat stays NaN),
 // so the fused step is bit-identical to the reference (no fused multiply-add is possible: every
 // operation below rounds once and alpha * sign is exact).
 // Each is a chain of plain selects (no nested || on NaN tests inside a ternary) so that g++
 // if-converts and vectorises the CPU loops.
 template <typename T>
-CDA2_HD T sign_of(T g) {  // 1, -1, 0 for +-0, NaN for NaN
-  T s = g > T(0) ? T(1) : T(0);
-  s = g < T(0) ? T(-1) : s;
-  return g != g ? g : s;
+CDA2_HD T sign_of(T g) {  // 1, -1, and 0 for +-0 and NaN, as torch.sign does in torch 2.13
+  const T s = g > T(0) ? T(1) : T(0);
+  return g < T(0) ? T(-1) : s;
 }
 
 template <typename T>
