@@ -100,18 +100,76 @@ struct Buffers {
   bool per_sample;                            // grad_loss has one entry per sample
 };
 
+// The forward over samples [b0, b1) in three sweeps, each a loop the compiler vectorises:
+//  1. per row: max and sum of exps (and the softmax, if kept); mx, the sum and mx - z_y are parked
+//     in lse, w and p, which are overwritten below;
+//  2. per sub-model, across samples: lse = mx + log(sum), ce = (mx - z_y) + log(sum);
+//  3. per sub-model, across samples: the soft-min over m (Eq. 7) -- the same math as
+//     softmin_forward in kernels/collab_loss.h, laid out so that the M-way loop runs over
+//     contiguous samples instead of one sample at a time (the per-sample transcendental calls
+//     were most of the forward at K = 10).
 template <typename scalar_t, typename T = math_t<scalar_t>>
 CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) {
   Rows<scalar_t, T> rows;
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int64_t r = m * a.B + b;
-      const T* row = rows.read(a.z + r * a.K, a.K);
-      a.lse[r] = row_lse<T>(row, a.K, a.prob ? a.prob + r * a.K : nullptr);
-      a.ce[r] = static_cast<T>(a.lse[r] - static_cast<double>(row[a.y[b]]));
+  const int64_t M = a.M, B = a.B, K = a.K, n = b1 - b0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = m * B + b;
+      const T* row = rows.read(a.z + r * K, K);
+      T* prob = a.prob ? a.prob + r * K : nullptr;
+      const T mx = cpu::row_max(row, K);
+      const T s = cpu::row_sum_exp(row, K, mx, prob);
+      if (prob) {
+        const T inv = T(1) / s;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) prob[k] *= inv;
+      }
+      a.lse[r] = static_cast<double>(mx);
+      a.w[r] = s;
+      a.p[r] = mx - row[a.y[b]];
     }
-    a.loss[b] = softmin_forward<T>(a.ce + b, a.w + b, a.p + b, a.M, a.B, a.sigma);
   }
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r0 = m * B + b0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T ls = cpu::log_f(a.w[r0 + i]);  // the sum is >= 1: log(sum) is accurate on its own
+      a.lse[r0 + i] += static_cast<double>(ls);
+      a.ce[r0 + i] = a.p[r0 + i] + ls;
+    }
+  }
+  // Soft-min over m. amax lives in loss[b0, b1) until the loss overwrites it; sum in a buffer.
+  T* amax = a.loss + b0;
+  std::vector<T> sum_buf(n, T(0));
+  T* sum = sum_buf.data();
+  const T neg_inv_sigma = T(-1) / a.sigma;
+  for (int64_t i = 0; i < n; ++i) amax[i] = -static_cast<T>(INFINITY);
+  for (int64_t m = 0; m < M; ++m) {
+    const T* ce = a.ce + m * B + b0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) amax[i] = ce[i] * neg_inv_sigma > amax[i] ? ce[i] * neg_inv_sigma : amax[i];
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const T* ce = a.ce + m * B + b0;
+    T* w = a.w + m * B + b0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      w[i] = cpu::exp_f(ce[i] * neg_inv_sigma - amax[i]);
+      sum[i] += w[i];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const T* ce = a.ce + m * B + b0;
+    T* w = a.w + m * B + b0;
+    T* p = a.p + m * B + b0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      w[i] /= sum[i];
+      p[i] = cpu::exp_f(-ce[i]);
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) amax[i] = -a.sigma * (amax[i] + cpu::log_f(sum[i]));
 }
 
 template <typename scalar_t, typename T = math_t<scalar_t>>

@@ -56,6 +56,38 @@ CDA2_ALWAYS_INLINE float exp_f(float x) {
 
 CDA2_ALWAYS_INLINE double exp_f(double x) { return std::exp(x); }
 
+// log(x) for float in ~1 ulp, branch-free (Cephes logf polynomial on the mantissa). For the
+// values it serves -- sums of exps, >= 1 -- it needs no zero/negative/denormal handling;
+// NaN and +inf pass through.
+CDA2_ALWAYS_INLINE float log_f(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  const float r = (m + y) + e * 0.693359375f;
+  return (x != x || x > 3.4e38f) ? x : r;
+}
+
+CDA2_ALWAYS_INLINE double log_f(double x) { return std::log(x); }
+
 // max over a row. NaNs need no special care here: a NaN logit turns exp(z - max) and so the row's
 // sum into NaN, which is what torch's log_softmax gives too (and a flag would stop vectorisation).
 template <typename T>
