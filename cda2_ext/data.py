@@ -1,0 +1,271 @@
+"""Data: CIFAR-10 from a local folder, on-device augmentation, and synthetic sets.
+
+CIFAR-10 is read from the standard ``cifar-10-batches-py`` folder (``data_batch_1..5``,
+``test_batch``; a folder with fewer images per batch, such as the shared 5x1017 subset, works
+too). Where to look, in order: the ``root`` argument, the ``CDA2_DATA`` environment variable, then
+``../shared/data`` beside the repository if present. ``root`` may be the ``cifar-10-batches-py``
+folder itself or the folder that contains it. Nothing is downloaded unless asked
+(:func:`download_cifar10`, which verifies the official MD5).
+
+The batch files are pickles; they are read with an unpickler that only admits the numpy array
+constructors the format needs, so a tampered file cannot run code.
+
+Images are kept as ``uint8 [N, 3, 32, 32]`` (150 MB for all of CIFAR-10, so the whole set can sit
+on the training device); :func:`to_float` and :func:`random_crop_flip` turn a batch into augmented
+floats in [0, 1] with tensor ops on that device (no torchvision).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DataError", "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
+    "resolve_cifar10_dir", "load_cifar10", "download_cifar10", "synthetic_images", "load_images",
+    "to_float", "random_crop_flip", "make_xor",
+]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+DATA_ENV = "CDA2_DATA"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+_FOLDER = "cifar-10-batches-py"
+_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_FILES = ("test_batch",)
+# The repository's sibling "shared/data" folder (the project's shared CIFAR-10 subset).
+_DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(RuntimeError):
+    """A data folder or file is missing, unreadable or not in the expected format."""
+
+
+@dataclass
+class ImageSet:
+    """Images and labels of one split.
+
+    Attributes:
+        images: ``uint8 [N, C, H, W]``.
+        labels: ``int64 [N]``.
+        classes: class names.
+    """
+
+    images: Tensor
+    labels: Tensor
+    classes: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, limit: Optional[int]) -> "ImageSet":
+        """The first ``limit`` samples (all when ``None``)."""
+        if limit is None or limit >= len(self):
+            return self
+        return ImageSet(self.images[:limit], self.labels[:limit], self.classes)
+
+    def to(self, device: Union[str, torch.device]) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 on disk
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only the globals a CIFAR batch pickle references (numpy array reconstruction)."""
+
+    # _codecs.encode: how Python 3 writes bytes in protocol-2 pickles (harmless: str -> bytes).
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _candidates(root: Optional[PathLike]) -> List[Tuple[str, Path]]:
+    if root is not None:
+        return [("argument", Path(root))]
+    out = []
+    env = os.environ.get(DATA_ENV)
+    if env:
+        out.append((f"${DATA_ENV}", Path(env)))
+    out.append(("default", _DEFAULT_ROOT))
+    return out
+
+
+def resolve_cifar10_dir(root: Optional[PathLike] = None) -> Path:
+    """The ``cifar-10-batches-py`` folder to read, or :class:`DataError` saying where it looked."""
+    tried = []
+    for origin, path in _candidates(root):
+        for p in (path, path / _FOLDER):
+            if (p / _TEST_FILES[0]).is_file() or (p / _TRAIN_FILES[0]).is_file():
+                return p
+        tried.append(f"{path} ({origin})")
+        if origin == "argument" or origin.startswith("$"):
+            break  # an explicit location that is wrong is an error, not a hint to look elsewhere
+    raise DataError(f"CIFAR-10 not found: no '{_FOLDER}' batch files in {', '.join(tried)}; "
+                    f"pass --data DIR, set {DATA_ENV}, or run with --download")
+
+
+def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-10 file {path}")
+    try:
+        with open(path, "rb") as fh:
+            obj = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+        data = np.asarray(obj[b"data"])
+        labels = np.asarray(obj.get(b"labels", obj.get(b"fine_labels")), dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, ValueError,
+            OSError) as err:
+        raise DataError(f"corrupt CIFAR-10 file {path}: {err}") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise DataError(f"corrupt CIFAR-10 file {path}: expected uint8 data [N, 3072] and N labels, "
+                        f"got data {data.dtype}{list(data.shape)} and {labels.shape[0]} labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"corrupt CIFAR-10 file {path}: labels outside [0, 9]")
+    return data, labels
+
+
+def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> ImageSet:
+    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    folder = resolve_cifar10_dir(root)
+    parts = [_read_batch(folder / f) for f in (_TRAIN_FILES if split == "train" else _TEST_FILES)]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return ImageSet(images, torch.from_numpy(labels), CIFAR10_CLASSES)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar10(root: PathLike, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
+    """Download and unpack CIFAR-10 into ``root`` (opt-in; never called implicitly).
+
+    The archive's MD5 must equal the official ``c58f3010...`` or nothing is unpacked. Returns the
+    ``cifar-10-batches-py`` folder. Existing complete folders are left alone.
+    """
+    root = Path(root)
+    folder = root / _FOLDER
+    if all((folder / f).is_file() for f in _TRAIN_FILES + _TEST_FILES):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        archive = Path(tmp) / "cifar-10-python.tar.gz"
+        try:
+            with urllib.request.urlopen(url) as resp, open(archive, "wb") as out:  # noqa: S310
+                shutil.copyfileobj(resp, out)
+        except OSError as err:
+            raise DataError(f"download of {url} failed: {err}") from None
+        got = _md5(archive)
+        if got != md5:
+            raise DataError(f"download of {url} is corrupt: MD5 {got}, expected {md5}")
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(_FOLDER + "/")
+                       and ".." not in Path(m.name).parts]
+            tar.extractall(tmp, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(Path(tmp) / _FOLDER, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic images (tests, smoke runs, machines without CIFAR-10)
+
+def synthetic_images(n: int, num_classes: int = 10, seed: int = 0, size: int = 32,
+                     noise: float = 0.15) -> ImageSet:
+    """A learnable CIFAR-shaped toy set: class prototypes (fixed, 4x4 colour blocks upsampled)
+    plus Gaussian noise, as ``uint8``. Train and test sets share prototypes; ``seed`` picks the
+    samples."""
+    protos = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(12345))
+    protos = protos.repeat_interleave(size // 4, 2).repeat_interleave(size // 4, 3)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    x = protos[labels] + noise * torch.randn(n, 3, size, size, generator=g)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(images, labels, tuple(f"class{k}" for k in range(num_classes)))
+
+
+def load_images(dataset: str, split: str, root: Optional[PathLike] = None, seed: int = 0,
+                synthetic_size: Optional[Dict[str, int]] = None) -> ImageSet:
+    """``dataset="cifar10"`` (from disk) or ``"synthetic"`` (:func:`synthetic_images`)."""
+    if dataset == "cifar10":
+        return load_cifar10(root, split)
+    if dataset == "synthetic":
+        sizes = {"train": 512, "test": 256, **(synthetic_size or {})}
+        return synthetic_images(sizes[split], seed=seed * 2 + (split == "test"))
+    raise ValueError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# On-device augmentation
+
+def to_float(images: Tensor) -> Tensor:
+    """``uint8`` images to ``float32`` in [0, 1] (float inputs pass through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
+def random_crop_flip(x: Tensor, pad: int = 4, flip: bool = True,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """Random ``pad``-pixel zero-padded crop + horizontal flip of a batch ``[B, C, H, W]``.
+
+    The standard CIFAR augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``)
+    as two gathers on the tensor's device. The random offsets are drawn on the CPU from
+    ``generator`` (a few bytes per image), so a seeded generator gives the same batch on every
+    device and its state is all a checkpoint needs to resume the stream.
+    """
+    B, C, H, W = x.shape
+    dev = x.device
+    offs = torch.randint(0, 2 * pad + 1, (2, B), generator=generator)
+    flips = torch.rand(B, generator=generator) < 0.5 if flip else torch.zeros(B, dtype=torch.bool)
+    offs, flips = offs.to(dev), flips.to(dev)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = offs[0, :, None] + torch.arange(H, device=dev)                   # [B, H]
+    cols = torch.arange(W, device=dev).expand(B, W)                         # [B, W]
+    cols = torch.where(flips[:, None], W - 1 - cols, cols) + offs[1, :, None]
+    idx_r = rows.view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
+    xr = xp.gather(2, idx_r)                                                # [B, C, H, W+2p]
+    return xr.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))
+
+
+# ---------------------------------------------------------------------------------------------
+# XOR (Section 4.2)
+
+def make_xor(n: int, seed: int = 0, variance: float = 0.1) -> Tuple[Tensor, Tensor]:
+    """The 4-Gaussian XOR set of Section 4.2: ``(x float32 [n, 2], y int64 [n])``.
+
+    Label +1 (here 1) from N([1, 1], 0.1 I) and N([-1, -1], 0.1 I); label -1 (here 0) from
+    N([-1, 1], 0.1 I) and N([1, -1], 0.1 I). ``n`` is split evenly over the four Gaussians
+    (the remainder goes to the first ones); the order is shuffled.
+    """
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0]])
+    labels = torch.tensor([1, 1, 0, 0])
+    comp = torch.arange(n) % 4
+    comp = comp[torch.randperm(n, generator=g)]
+    x = centers[comp] + variance ** 0.5 * torch.randn(n, 2, generator=g)
+    return x, labels[comp]

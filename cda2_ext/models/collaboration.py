@@ -1,0 +1,237 @@
+"""The CDA² collaboration: M dual-head sub-models behind one call, and their predictions.
+
+:class:`Collaboration` maps ``[B, C, H, W]`` (one input shared by all sub-models) or
+``[M, B, C, H, W]`` (one variant per sub-model) to ``(logits [M, B, K], ppd_logit [M, B])`` in a
+single forward pass of packed layers (see :mod:`cda2_ext.models.resnet` for why there is no loop
+over sub-models). On top of that it offers the three ways to turn M answers into one:
+
+* :meth:`Collaboration.collaborate` - Algorithm 2: the sub-model with the highest PPD answers
+  (fused ``collaborative_select``). ``score="soe"`` ranks sub-models by
+  ``max_k softmax(z)_k * sigmoid(ppd)`` instead, the rule of the authors' later
+  Synergy-of-Experts code (Cui et al., NeurIPS 2022); the paper's rule is the default.
+* :meth:`Collaboration.ensemble` - average of probabilities, or the majority vote of Eq. 1.
+* each sub-model alone (``logits[m]``), all in :meth:`Collaboration.predict`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, reference
+from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,
+                     PackedResNetTrunk, valid_depth)
+
+__all__ = [
+    "ARCHS", "SCORES", "CollaborationConfig", "Collaboration", "Predictions", "backend",
+    "selection_score", "collaborate", "ensemble_probs", "majority_vote", "predict_from_outputs",
+]
+
+ARCHS = ("resnet", "linear")
+SCORES = ("ppd", "soe")
+
+
+def backend(unfused: bool = False) -> ModuleType:
+    """The operator module: :mod:`cda2_ext.ops` (fused, default) or :mod:`cda2_ext.reference`.
+
+    The single place where the fused/unfused choice is made; both modules expose the same
+    functions with the same signatures.
+    """
+    return reference if unfused else ops
+
+
+@dataclass
+class CollaborationConfig:
+    """Everything needed to rebuild a :class:`Collaboration` (stored beside checkpoints as JSON).
+
+    Attributes:
+        num_models: M, the number of sub-models (paper: 3).
+        arch: ``"resnet"`` (CIFAR images) or ``"linear"`` (vectors, the XOR experiment).
+        depth: ResNet depth, 2 or 6n+2 (paper: 20).
+        num_classes: K.
+        in_channels: image channels (resnet) / input features (linear).
+        ppd_input: PPD head input, ``"features"`` (default) or ``"logits"``; always detached
+            when ``detach_ppd``.
+        detach_ppd: keep the BCE out of the trunk (Algorithm 1 trains the two heads separately).
+        normalize: apply ``mean``/``std`` inside the model (inputs are in [0, 1]).
+    """
+
+    num_models: int = 3
+    arch: str = "resnet"
+    depth: int = 20
+    num_classes: int = 10
+    in_channels: int = 3
+    ppd_input: str = "features"
+    detach_ppd: bool = True
+    normalize: bool = True
+    mean: Tuple[float, ...] = field(default=CIFAR10_MEAN)
+    std: Tuple[float, ...] = field(default=CIFAR10_STD)
+
+    def validate(self) -> "CollaborationConfig":
+        """Raise ``ValueError`` with a one-line message for an unusable configuration."""
+        if not isinstance(self.num_models, int) or self.num_models < 1:
+            raise ValueError(f"num_models: must be an integer >= 1, got {self.num_models!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "resnet" and not valid_depth(self.depth):
+            raise ValueError(f"depth: expected 2 or 6n+2 (8, 14, 20, 32, ...), got {self.depth}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+        if self.ppd_input not in PPD_INPUTS:
+            raise ValueError(f"ppd_input: expected one of {PPD_INPUTS}, got {self.ppd_input!r}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "CollaborationConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo should not pass)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class Predictions(NamedTuple):
+    """Hard predictions of one batch (all ``int64``).
+
+    Attributes:
+        collaboration: ``[B]`` labels of Algorithm 2 (with the requested score).
+        selected: ``[B]`` index of the sub-model that answered.
+        ensemble: ``[B]`` argmax of the mean probability.
+        vote: ``[B]`` majority vote of Eq. 1.
+        per_model: ``[M, B]`` each sub-model alone.
+    """
+
+    collaboration: Tensor
+    selected: Tensor
+    ensemble: Tensor
+    vote: Tensor
+    per_model: Tensor
+
+
+def selection_score(logits: Tensor, ppd_logit: Tensor, score: str = "ppd") -> Tensor:
+    """The ``[M, B]`` score Algorithm 2 maximises over sub-models.
+
+    ``"ppd"``: the PPD logit itself (the paper; sigmoid is monotone so the argmax is the same).
+    ``"soe"``: ``max_k softmax(logits)_k * sigmoid(ppd_logit)`` (Synergy-of-Experts code).
+    """
+    if score == "ppd":
+        return ppd_logit
+    if score == "soe":
+        return torch.softmax(logits.float(), dim=-1).amax(-1) * torch.sigmoid(ppd_logit.float())
+    raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+
+
+def collaborate(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
+                unfused: bool = False) -> Tuple[Tensor, Tensor]:
+    """Algorithm 2 on precomputed outputs: ``(index [B], chosen_logits [B, K])``.
+
+    Gradients flow into the chosen sub-model's logits (so PGD can attack the collaboration).
+    """
+    s = selection_score(logits, ppd_logit, score)
+    if s.dtype != logits.dtype:  # the fused op wants one dtype; the score carries no gradient
+        s = s.to(logits.dtype)
+    return backend(unfused).collaborative_select(s, logits)
+
+
+def ensemble_probs(logits: Tensor) -> Tensor:
+    """Average of the sub-models' probabilities, ``[B, K]`` (differentiable)."""
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+def majority_vote(logits: Tensor) -> Tensor:
+    """Eq. 1: the label most sub-models predict, ``[B]`` int64.
+
+    Ties (e.g. M=2 disagreeing, or three-way splits) go to the tied label with the highest mean
+    probability: adding ``0.5 * mean_prob`` (< 1) to the integer vote counts never overturns a
+    count difference but orders equal counts.
+    """
+    M, B, K = logits.shape
+    votes = torch.zeros(B, K, device=logits.device, dtype=torch.float32)
+    votes.scatter_add_(1, logits.argmax(-1).t(), torch.ones(B, M, device=logits.device))
+    return (votes + 0.5 * ensemble_probs(logits.detach().float())).argmax(-1)
+
+
+@torch.no_grad()
+def predict_from_outputs(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
+                         unfused: bool = False) -> Predictions:
+    """All hard predictions from one forward pass's ``(logits, ppd_logit)``."""
+    index, chosen = collaborate(logits, ppd_logit, score, unfused)
+    return Predictions(chosen.argmax(-1), index, ensemble_probs(logits).argmax(-1),
+                       majority_vote(logits), logits.argmax(-1))
+
+
+class Collaboration(nn.Module):
+    """M dual-head sub-models that answer together (CDA², Algorithms 1 and 2).
+
+    ``forward(x)`` with ``x`` of shape ``[B, *input]`` (shared) or ``[M, B, *input]`` (one
+    variant per sub-model; ``input`` is ``(C, H, W)`` for images, ``(F,)`` for vectors) returns
+    ``(logits [M, B, K], ppd_logit [M, B])``. Image inputs are in [0, 1]; normalisation is inside.
+
+    Attributes:
+        unfused: run selection through :mod:`cda2_ext.reference` instead of the fused ops
+            (a runtime switch, not part of the config; the math is the same).
+    """
+
+    def __init__(self, config: Optional[CollaborationConfig] = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = dataclasses.replace(config or CollaborationConfig(), **overrides).validate()
+        self.config = cfg
+        self.unfused = False
+        if cfg.arch == "resnet":
+            trunk: nn.Module = PackedResNetTrunk(cfg.num_models, cfg.depth, cfg.in_channels)
+            self.input_dims = 3
+        else:
+            trunk = PackedLinearTrunk(cfg.num_models, cfg.in_channels)
+            self.input_dims = 1
+        mean, std = (cfg.mean, cfg.std) if cfg.normalize else (None, None)
+        self.net = DualHeadNet(trunk, cfg.num_classes, cfg.ppd_input, cfg.detach_ppd, mean, std)
+
+    @classmethod
+    def from_config(cls, config: CollaborationConfig | Dict[str, Any]) -> "Collaboration":
+        """Build from a :class:`CollaborationConfig` or its ``to_dict()`` (e.g. checkpoint JSON)."""
+        if isinstance(config, dict):
+            config = CollaborationConfig.from_dict(config)
+        return cls(config)
+
+    @property
+    def num_models(self) -> int:
+        return self.config.num_models
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        d = x.dim() - self.input_dims
+        if d not in (1, 2) or (d == 2 and x.shape[0] != self.num_models):
+            raise ValueError(f"x: expected [B, *input] or [M={self.num_models}, B, *input] with "
+                             f"{self.input_dims} input dims, got {list(x.shape)}")
+        return self.net(x)
+
+    def collaborate(self, x: Tensor, score: str = "ppd") -> Tuple[Tensor, Tensor]:
+        """Algorithm 2: ``(index [B], chosen_logits [B, K])``; differentiable w.r.t. ``x``."""
+        logits, ppd = self(x)
+        return collaborate(logits, ppd, score, self.unfused)
+
+    def ensemble(self, x: Tensor, method: str = "mean") -> Tensor:
+        """``"mean"``: averaged probabilities ``[B, K]``; ``"vote"``: Eq. 1 labels ``[B]``."""
+        logits, _ = self(x)
+        if method == "mean":
+            return ensemble_probs(logits)
+        if method == "vote":
+            return majority_vote(logits)
+        raise ValueError(f"method: expected 'mean' or 'vote', got {method!r}")
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, score: str = "ppd") -> Predictions:
+        """Hard predictions of the collaboration, the ensemble (both rules) and each sub-model."""
+        logits, ppd = self(x)
+        return predict_from_outputs(logits, ppd, score, self.unfused)

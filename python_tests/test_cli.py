@@ -1,0 +1,88 @@
+"""The ``cda2`` command: help, xor, a tiny train + eval-clean, resume, and clear failures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
+
+from cda2_ext.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
+        "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
+        "--device", "cpu"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["xor", "--help"], ["train", "--help"],
+                                  ["eval-clean", "--help"], ["predict", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: cda2" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "cda2_ext.cli", "--help"], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "eval-clean" in r.stdout
+
+
+def test_xor(tmp_path, capsys):
+    fig, js = tmp_path / "xor.png", tmp_path / "xor.json"
+    assert main(["xor", "--figure", str(fig), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "collaboration" in out and "ensemble" in out
+    res = json.loads(js.read_text())
+    assert res["collaboration_acc"] >= 0.95 and res["ensemble_acc"] <= 0.75
+    assert fig.stat().st_size > 10_000
+
+
+def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--epochs", "1", "--out-dir", run]) == 0
+    capsys.readouterr()
+    assert main(["eval-clean", run, "--out", str(tmp_path / "eval.json")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["epoch"] == 1 and res["n"] == 256  # synthetic test split
+    for key in ("collaboration", "ensemble", "vote", "oracle"):
+        assert 0.0 <= res[key] <= 1.0
+    assert len(res["submodels"]) == 2 and abs(sum(res["selected"]) - 1) < 1e-9
+    assert json.loads((tmp_path / "eval.json").read_text())["collaboration"] == res["collaboration"]
+    # a second `train` into the same folder must not silently overwrite it ...
+    assert main(["train", *TINY, "--epochs", "2", "--out-dir", run]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # ... but --resume continues it, with a longer schedule
+    assert main(["train", *TINY, "--epochs", "2", "--out-dir", run, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+    assert main(["train", *TINY, "--sigma", "2", "--out-dir", run, "--resume"]) == 2
+    assert "cannot change sigma" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--sigma", "0"], "sigma"),
+    (["--sigma", "-1"], "sigma"),
+    (["--num-models", "0"], "num_models"),
+    (["--depth", "7"], "depth"),
+    (["--dataset", "cifar10", "--data", "/nonexistent/cifar"], "CIFAR-10 not found"),
+])
+def test_bad_configs_exit_nonzero_with_one_line(tmp_path, capsys, extra, needle):
+    argv = ["train", *TINY, "--out-dir", str(tmp_path / "r"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cda2: error:") and needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_eval_and_xor_args(tmp_path, capsys):
+    assert main(["eval-clean", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["xor", "--sigma", "0", "--figure", ""]) == 2
+    assert "sigma" in capsys.readouterr().err
