@@ -15,6 +15,7 @@ Every function here has a plain-PyTorch twin of the same name in :mod:`cda2_ext.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -31,8 +32,13 @@ try:  # importing _C registers the operators with the dispatcher; nothing is com
 except ImportError as _err:  # pragma: no cover - exercised only where the build is missing
     HAS_EXTENSION = False
     BUILD_INFO = f"not built ({_err})"
-    warnings.warn(f"cda2_ext: the compiled extension is unavailable ({_err}); "
-                  "falling back to the plain-PyTorch reference ops.", RuntimeWarning, stacklevel=2)
+    _hint = ""
+    if (Path(__file__).resolve().parents[1] / "CMakeLists.txt").is_file():
+        _hint = (f" This is the source tree ({Path(__file__).resolve().parent}): run from another "
+                 "directory to use an installed build, or install in place with "
+                 "`pip install --no-build-isolation -e .`.")
+    warnings.warn(f"cda2_ext: the compiled extension is unavailable ({_err}); falling back to the "
+                  f"plain-PyTorch reference ops.{_hint}", RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "HAS_EXTENSION", "BUILD_INFO", "CollabLoss", "collaboration_loss", "ppd_bce",

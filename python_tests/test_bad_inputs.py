@@ -408,8 +408,10 @@ def _run_in_children(pending) -> Dict[Tuple[str, str], dict]:
         todo_path, out_path = Path(tmp, "todo.json"), Path(tmp, "out.jsonl")
         while pending:
             todo_path.write_text(json.dumps(pending))
+            # cwd=tmp: `python -c` puts the cwd first on sys.path, and from the repository root that
+            # would import the source tree (no compiled _C) instead of the installed package.
             proc = subprocess.run([sys.executable, "-c", _CHILD, __file__, str(todo_path), str(out_path)],
-                                  env=env, capture_output=True, text=True, timeout=300)
+                                  env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
             for line in out_path.read_text().splitlines():
                 r = json.loads(line)
                 results[(r.pop("key"), r.pop("impl"))] = r

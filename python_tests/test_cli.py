@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,6 @@ warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", ca
 
 from cda2_ext.cli import main  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
         "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
         "--device", "cpu"]
@@ -29,8 +27,9 @@ def test_help_everywhere(argv, capsys):
     assert "usage: cda2" in capsys.readouterr().out
 
 
-def test_module_entry_point():
-    r = subprocess.run([sys.executable, "-m", "cda2_ext.cli", "--help"], cwd=REPO,
+def test_module_entry_point(tmp_path):
+    # Not from the repository root: `python -m` would import the source tree there, not the install.
+    r = subprocess.run([sys.executable, "-m", "cda2_ext.cli", "--help"], cwd=tmp_path,
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "eval-clean" in r.stdout
 
