@@ -6,6 +6,8 @@ Subcommands (``cda2 COMMAND --help`` for each):
 * ``cda2 train`` - Algorithm 1 on CIFAR-10 (or a synthetic set), with checkpoints and ``--resume``.
 * ``cda2 eval-clean`` (alias ``cda2 predict``) - clean accuracy of a checkpoint's collaboration,
   ensemble and sub-models, and how often each sub-model is chosen, as JSON.
+* ``cda2 eval`` - robustness under white-box, adaptive, transfer and query attacks
+  (:mod:`cda2_ext.evaluation`): the paper's tables, CSV/JSON and a plot.
 
 Each subcommand is a ``register(subparsers)`` function that adds its parser and sets
 ``func``; a new subcommand (e.g. ``cda2 eval`` in its own module) only needs its own
@@ -228,8 +230,14 @@ def run_eval_clean_cmd(args: argparse.Namespace) -> int:
 
 
 # ----- entry point ------------------------------------------------------------------------------
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    """``cda2 eval``: robustness under attacks (lives in :mod:`cda2_ext.evaluation.cli_eval`)."""
+    from .evaluation.cli_eval import register_eval as register
+    register(sub)
+
+
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
-    register_xor, register_train, register_eval_clean,
+    register_xor, register_train, register_eval_clean, register_eval,
 ]
 
 

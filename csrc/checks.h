@@ -138,6 +138,19 @@ inline void check_select_backward(const at::Tensor& grad_chosen, const at::Tenso
   check_same_device(grad_chosen, "grad_chosen", index, "index");
 }
 
+// The in-place ops accept a strided x_adv: `body` runs on a contiguous tensor (x_adv itself when it
+// already is one) and the result is copied back.
+template <typename F>
+void with_contiguous(at::Tensor& x_adv, const F& body) {
+  if (x_adv.is_contiguous()) {
+    body(x_adv);
+  } else {
+    auto tmp = x_adv.contiguous();
+    body(tmp);
+    x_adv.copy_(tmp);
+  }
+}
+
 // The statistics (loss, ce, weights, p_true, bce) of half-precision inputs are float32.
 inline at::ScalarType stat_type(at::ScalarType st) {
   return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;

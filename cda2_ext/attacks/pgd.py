@@ -21,9 +21,8 @@ batch statistics of the training step) and restored afterwards. Gradients are ta
 """
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as Fn
@@ -31,22 +30,12 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..models.collaboration import selection_score
+from .engine import eval_mode
 
 __all__ = ["LossFn", "pgd", "per_model_loss", "collaboration_loss_fn", "per_model_pgd",
            "collaboration_pgd", "eval_mode"]
 
 LossFn = Callable[[Tensor], Tensor]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the duration, then restore its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def pgd(loss_fn: LossFn, x_nat: Tensor, eps: float, alpha: float, steps: int, *,

@@ -20,21 +20,6 @@ namespace {
 // (baseline and AVX2+FMA, CDA2_CPU_CLONES) so each row loop vectorises for the CPU it runs on
 // without paying a dispatched call per row (rows have only K = 10 logits at the paper's shape).
 
-// log-sum-exp of a row, in float64; mx is exact and log(sum) in [0, log K] is accurate to float
-// precision on its own, so the float64 result carries no float32 rounding of a large lse.
-// With prob, also writes the row's softmax (the exps are computed for the sum anyway).
-template <typename T>
-CDA2_ALWAYS_INLINE double row_lse(const T* row, int64_t K, T* prob) {
-  const T mx = cpu::row_max(row, K);
-  const T s = cpu::row_sum_exp(row, K, mx, prob);
-  if (prob) {
-    const T inv = T(1) / s;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) prob[k] *= inv;
-  }
-  return static_cast<double>(mx) + static_cast<double>(std::log(s));
-}
-
 // dz[k] = g * (exp(z[k] - lse) - [k == y]). lse is split into a head and a tail in T so the
 // subtraction stays in T (and vectorises) without losing lse's float64 accuracy.
 template <typename T>

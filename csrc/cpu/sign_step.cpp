@@ -69,18 +69,6 @@ void for_each_span(int64_t numel, int64_t period, const F& f) {
   });
 }
 
-// Runs `body` on a contiguous view of x_adv and writes the result back if x_adv was strided.
-template <typename F>
-void with_contiguous(at::Tensor& x_adv, const F& body) {
-  if (x_adv.is_contiguous()) {
-    body(x_adv);
-  } else {
-    auto tmp = x_adv.contiguous();
-    body(tmp);
-    x_adv.copy_(tmp);
-  }
-}
-
 void sign_step_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps, double alpha,
                    double lo, double hi) {
   check_sign_step(x_adv, grad, x_nat, eps, alpha, lo, hi);

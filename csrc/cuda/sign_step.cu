@@ -13,18 +13,6 @@ using glue::cptr;
 using glue::cuda_t;
 using glue::mptr;
 
-// Runs `body` on a contiguous view of x_adv and writes the result back if x_adv was strided.
-template <typename F>
-void with_contiguous(at::Tensor& x_adv, const F& body) {
-  if (x_adv.is_contiguous()) {
-    body(x_adv);
-  } else {
-    auto tmp = x_adv.contiguous();
-    body(tmp);
-    x_adv.copy_(tmp);
-  }
-}
-
 void sign_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat, double eps, double alpha,
                     double lo, double hi) {
   check_sign_step(x_adv, grad, x_nat, eps, alpha, lo, hi);

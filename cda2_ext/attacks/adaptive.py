@@ -1,0 +1,307 @@
+"""Adaptive attacks on the collaboration's selection, and APGD (Croce & Hein 2020).
+
+Algorithm 2 answers with the sub-model whose PPD head is highest. That argmax has no gradient, so
+plain PGD (gradient through the selected sub-model only) can report robustness that is only the
+selection moving away from the attack path - gradient masking. These attacks target the
+selection itself; a sample counts as robust only if it survives *all* of them
+(:func:`adaptive_attacks` returns each one and their per-sample worst case):
+
+``soft``      the selection relaxed to ``sum_m softmax(s/T)_m p_m`` and attacked end to end
+              (one run per temperature).
+``submodels`` every sub-model attacked separately (copy ``j`` of each sample follows sub-model
+              ``j``'s cross-entropy); the collaboration must survive all M perturbations.
+``ppd-push``  copy ``j`` maximises sub-model ``j``'s loss **plus** its PPD lead over the best other
+              sub-model (capped), i.e. it tries to make a wrong sub-model win the selection - for
+              every ``j``.
+``bpda``      the hard answer forward, the soft selection's gradient backward (straight-through).
+``apgd-ce`` / ``apgd-dlr``  APGD with the cross-entropy / DLR loss against the collaboration's hard
+              output (AutoAttack's step-size schedule, momentum 0.75, checkpoints).
+
+All of them judge candidates by the real (hard) collaboration and keep the worst iterate per
+sample; the relaxed outputs only steer the search. The ``submodels``/``ppd-push`` copies run as
+one ``[M, B, C, H, W]`` batch through the fused sign step.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..models.collaboration import backend
+from .engine import (AttackResult, Objective, check_attack_args, derive_generator, eval_mode,
+                     flatten_copies, merge_worst, model_objective, new_best, per_sample_loss,
+                     project_, run_restarts, sign_attack, update_best)
+from .whitebox import CollaborationLogits, ModelFn, predict_correct
+
+__all__ = ["ADAPTIVE_ATTACKS", "AdaptiveConfig", "collaboration_objective", "apgd",
+           "apgd_attack", "adaptive_attacks"]
+
+ADAPTIVE_ATTACKS = ("soft", "submodels", "ppd-push", "bpda", "apgd-ce", "apgd-dlr")
+
+
+@dataclass
+class AdaptiveConfig:
+    """Budgets and knobs of the adaptive attacks (defaults: the white-box protocol's budget).
+
+    Attributes:
+        attacks: which of :data:`ADAPTIVE_ATTACKS` to run.
+        steps, restarts, alpha_factor, loss: the sign-gradient attacks (``soft``, ``submodels``,
+            ``ppd-push``, ``bpda``): steps, random starts, step ``alpha_factor * eps``, loss.
+        temperatures: one ``soft`` run per temperature of the softmax over selection scores.
+        bpda_temperature: the temperature of the backward pass of ``bpda``.
+        push_weight, push_cap: ``ppd-push`` adds ``push_weight * min(s_j - max_{i!=j} s_i, cap)``.
+        apgd_steps, apgd_restarts: APGD's iterations (AutoAttack: 100) and random starts.
+        apgd_selection: the collaboration output APGD differentiates (``"hard"``/``"bpda"``).
+        score: Algorithm 2's selection score (``"ppd"`` | ``"soe"``).
+    """
+
+    attacks: Tuple[str, ...] = ADAPTIVE_ATTACKS
+    steps: int = 50
+    restarts: int = 1
+    alpha_factor: float = 0.2
+    loss: str = "ce"
+    temperatures: Tuple[float, ...] = (1.0,)
+    bpda_temperature: float = 1.0
+    push_weight: float = 1.0
+    push_cap: float = 10.0
+    apgd_steps: int = 100
+    apgd_restarts: int = 1
+    apgd_selection: str = "hard"
+    score: str = "ppd"
+
+    def validate(self) -> "AdaptiveConfig":
+        bad = [a for a in self.attacks if a not in ADAPTIVE_ATTACKS]
+        if bad:
+            raise ValueError(f"adaptive attacks: unknown {bad}; expected some of {ADAPTIVE_ATTACKS}")
+        if any(not t > 0 for t in self.temperatures) or not self.bpda_temperature > 0:
+            raise ValueError("adaptive attacks: temperatures must be > 0")
+        if self.steps < 0 or self.apgd_steps < 0 or self.restarts < 1 or self.apgd_restarts < 1:
+            raise ValueError("adaptive attacks: steps must be >= 0 and restarts >= 1")
+        per_sample_loss(self.loss)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _diag_copies(t: Tensor, G: int) -> Tensor:
+    """``t [M, G*B, ...]`` with ``G == M`` -> ``[G, B, ...]``: copy ``j`` seen by sub-model ``j``."""
+    M = t.shape[0]
+    t = t.reshape(M, G, -1, *t.shape[2:])
+    idx = torch.arange(G, device=t.device)
+    return t[idx, idx]
+
+
+def collaboration_objective(model: CollaborationLogits, target: Tensor, mode: str = "output",
+                            loss: str = "ce", push_weight: float = 1.0,
+                            push_cap: float = 10.0) -> Objective:
+    """Objectives on a collaboration for candidates ``[G, B, ...]``, judged by the hard answer.
+
+    ``mode="output"``: ``loss`` of ``model``'s attack output (hard, soft or BPDA selection).
+    ``mode="submodel"``: needs ``G == M``; copy ``j`` maximises sub-model ``j``'s loss.
+    ``mode="push"``: as ``submodel`` plus ``push_weight * min(s_j - max_{i != j} s_i, push_cap)``
+    on the selection scores ``s`` (``model`` should not be ``"hard"``, so the PPD heads pass
+    gradients).
+    """
+    fn = per_sample_loss(loss)
+    if mode not in ("output", "submodel", "push"):
+        raise ValueError(f"mode: expected 'output', 'submodel' or 'push', got {mode!r}")
+
+    def objective(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        G, B = x.shape[:2]
+        attack, hard, logits, s = model.outputs(flatten_copies(x))
+        y = target.expand(G, B)
+        if mode == "output":
+            value = fn(attack.view(G, B, -1), y)
+        else:
+            if logits.shape[0] != G:
+                raise ValueError(f"mode={mode!r} needs one copy per sub-model: G={G}, M={logits.shape[0]}")
+            value = fn(_diag_copies(logits, G), y)
+            if mode == "push":
+                s_own = _diag_copies(s, G)  # [G, B]
+                own = torch.eye(G, dtype=torch.bool, device=s.device).unsqueeze(-1)  # [M, G, 1]
+                others = s.reshape(G, G, B).float().masked_fill(own, float("-inf")).amax(0)
+                value = value + push_weight * (s_own.float() - others).clamp(max=push_cap)
+        return value, hard.detach().view(G, B, -1)
+
+    return objective
+
+
+# ----- APGD ---------------------------------------------------------------------------------------
+def _grouped_sign_step_(x: Tensor, grad: Tensor, x_nat: Tensor, eps: float, step: Tensor,
+                        lo: float, hi: float, F: ModuleType) -> None:
+    """Fused sign step with a per-sample step size: one fused call per distinct step size.
+
+    APGD halves step sizes per sample, so there are only a handful of distinct values (2*eps/2^k);
+    grouping keeps the fused kernel (scalar alpha) instead of re-implementing the step.
+    """
+    for value in torch.unique(step).tolist():
+        idx = (step == value).nonzero().squeeze(1)
+        if idx.numel() == x.shape[0]:
+            F.pgd_sign_step_(x, grad, x_nat, eps, value, lo, hi)
+            return
+        part = x[idx]
+        F.pgd_sign_step_(part, grad[idx], x_nat[idx], eps, value, lo, hi)
+        x[idx] = part
+
+
+def apgd(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, steps: int, *,
+         x_init: Optional[Tensor] = None, rho: float = 0.75, momentum: float = 0.75,
+         lo: float = 0.0, hi: float = 1.0, F: ModuleType = ops) -> AttackResult:
+    """Auto-PGD (Croce & Hein 2020), L-inf, one run; the schedule of the AutoAttack code.
+
+    Step size starts at ``2 eps`` per sample and is halved at checkpoints (the first after
+    ``0.22 * steps`` iterations, then shorter intervals, never below ``0.06 * steps``) where fewer
+    than ``rho`` of the steps since the last checkpoint increased the loss, or where the step was
+    not reduced last time and the best loss did not improve; a halved sample restarts from its
+    best point. Steps mix the new sign step with the last move (``momentum`` 0.75).
+
+    Args:
+        objective: as in :mod:`~cda2_ext.attacks.engine`, called on ``[1, B, ...]``; its logits are
+            required (APGD keeps the best point).
+        x_init: ``[1, B, ...]`` start (default ``x_nat``).
+
+    Returns:
+        ``AttackResult`` with ``x_adv [1, B, ...]``: the worst case over all iterates.
+    """
+    x_nat = x_nat.detach()
+    B = x_nat.shape[0]
+    x = (x_nat.unsqueeze(0) if x_init is None else x_init).detach().clone()[0]  # [B, ...]
+
+    def evaluate(xc: Tensor, with_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        with torch.enable_grad() if with_grad else torch.no_grad():
+            xg = xc.unsqueeze(0).requires_grad_(with_grad)
+            loss, logits = objective(xg)
+            if logits is None:
+                raise ValueError("apgd: the objective must report the evaluated model's logits")
+            g = torch.autograd.grad(loss.sum(), xg)[0][0] if with_grad else None
+        return loss.detach()[0].float(), logits.detach(), g
+
+    best = new_best(x.unsqueeze(0))
+    loss, logits, grad = evaluate(x, steps > 0)
+    update_best(best, x.unsqueeze(0), logits, target)
+    if steps == 0:
+        return best
+    n2, nmin, decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+    step = torch.full((B,), 2.0 * eps, device=x.device)
+    x_max, loss_max, grad_max = x.clone(), loss.clone(), grad.clone()
+    history = torch.empty(steps + 1, B, device=x.device)
+    history[0] = loss
+    x_old = x.clone()
+    k, counter = n2, 0
+    loss_max_last = loss_max.clone()
+    reduced_last = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for i in range(steps):
+        a = momentum if i > 0 else 1.0
+        z = x.clone()
+        _grouped_sign_step_(z, grad, x_nat, eps, step, lo, hi, F)
+        x_new = x + a * (z - x) + (1 - a) * (x - x_old)
+        project_(x_new, x_nat, eps, lo, hi)
+        x_old, x = x, x_new
+        loss, logits, g = evaluate(x, i < steps - 1)
+        update_best(best, x.unsqueeze(0), logits, target)
+        history[i + 1] = loss
+        up = loss > loss_max
+        x_max[up], loss_max[up] = x[up], loss[up]
+        if g is not None:
+            grad = g
+            grad_max[up] = g[up]
+        counter += 1
+        if counter == k and i < steps - 1:
+            increases = (history[i + 2 - k:i + 2] > history[i + 1 - k:i + 1]).sum(0)
+            oscillating = increases.double() <= k * rho
+            stalled = ~reduced_last & (loss_max_last >= loss_max)
+            reduce = oscillating | stalled
+            reduced_last, loss_max_last = reduce, loss_max.clone()
+            if reduce.any():
+                step[reduce] /= 2.0
+                x[reduce] = x_max[reduce]
+                grad[reduce] = grad_max[reduce]
+            k, counter = max(k - decr, nmin), 0
+    return best
+
+
+def apgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, steps: int = 100,
+                loss: str = "ce", restarts: int = 1, *, only_correct: bool = True,
+                lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
+                F: ModuleType = ops) -> AttackResult:
+    """APGD with ``loss`` (``"ce"`` or ``"dlr"``) against any model function; worst case over
+    ``restarts`` fused random starts. Returns a folded result (``x_adv [B, ...]``)."""
+    check_attack_args(x_nat, target, eps, steps)
+    with eval_mode(model):
+        start_ok = predict_correct(model, x_nat, target) if only_correct else None
+
+        def once(idx: Tensor, x0: Tensor) -> AttackResult:
+            obj = model_objective(model, target[idx], loss)
+            return apgd(obj, x_nat[idx], target[idx], eps, steps, x_init=x0, lo=lo, hi=hi, F=F)
+
+        return run_restarts(once, x_nat, target, eps, restarts, initially_correct=start_ok,
+                            lo=lo, hi=hi, generator=generator, F=F)
+
+
+# ----- all adaptive attacks -----------------------------------------------------------------------
+def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
+                     config: Optional[AdaptiveConfig] = None, *, seed: int = 0,
+                     only_correct: bool = True, unfused: bool = False, lo: float = 0.0,
+                     hi: float = 1.0) -> Dict[str, AttackResult]:
+    """Run the adaptive attacks against a collaboration ``net`` (``x -> (logits, ppd_logit)``).
+
+    Returns ``{name: folded AttackResult}`` with one entry per attack (``soft`` as
+    ``soft(T=...)`` per temperature) and ``"worst"``, the per-sample worst case over all of them.
+    Each attack draws its random starts from ``derive_generator(seed, name, eps)``, so results do
+    not depend on which other attacks ran.
+    """
+    cfg = (config or AdaptiveConfig()).validate()
+    check_attack_args(x_nat, target, eps, cfg.steps)
+    F = backend(unfused)
+    hard = CollaborationLogits(net, "hard", score=cfg.score, unfused=unfused)
+    alpha = cfg.alpha_factor * eps
+    out: Dict[str, AttackResult] = {}
+    with eval_mode(net):
+        start_ok = predict_correct(hard, x_nat, target) if only_correct else None
+        with torch.no_grad():  # the number of sub-models, from the outputs (any collaboration-like net)
+            M = int(net(x_nat[:1])[0].shape[0])
+
+        def sign_run(name: str, model: CollaborationLogits, mode: str, copies: int) -> AttackResult:
+            def once(idx: Tensor, x0: Tensor) -> AttackResult:
+                obj = collaboration_objective(model, target[idx], mode, cfg.loss, cfg.push_weight,
+                                              cfg.push_cap)
+                return sign_attack(obj, x_nat[idx], target[idx], eps, alpha, cfg.steps, x_init=x0,
+                                   lo=lo, hi=hi, F=F)
+            return run_restarts(once, x_nat, target, eps, cfg.restarts, copies=copies,
+                                initially_correct=start_ok, lo=lo, hi=hi,
+                                generator=derive_generator(seed, name, eps), F=F)
+
+        for name in cfg.attacks:
+            if name == "soft":
+                for T in cfg.temperatures:
+                    soft = CollaborationLogits(net, "soft", T, cfg.score, unfused)
+                    out[f"soft(T={T:g})"] = sign_run(f"soft{T}", soft, "output", 1)
+            elif name == "submodels":
+                out[name] = sign_run(name, hard, "submodel", M)
+            elif name == "ppd-push":
+                relaxed = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, unfused)
+                out[name] = sign_run(name, relaxed, "push", M)
+            elif name == "bpda":
+                bpda = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, unfused)
+                out[name] = sign_run(name, bpda, "output", 1)
+            else:  # apgd-ce / apgd-dlr
+                judge = hard if cfg.apgd_selection == "hard" else CollaborationLogits(
+                    net, cfg.apgd_selection, cfg.bpda_temperature, cfg.score, unfused)
+                loss = name.split("-", 1)[1]
+
+                def once(idx: Tensor, x0: Tensor, judge=judge, loss=loss) -> AttackResult:
+                    obj = collaboration_objective(judge, target[idx], "output", loss)
+                    return apgd(obj, x_nat[idx], target[idx], eps, cfg.apgd_steps, x_init=x0,
+                                lo=lo, hi=hi, F=F)
+                out[name] = run_restarts(once, x_nat, target, eps, cfg.apgd_restarts,
+                                         initially_correct=start_ok, lo=lo, hi=hi,
+                                         generator=derive_generator(seed, name, eps), F=F)
+    if out:
+        out["worst"] = merge_worst(list(out.values()))
+    return out
+

@@ -1,0 +1,182 @@
+"""``cda2 eval``: robustness of trained collaborations under white-box, adaptive, transfer and
+query attacks (Section 4.3-4.4 of the paper), as a table, CSV/JSON and a plot.
+
+Register with :func:`register_eval` (append it to ``cda2_ext.cli.COMMANDS``). Example, the paper's
+protocol on 1000 test images::
+
+    cda2 eval --checkpoint runs/cda2 --attack all --surrogate runs/base3 runs/base5 runs/base8 \\
+        --transfer-preset table5 --out runs/cda2/eval
+
+and a quick CPU check::
+
+    cda2 eval --checkpoint runs/cda2 --attack all --surrogate runs/base3 --n-samples 100 \\
+        --eps 0.01 0.03 0.05 --steps 10 --restarts 1 --apgd-steps 10 --transfer-steps 10 \\
+        --queries 200 --out /tmp/eval
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["register_eval", "run_eval_cmd"]
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand to the ``cda2`` parser."""
+    from ..attacks.adaptive import ADAPTIVE_ATTACKS
+    from .robustness import ATTACK_GROUPS, DEFAULT_EPS
+
+    p = sub.add_parser(
+        "eval", help="robust accuracy under PGD, adaptive, transfer and Square attacks",
+        description="Evaluate checkpoints on a seeded random subset of the test set: clean accuracy "
+        "and robust accuracy per eps under white-box PGD (paper protocol: 50 steps x 5 restarts, "
+        "step eps/5, CE), adaptive attacks on the PPD selection (soft selection, every sub-model, "
+        "PPD push, BPDA, APGD-CE/DLR), transfer attacks from hold-out surrogates (MI-PGD, "
+        "M-DI2-FGSM, SGM; robust only if every variant is classified correctly) and Square "
+        "(query-only). Prints the table (methods x eps) and gradient-masking checks; writes "
+        "robustness.{json,csv,png} to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
+                   help="run folder(s) or checkpoint file(s) to evaluate (one table row group each)")
+    p.add_argument("--attack", nargs="+", default=["all"], choices=(*ATTACK_GROUPS, "all"),
+                   help="attack groups to run")
+    p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
+                   help="hold-out checkpoints whose ensembles generate the transfer attacks")
+    p.add_argument("--transfer-set", nargs="+", default=[], metavar="FILE",
+                   help="evaluate saved transfer sets (.safetensors from --save-transfer) instead of "
+                   "generating them")
+    p.add_argument("--save-transfer", action="store_true",
+                   help="save the generated transfer sets to --out (one file per eps)")
+    p.add_argument("--transfer-preset", default="table2", choices=("table2", "table5"),
+                   help="table2: MI-PGD, M-DI2-FGSM, SGM with CE (3 variants per surrogate); "
+                   "table5: CE and CW, MI-PGD with 3 starts (10 per surrogate, 30 with 3 surrogates)")
+    p.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="L-inf radii")
+    p.add_argument("--n-samples", type=int, default=1000, help="size of the random test subset")
+    p.add_argument("--seed", type=int, default=0, help="picks the subset and seeds every attack")
+    p.add_argument("--batch-size", type=int, default=250, help="images per attack batch")
+    p.add_argument("--steps", type=int, default=50,
+                   help="PGD steps (also the adaptive sign-gradient attacks' steps)")
+    p.add_argument("--restarts", type=int, default=5, help="PGD random starts (worst case kept)")
+    p.add_argument("--adaptive-attacks", nargs="+", default=list(ADAPTIVE_ATTACKS),
+                   choices=ADAPTIVE_ATTACKS, help="which adaptive attacks to run")
+    p.add_argument("--adaptive-restarts", type=int, default=1,
+                   help="random starts of each adaptive sign-gradient attack")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[1.0],
+                   help="softmax temperatures of the soft-selection attack (one run each)")
+    p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations")
+    p.add_argument("--transfer-steps", type=int, default=100, help="iterations of each transfer attack")
+    p.add_argument("--queries", type=int, default=5000, help="Square attack query budget per sample")
+    p.add_argument("--square-eps", nargs="+", type=float, default=[0.03],
+                   help="radii at which Square runs (Table 3: 0.03)")
+    p.add_argument("--sanity-eps", type=float, default=0.3,
+                   help="large radius where PGD must reach ~0%% accuracy (0: skip the check)")
+    p.add_argument("--score", default="ppd", choices=("ppd", "soe"),
+                   help="Algorithm 2's selection score: PPD (paper) or max-prob x sigmoid(PPD) (SoE)")
+    p.add_argument("--data", dest="data_dir", default=None,
+                   help="CIFAR-10 folder (default: the one the run was trained on, then $CDA2_DATA)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png")
+    p.set_defaults(func=run_eval_cmd)
+
+
+def _names(paths: List[str]) -> List[str]:
+    """Short unique labels for checkpoint paths (their run folder names)."""
+    out: List[str] = []
+    for p in paths:
+        q = Path(p)
+        base = (q.parent.name if q.suffix in (".safetensors", ".json") else q.name) or str(q)
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}#{k}", k + 1
+        out.append(name)
+    return out
+
+
+def run_eval_cmd(args: argparse.Namespace) -> int:
+    from ..attacks.adaptive import AdaptiveConfig
+    from ..attacks.transfer import TransferConfig, TransferSet
+    from ..attacks.whitebox import EnsembleLogits, PGDConfig
+    from ..cli import CLIError
+    from ..data import load_images
+    from ..training.checkpoint import load_collaboration
+    from ..training.trainer import resolve_device
+    from .robustness import ATTACK_GROUPS, EvalConfig, evaluate_robustness
+
+    attacks = ATTACK_GROUPS if "all" in args.attack else tuple(dict.fromkeys(args.attack))
+    for flag, v, lo in (("n-samples", args.n_samples, 1), ("batch-size", args.batch_size, 1),
+                        ("steps", args.steps, 0), ("restarts", args.restarts, 1),
+                        ("adaptive-restarts", args.adaptive_restarts, 1), ("apgd-steps", args.apgd_steps, 0),
+                        ("transfer-steps", args.transfer_steps, 0), ("queries", args.queries, 1)):
+        if v < lo:
+            raise CLIError(f"{flag}: must be >= {lo}, got {v}")
+    if not 0 <= args.sanity_eps <= 1:
+        raise CLIError(f"sanity-eps: must be in [0, 1], got {args.sanity_eps}")
+    if "transfer" in attacks and "all" not in args.attack and not (args.surrogate or args.transfer_set):
+        raise CLIError("--attack transfer needs at least one --surrogate checkpoint or --transfer-set file")
+    try:
+        cfg = EvalConfig(
+            attacks=attacks, eps=tuple(args.eps), n_samples=args.n_samples, seed=args.seed,
+            batch_size=args.batch_size,
+            pgd=PGDConfig(steps=args.steps, restarts=args.restarts),
+            adaptive=AdaptiveConfig(attacks=tuple(args.adaptive_attacks), steps=args.steps,
+                                    restarts=args.adaptive_restarts, temperatures=tuple(args.temperatures),
+                                    apgd_steps=args.apgd_steps, score=args.score),
+            transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps),
+            square_queries=args.queries, square_eps=tuple(args.square_eps),
+            sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
+            progress=args.progress).validate()
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+    device = resolve_device(args.device)
+    models: Dict[str, Any] = {}
+    metas = []
+    for name, path in zip(_names(args.checkpoint), args.checkpoint):
+        model, meta = load_collaboration(path, device)
+        model.unfused = args.unfused
+        models[name] = model
+        metas.append(meta.get("config", {}))
+    surrogates: Dict[str, Any] = {}
+    surrogate_paths: Dict[str, str] = {}
+    for name, path in zip(_names(args.surrogate), args.surrogate):
+        net, _ = load_collaboration(path, device)
+        surrogates[f"S:{name}"] = EnsembleLogits(net)
+        surrogate_paths[f"S:{name}"] = str(path)
+    tsets = {}
+    for f in args.transfer_set:
+        try:
+            ts = TransferSet.load(f)
+        except (ValueError, OSError) as err:
+            raise CLIError(str(err)) from None
+        tsets[ts.eps] = ts
+
+    datasets = {m.get("dataset", "cifar10") for m in metas}
+    if len(datasets) > 1:
+        raise CLIError(f"checkpoints were trained on different datasets: {sorted(datasets)}")
+    first = metas[0]
+    data = load_images(datasets.pop(), "test", args.data_dir or first.get("data_dir"), first.get("seed", 0))
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    try:
+        report = evaluate_robustness(models, data.images, data.labels, cfg, surrogates=surrogates,
+                                     transfer_sets=tsets, device=device,
+                                     save_transfer_dir=out if args.save_transfer else None)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    report.config.update({"checkpoints": dict(zip(models, args.checkpoint)),
+                          "surrogates": surrogate_paths, "transfer_sets": list(args.transfer_set),
+                          "device": str(device)})
+    print(report.format_table())
+    print()
+    for line in report.checks:
+        print(line)
+    paths = [report.to_json(out / "robustness.json"), report.to_csv(out / "robustness.csv"),
+             report.plot(out / "robustness.png")]
+    print(f"\n{len(report.indices)} test images, seed {cfg.seed}, {time.perf_counter() - t0:.1f}s; "
+          f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
