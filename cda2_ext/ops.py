@@ -133,7 +133,12 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
     """
     if not HAS_EXTENSION:
         return reference.collaboration_loss(logits, target, sigma, reduction)
-    _checks.collab_loss_args(logits, target, sigma, reduction)
+    # Fast path for the training loop: with tensors and a numeric sigma, the kernel's own checks
+    # (csrc/checks.h) raise the same TypeError/ValueError messages as _checks, so skip the
+    # Python ones (a few microseconds per step); anything else gets the full Python checks.
+    if not (type(logits) is Tensor and type(target) is Tensor and type(sigma) in (float, int)
+            and reduction in _REDUCTION):
+        _checks.collab_loss_args(logits, target, sigma, reduction)
     # lse and prob exist only to be saved for the backward pass (autograd asks for prob itself).
     loss, ce, weights, p_true, _, _ = _collab_loss(logits, target, float(sigma), _REDUCTION[reduction])
     return CollabLoss(loss, ce, weights, p_true)

@@ -4,6 +4,7 @@
 // For the backward pass the forward keeps the log-partition lse[m,b] in float64 (exp(z - lse) must
 // be accurate even for logits of 1e4, where a float32 lse would carry an error of 1e-3) and, when
 // autograd asks, the softmax itself, so the backward is a multiply rather than another exp.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,16 +18,16 @@ namespace cda2 {
 namespace {
 
 // ---- row routines: inlined into the per-chunk functions below, which are compiled twice --------
-// (baseline and AVX2+FMA, CDA2_CPU_CLONES) so each row loop vectorises for the CPU it runs on
+// (baseline and AVX2+FMA, see the dispatch below) so each row loop vectorises for the CPU it runs on
 // without paying a dispatched call per row (rows have only K = 10 logits at the paper's shape).
 
 // dz[k] = g * (exp(z[k] - lse) - [k == y]). lse is split into a head and a tail in T so the
 // subtraction stays in T (and vectorises) without losing lse's float64 accuracy.
-template <typename T>
+template <bool kFma, typename T>
 CDA2_ALWAYS_INLINE void grad_row(const T* z, int64_t K, T g, double lse, int64_t y, T* dz) {
   const T hi = static_cast<T>(lse);
   const T lo = static_cast<T>(lse - static_cast<double>(hi));
-  cpu::row_scaled_exp(z, K, g, hi, lo, dz);
+  cpu::row_scaled_exp<kFma>(z, K, g, hi, lo, dz);
   dz[y] -= g;
 }
 
@@ -93,7 +94,7 @@ struct Buffers {
 //     softmin_forward in kernels/collab_loss.h, laid out so that the M-way loop runs over
 //     contiguous samples instead of one sample at a time (the per-sample transcendental calls
 //     were most of the forward at K = 10).
-template <typename scalar_t, typename T = math_t<scalar_t>>
+template <bool kFma, typename scalar_t, typename T = math_t<scalar_t>>
 CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) {
   Rows<scalar_t, T> rows;
   const int64_t M = a.M, B = a.B, K = a.K, n = b1 - b0;
@@ -103,7 +104,7 @@ CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b
       const T* row = rows.read(a.z + r * K, K);
       T* prob = a.prob ? a.prob + r * K : nullptr;
       const T mx = cpu::row_max(row, K);
-      const T s = cpu::row_sum_exp(row, K, mx, prob);
+      const T s = cpu::row_sum_exp<kFma>(row, K, mx, prob);
       if (prob) {
         const T inv = T(1) / s;
 #pragma omp simd
@@ -118,7 +119,7 @@ CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b
     const int64_t r0 = m * B + b0;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T ls = cpu::log_f(a.w[r0 + i]);  // the sum is >= 1: log(sum) is accurate on its own
+      const T ls = cpu::log_f<kFma>(a.w[r0 + i]);  // the sum is >= 1: log(sum) is accurate on its own
       a.lse[r0 + i] += static_cast<double>(ls);
       a.ce[r0 + i] = a.p[r0 + i] + ls;
     }
@@ -139,7 +140,7 @@ CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b
     T* w = a.w + m * B + b0;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      w[i] = cpu::exp_f(ce[i] * neg_inv_sigma - amax[i]);
+      w[i] = cpu::exp_f<kFma>(ce[i] * neg_inv_sigma - amax[i]);
       sum[i] += w[i];
     }
   }
@@ -150,14 +151,14 @@ CDA2_ALWAYS_INLINE void forward_chunk_body(const Buffers<scalar_t>& a, int64_t b
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       w[i] /= sum[i];
-      p[i] = cpu::exp_f(-ce[i]);
+      p[i] = cpu::exp_f<kFma>(-ce[i]);
     }
   }
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) amax[i] = -a.sigma * (amax[i] + cpu::log_f(sum[i]));
+  for (int64_t i = 0; i < n; ++i) amax[i] = -a.sigma * (amax[i] + cpu::log_f<kFma>(sum[i]));
 }
 
-template <typename scalar_t, typename T = math_t<scalar_t>>
+template <bool kFma, typename scalar_t, typename T = math_t<scalar_t>>
 CDA2_ALWAYS_INLINE void backward_chunk_body(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) {
   Rows<scalar_t, T> rows;
   for (int64_t b = b0; b < b1; ++b) {
@@ -172,20 +173,42 @@ CDA2_ALWAYS_INLINE void backward_chunk_body(const Buffers<scalar_t>& a, int64_t 
       if (a.prob)
         grad_row_from_prob<T>(a.prob + r * a.K, a.K, g, a.y[b], dz);
       else
-        grad_row<T>(rows.read(a.z + r * a.K, a.K), a.K, g, a.lse[r], a.y[b], dz);
+        grad_row<kFma, T>(rows.read(a.z + r * a.K, a.K), a.K, g, a.lse[r], a.y[b], dz);
       rows.commit(a.dz + r * a.K, a.K);
     }
   }
 }
 
-CDA2_CPU_CLONES void forward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
-CDA2_CPU_CLONES void forward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
-CDA2_CPU_CLONES void backward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
-CDA2_CPU_CLONES void backward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
+// float: an AVX2+FMA instantiation (FMAs inside exp/log only) picked at run time where the CPU has
+// it, else the baseline; double: AVX2 clones without FMA (std::exp/log do the work); half types:
+// baseline. (target_clones alone cannot vary the source between the copies, hence the template.)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+__attribute__((target("arch=x86-64-v3"))) void forward_chunk_v3(const Buffers<float>& a, int64_t b0, int64_t b1) {
+  forward_chunk_body<true>(a, b0, b1);
+}
+__attribute__((target("arch=x86-64-v3"))) void backward_chunk_v3(const Buffers<float>& a, int64_t b0, int64_t b1) {
+  backward_chunk_body<true>(a, b0, b1);
+}
+bool cpu_has_v3() {
+  static const bool yes = __builtin_cpu_supports("x86-64-v3");
+  return yes;
+}
+void forward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) {
+  cpu_has_v3() ? forward_chunk_v3(a, b0, b1) : forward_chunk_body<false>(a, b0, b1);
+}
+void backward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) {
+  cpu_has_v3() ? backward_chunk_v3(a, b0, b1) : backward_chunk_body<false>(a, b0, b1);
+}
+#else
+void forward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { forward_chunk_body<false>(a, b0, b1); }
+void backward_chunk(const Buffers<float>& a, int64_t b0, int64_t b1) { backward_chunk_body<false>(a, b0, b1); }
+#endif
+CDA2_CPU_CLONES void forward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { forward_chunk_body<false>(a, b0, b1); }
+CDA2_CPU_CLONES void backward_chunk(const Buffers<double>& a, int64_t b0, int64_t b1) { backward_chunk_body<false>(a, b0, b1); }
 template <typename scalar_t>
-void forward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { forward_chunk_body(a, b0, b1); }
+void forward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { forward_chunk_body<false>(a, b0, b1); }
 template <typename scalar_t>
-void backward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { backward_chunk_body(a, b0, b1); }
+void backward_chunk(const Buffers<scalar_t>& a, int64_t b0, int64_t b1) { backward_chunk_body<false>(a, b0, b1); }
 
 // Samples b are split across threads; each thread does the M rows of its samples, so the
 // soft-min over sub-models needs no cross-thread step. Rows are heavy when K is large: give
@@ -202,12 +225,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto y = target.contiguous();
   const int64_t M = z.size(0), B = z.size(1), K = z.size(2);
   check_labels_cpu(y.data_ptr<int64_t>(), B, K);
-  const auto opts = z.options().dtype(stat_type(z.scalar_type()));
-  auto loss_vec = at::empty({B}, opts);
-  auto ce = at::empty({M, B}, opts), w = at::empty({M, B}, opts), p = at::empty({M, B}, opts);
-  auto lse = at::empty({M, B}, z.options().dtype(at::kDouble));
+  const auto st = stat_type(z.scalar_type());
+  // empty_cpu skips the dispatcher: six outputs per call are a visible cost at the paper's shape.
+  const auto empty = [](at::IntArrayRef size, at::ScalarType t) -> at::Tensor {
+    return at::detail::empty_cpu(size, t, false, std::nullopt);
+  };
+  auto loss_vec = empty({B}, st);
+  auto ce = empty({M, B}, st), w = empty({M, B}, st), p = empty({M, B}, st);
+  auto lse = empty({M, B}, at::kDouble);
   // On the CPU the exp per logit dominates, so keeping the softmax halves the backward's work.
-  auto prob = at::empty(save_prob ? std::vector<int64_t>{M, B, K} : std::vector<int64_t>{0}, opts);
+  auto prob = save_prob ? empty({M, B, K}, st) : empty({0}, st);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "collab_loss_cpu", [&] {
     using T = math_t<scalar_t>;
     Buffers<scalar_t> a{M, B, K, z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), static_cast<T>(sigma),
@@ -224,7 +251,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t b = 0; b < B; ++b) total += static_cast<double>(lp[b]);
   });
   if (reduction == kMean) total /= static_cast<double>(B);
-  return {at::scalar_tensor(total, opts), ce, w, p, lse, prob};
+  auto loss = empty({}, st);
+  AT_DISPATCH_FLOATING_TYPES(st, "collab_loss_store", [&] { *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total); });
+  return {loss, ce, w, p, lse, prob};
 }
 
 at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
@@ -240,7 +269,7 @@ at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   check_labels_cpu(y.data_ptr<int64_t>(), B, K);
-  auto dz = at::empty_like(z);
+  at::Tensor dz = at::detail::empty_cpu(z.sizes(), z.scalar_type(), false, std::nullopt);
   const auto w = weights.contiguous(), p = p_true.contiguous(), lse_c = lse.contiguous(), prob_c = prob.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "collab_loss_backward_cpu", [&] {
     using T = math_t<scalar_t>;

@@ -27,25 +27,38 @@
 namespace cda2 {
 namespace cpu {
 
+// a * b + c, fused where the caller is compiled for FMA (kFma: see collab_loss.cpp's dispatch).
+// The build disables automatic contraction (-ffp-contract=off), so this is the only place FMAs
+// appear: inside the exp/log polynomials, where they only add accuracy.
+template <bool kFma>
+CDA2_ALWAYS_INLINE float madd(float a, float b, float c) {
+  if constexpr (kFma) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
 // exp(x) for float in ~1.5 ulp, branch-free so loops of it vectorise (Cephes expf polynomial
 // after the usual 2^n * e^r range reduction; n is rounded with the 1.5 * 2^23 trick, which needs
 // no SSE4.1 round instruction in the baseline clone). Underflows to exactly 0 below -87.3, where
 // softmax entries stop mattering; callers pass x - max, so overflow is never reached.
+template <bool kFma = false>
 CDA2_ALWAYS_INLINE float exp_f(float x) {
   const float lo = -87.33654475f, hi = 88.3762626647949f, magic = 12582912.0f;  // 1.5 * 2^23
   const bool under = x < lo;
   x = x < lo ? lo : (x > hi ? hi : x);
-  const float t = x * 1.44269504088896341f + magic;  // the low bits of t hold round(x / ln 2)
+  const float t = madd<kFma>(x, 1.44269504088896341f, magic);  // low bits of t: round(x / ln 2)
   const float n = t - magic;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  float r = madd<kFma>(n, -0.693359375f, x);
+  r = madd<kFma>(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  p = madd<kFma>(p, r, 1.3981999507e-3f);
+  p = madd<kFma>(p, r, 8.3334519073e-3f);
+  p = madd<kFma>(p, r, 4.1665795894e-2f);
+  p = madd<kFma>(p, r, 1.6666665459e-1f);
+  p = madd<kFma>(p, r, 5.0000001201e-1f);
+  p = madd<kFma>(p, r * r, r) + 1.0f;
   int32_t ti;
   std::memcpy(&ti, &t, sizeof(ti));
   const int32_t bits = (ti - 0x4B400000 + 127) << 23;  // 2^n as a float's exponent field
@@ -54,11 +67,13 @@ CDA2_ALWAYS_INLINE float exp_f(float x) {
   return under ? 0.0f : p * scale;
 }
 
+template <bool kFma = false>
 CDA2_ALWAYS_INLINE double exp_f(double x) { return std::exp(x); }
 
 // log(x) for float in ~1 ulp, branch-free (Cephes logf polynomial on the mantissa). For the
 // values it serves -- sums of exps, >= 1 -- it needs no zero/negative/denormal handling;
 // NaN and +inf pass through.
+template <bool kFma = false>
 CDA2_ALWAYS_INLINE float log_f(float x) {
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -71,21 +86,22 @@ CDA2_ALWAYS_INLINE float log_f(float x) {
   m = small ? m + m - 1.0f : m - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
+  y = madd<kFma>(y, m, -1.1514610310e-1f);
+  y = madd<kFma>(y, m, 1.1676998740e-1f);
+  y = madd<kFma>(y, m, -1.2420140846e-1f);
+  y = madd<kFma>(y, m, 1.4249322787e-1f);
+  y = madd<kFma>(y, m, -1.6668057665e-1f);
+  y = madd<kFma>(y, m, 2.0000714765e-1f);
+  y = madd<kFma>(y, m, -2.4999993993e-1f);
+  y = madd<kFma>(y, m, 3.3333331174e-1f);
   y = y * m * z;
-  y = y + e * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  const float r = (m + y) + e * 0.693359375f;
+  y = madd<kFma>(e, -2.12194440e-4f, y);
+  y = madd<kFma>(-0.5f, z, y);
+  const float r = madd<kFma>(e, 0.693359375f, m + y);
   return (x != x || x > 3.4e38f) ? x : r;
 }
 
+template <bool kFma = false>
 CDA2_ALWAYS_INLINE double log_f(double x) { return std::log(x); }
 
 // max over a row. NaNs need no special care here: a NaN logit turns exp(z - max) and so the row's
@@ -99,27 +115,27 @@ CDA2_ALWAYS_INLINE T row_max(const T* z, int64_t K) {
 }
 
 // sum_k exp(z[k] - mx); with out, also stores each exp(z[k] - mx) there.
-template <typename T>
+template <bool kFma = false, typename T>
 CDA2_ALWAYS_INLINE T row_sum_exp(const T* z, int64_t K, T mx, T* out = nullptr) {
   T s = 0;
   if (out) {
 #pragma omp simd reduction(+ : s)
     for (int64_t k = 0; k < K; ++k) {
-      out[k] = exp_f(z[k] - mx);
+      out[k] = exp_f<kFma>(z[k] - mx);
       s += out[k];
     }
   } else {
 #pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < K; ++k) s += exp_f(z[k] - mx);
+    for (int64_t k = 0; k < K; ++k) s += exp_f<kFma>(z[k] - mx);
   }
   return s;
 }
 
 // out[k] = g * exp((z[k] - hi) - lo)
-template <typename T>
+template <bool kFma = false, typename T>
 CDA2_ALWAYS_INLINE void row_scaled_exp(const T* z, int64_t K, T g, T hi, T lo, T* out) {
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) out[k] = g * exp_f((z[k] - hi) - lo);
+  for (int64_t k = 0; k < K; ++k) out[k] = g * exp_f<kFma>((z[k] - hi) - lo);
 }
 
 }  // namespace cpu
