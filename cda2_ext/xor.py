@@ -126,9 +126,9 @@ def run_xor(cfg: Optional[XorConfig] = None, figure: Optional[str | Path] = None
 def plot_xor(collab: Collaboration, ens: Collaboration, x: torch.Tensor, y: torch.Tensor,
              selected: torch.Tensor, res: XorResult, path: str | Path) -> Path:
     """Figure 4: (a) ensemble regions + labels, (b) collaboration regions + assignments."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from .plotting import new_figure, save_figure
 
     lim = 2.2
     g = torch.linspace(-lim, lim, 241)
@@ -137,8 +137,8 @@ def plot_xor(collab: Collaboration, ens: Collaboration, x: torch.Tensor, y: torc
     with torch.no_grad():
         ens_region = ens.ensemble(grid).argmax(-1).reshape(gx.shape)
         collab_region = collab.predict(grid).collaboration.reshape(gx.shape)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    cmap = matplotlib.colors.ListedColormap(["#f4d6d6", "#d6e4f4"])
+    fig, axes = new_figure(1, 2, figsize=(10, 4.6))
+    cmap = ListedColormap(["#f4d6d6", "#d6e4f4"])
     xs, ys = x[:, 0].numpy(), x[:, 1].numpy()
     ax = axes[0]
     ax.contourf(gx.numpy(), gy.numpy(), ens_region.numpy(), levels=[-0.5, 0.5, 1.5], cmap=cmap)
@@ -161,9 +161,4 @@ def plot_xor(collab: Collaboration, ens: Collaboration, x: torch.Tensor, y: torc
         ax.set_xlabel("x1"), ax.set_ylabel("x2")
     fig.suptitle("XOR: background = predicted class (red: -1, blue: +1); "
                  "(b) colour = sub-model chosen by the PPD heads, marker = label", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -195,11 +195,9 @@ class EvalReport:
 
     def plot(self, path: Union[str, Path]) -> Path:
         """PNG of robust accuracy vs eps, one line per model/attack (eps 0 = clean accuracy)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from ..plotting import new_figure, save_figure
 
-        fig, ax = plt.subplots(figsize=(8, 5.5))
+        fig, ax = new_figure(figsize=(8, 5.5))
         for m, a, c, r in self.rows():
             xs = sorted(r)
             ys = [100 * r[e] for e in xs]
@@ -222,12 +220,7 @@ class EvalReport:
         n = len(self.indices)
         ax.set_title(f"Robust accuracy vs eps ({n} test images, seed {self.config.get('seed')})")
         ax.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 class _Progress:
