@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from .reference import CollabLoss, draw_seed
+from .reference import CollabLoss, _stat_dtype, draw_seed
 
 try:  # importing _C registers the operators with the dispatcher; nothing is compiled here
     from . import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -52,10 +52,6 @@ _REDUCTION_NAME = {v: k for k, v in _REDUCTION.items()}
 def cuda_available() -> bool:
     """True when the extension was built with CUDA kernels."""
     return HAS_EXTENSION and bool(_C.has_cuda())
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 if HAS_EXTENSION:

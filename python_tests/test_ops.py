@@ -616,6 +616,23 @@ def test_sign_step_bumps_version_counter(impl, gen):
     assert x._version > v0
 
 
+@requires_extension
+def test_in_place_attack_ops_refuse_tensors_that_record_gradients(gen):
+    """sign_step_ / random_start_ are not differentiable: writing into a tensor autograd tracks
+    must raise (naming x_adv) rather than corrupt a graph; under no_grad the same call works, and
+    random_start_ also bumps the version counter."""
+    x, g, n = make_step_inputs((2, 3, 3, 4, 4), torch.float32, gen)
+    with pytest.raises(ValueError, match="^x_adv"):
+        torch.ops.cda2_ext.sign_step_(x, g.requires_grad_(), n, EPS, ALPHA, 0.0, 1.0)
+    with pytest.raises(ValueError, match="^x_adv"):
+        torch.ops.cda2_ext.random_start_(x, n.clone().requires_grad_(), EPS, 0.0, 1.0, 1)
+    with torch.no_grad():
+        torch.ops.cda2_ext.sign_step_(x, g, n, EPS, ALPHA, 0.0, 1.0)
+        v0 = x._version
+        torch.ops.cda2_ext.random_start_(x, n, EPS, 0.0, 1.0, 1)
+    assert x._version > v0
+
+
 # ------------------------------------------------------------------------------------------------
 # random start
 
