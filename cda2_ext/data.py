@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError
+
 __all__ = [
-    "DataError", "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
+    "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
     "resolve_cifar10_dir", "load_cifar10", "download_cifar10", "synthetic_images", "load_images",
     "to_float", "random_crop_flip", "make_xor",
 ]
@@ -50,9 +52,6 @@ _DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 PathLike = Union[str, os.PathLike]
 
-
-class DataError(RuntimeError):
-    """A data folder or file is missing, unreadable or not in the expected format."""
 
 
 @dataclass

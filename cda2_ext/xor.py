@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .data import make_xor
-from .models.collaboration import Collaboration, CollaborationConfig, backend, ensemble_probs
+from .models.collaboration import Collaboration, CollaborationConfig, ensemble_probs
 
 __all__ = ["XorConfig", "XorResult", "run_xor", "xor_model", "plot_xor"]
 
@@ -58,7 +58,7 @@ class XorResult:
         return asdict(self)
 
 
-def xor_model(unfused: bool = False) -> Collaboration:
+def xor_model(fused: bool = True) -> Collaboration:
     """Two linear dual-head sub-models on 2-d inputs; the PPD head reads ``x`` itself.
 
     The label heads start with zero biases. Why: the surrogate has a degenerate global minimum on
@@ -70,23 +70,22 @@ def xor_model(unfused: bool = False) -> Collaboration:
     """
     cfg = CollaborationConfig(num_models=2, arch="linear", in_channels=2, num_classes=2,
                               ppd_input="features", normalize=False)
-    model = Collaboration(cfg)
+    model = Collaboration(cfg, fused=fused)
     with torch.no_grad():
         model.net.label_head.bias.zero_()
-    model.unfused = unfused
     return model
 
 
 def _fit(model: Collaboration, x: torch.Tensor, y: torch.Tensor, cfg: XorConfig, mode: str) -> None:
-    F = backend(cfg.unfused)
+    backend = model.backend
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     for _ in range(cfg.steps):
         logits, ppd = model(x)
         if mode == "ensemble":  # maximum likelihood of the averaged prediction
             loss = Fn.nll_loss(torch.log(ensemble_probs(logits).clamp_min(1e-12)), y)
         else:
-            out = F.collaboration_loss(logits, y, cfg.sigma)
-            loss = out.loss + cfg.bce_weight * F.ppd_bce(ppd, out.p_true)
+            out = backend.collaboration_loss(logits, y, cfg.sigma)
+            loss = out.loss + cfg.bce_weight * backend.ppd_bce(ppd, out.p_true)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -100,8 +99,8 @@ def run_xor(cfg: Optional[XorConfig] = None, figure: Optional[str | Path] = None
     x, y = make_xor(cfg.n_train, seed=cfg.seed)
     xt, yt = make_xor(cfg.n_test, seed=cfg.seed + 10_000)
     torch.manual_seed(cfg.seed)
-    collab = xor_model(cfg.unfused)
-    ens = xor_model(cfg.unfused)
+    collab = xor_model(not cfg.unfused)
+    ens = xor_model(not cfg.unfused)
     ens.load_state_dict(collab.state_dict())  # same starting point for a fair comparison
     _fit(collab, x, y, cfg, "collaboration")
     _fit(ens, x, y, cfg, "ensemble")

@@ -7,27 +7,24 @@ minute on two CPU cores; the CIFAR tests skip themselves without the shared subs
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext import ops  # noqa: E402
-from cda2_ext.attacks.adaptive import (ADAPTIVE_ATTACKS, AdaptiveConfig, adaptive_attacks,  # noqa: E402
+from cda2_ext import ops
+from cda2_ext.attacks.adaptive import (ADAPTIVE_ATTACKS, AdaptiveConfig, adaptive_attacks,
                                        apgd_attack)
-from cda2_ext.attacks.engine import (AttackResult, dlr_loss, margin, merge_worst,  # noqa: E402
+from cda2_ext.attacks.engine import (AttackResult, dlr_loss, margin, merge_worst,
                                      model_objective, run_restarts, sign_attack)
-from cda2_ext.attacks.square import square_attack, square_p_schedule  # noqa: E402
-from cda2_ext.attacks.transfer import (TransferConfig, TransferSet, all_variants_correct,  # noqa: E402
+from cda2_ext.attacks.square import square_attack, square_p_schedule
+from cda2_ext.attacks.transfer import (TransferConfig, TransferSet, all_variants_correct,
                                        generate_transfer_set, input_diversity, residual_blocks,
                                        skip_gradient, transfer_attack, transfer_correct)
-from cda2_ext.attacks.whitebox import (CollaborationLogits, EnsembleLogits, PGDConfig,  # noqa: E402
+from cda2_ext.attacks.whitebox import (CollaborationLogits, EnsembleLogits, PGDConfig,
                                        SubModelLogits, pgd_attack, ppd_gradients, predict_correct)
-from cda2_ext.models import Collaboration  # noqa: E402
+from cda2_ext.models import Collaboration
 
 TOL = 1e-6  # x_nat + eps is rounded in float32: the ball holds up to one ulp
 
@@ -68,6 +65,7 @@ def test_pgd_and_adaptive_stay_in_ball_and_box(tiny):
         assert bool((res["worst"].correct <= r.correct).all()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mi-pgd", "m-di2-fgsm", "sgm"])
 def test_transfer_methods_stay_in_ball_and_box(tiny, method):
     _, x, y = tiny
@@ -118,6 +116,7 @@ def test_run_restarts_keeps_the_per_sample_worst_case():
     assert out.x_adv[:, 0, 0, 0].tolist() == [2.0, 2.0, 1.0]  # the point each worst case was found at
 
 
+@pytest.mark.slow
 def test_pgd_restarts_equal_the_worst_of_single_runs():
     """Multi-restart PGD == per-sample worst over the same starts run one by one (float64, a
     linear model, so every sample's trajectory is independent of the batch)."""
@@ -216,6 +215,7 @@ def test_all_variants_rule():
         True, False, False, False]
 
 
+@pytest.mark.slow
 def test_transfer_set_grid_save_load_and_evaluate(tiny, tmp_path):
     net, x, y = tiny
     x = x[:, :, :16, :16].contiguous()  # the ResNets accept any size; 16x16 keeps this quick
@@ -393,6 +393,7 @@ def cifar_models(cifar_dir):
     return out[0], out[1], x[keep][:48], y[keep][:48]
 
 
+@pytest.mark.slow
 def test_pgd_breaks_an_undefended_cifar_model(cifar_models):
     target, _, x, y = cifar_models
     assert len(y) >= 32  # the tiny model learned something (clean-correct subset)
@@ -405,6 +406,7 @@ def test_pgd_breaks_an_undefended_cifar_model(cifar_models):
     assert a.correct.float().mean().item() <= 0.1
 
 
+@pytest.mark.slow
 def test_transfer_attacks_lower_accuracy_of_an_undefended_cifar_model(cifar_models):
     target, surrogate, x, y = cifar_models
     cfg = TransferConfig(methods=("mi-pgd", "m-di2-fgsm"), steps=10)
@@ -423,8 +425,8 @@ def test_fused_and_reference_ops_give_the_same_attacks(tiny):
     net, x, y = tiny
     model = CollaborationLogits(net)
     runs = [pgd_attack(model, x, y, 0.03, PGDConfig(steps=2, restarts=2), only_correct=False,
-                       generator=torch.Generator().manual_seed(0), F=F) for F in (ops, reference)]
+                       generator=torch.Generator().manual_seed(0), backend=b) for b in (ops, reference)]
     assert torch.equal(runs[0].x_adv, runs[1].x_adv)
-    sq = [square_attack(model, x, y, 0.03, 20, generator=torch.Generator().manual_seed(0), F=F)
-          for F in (ops, reference)]
+    sq = [square_attack(model, x, y, 0.03, 20, generator=torch.Generator().manual_seed(0), backend=b)
+          for b in (ops, reference)]
     assert torch.equal(sq[0].x_adv, sq[1].x_adv) and torch.equal(sq[0].queries, sq[1].queries)

@@ -5,13 +5,10 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext.cli import main  # noqa: E402
+from cda2_ext.cli import main
 
 TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
         "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
@@ -27,6 +24,7 @@ def test_help_everywhere(argv, capsys):
     assert "usage: cda2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point(tmp_path):
     # Not from the repository root: `python -m` would import the source tree there, not the install.
     r = subprocess.run([sys.executable, "-m", "cda2_ext.cli", "--help"], cwd=tmp_path,
@@ -34,6 +32,7 @@ def test_module_entry_point(tmp_path):
     assert r.returncode == 0 and "eval-clean" in r.stdout
 
 
+@pytest.mark.slow
 def test_xor(tmp_path, capsys):
     fig, js = tmp_path / "xor.png", tmp_path / "xor.json"
     assert main(["xor", "--figure", str(fig), "--json", str(js)]) == 0
@@ -44,6 +43,7 @@ def test_xor(tmp_path, capsys):
     assert fig.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", *TINY, "--epochs", "1", "--out-dir", run]) == 0

@@ -5,16 +5,13 @@ import hashlib
 import os
 import pickle
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext.data import (DATA_ENV, DataError, download_cifar10, load_cifar10,  # noqa: E402
+from cda2_ext.data import (DATA_ENV, DataError, download_cifar10, load_cifar10,
                            make_xor, random_crop_flip, resolve_cifar10_dir, synthetic_images)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar-10-batches-py"

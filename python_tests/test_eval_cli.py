@@ -1,20 +1,12 @@
 """``cda2 eval``: a full (tiny) run with every attack group, shared transfer sets, reproducibility
-and one-line failures. Uses its own parser with :func:`register_eval`, so it does not depend on
-``cda2_ext.cli.COMMANDS`` listing the command."""
+and one-line failures. Runs through :func:`cda2_ext.cli.main`, the real entry point."""
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import warnings
 
 import pytest
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext.cli import _expected_errors  # noqa: E402
-from cda2_ext.cli import main as cda2_main  # noqa: E402
-from cda2_ext.evaluation.cli_eval import register_eval  # noqa: E402
+from cda2_ext.cli import main as cda2_main
 
 TINY_TRAIN = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
               "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
@@ -24,16 +16,8 @@ SMALL = ["--n-samples", "12", "--batch-size", "12", "--steps", "2", "--restarts"
 
 
 def run_eval(argv):
-    """``cda2 eval ...`` with cli.main's error handling (one line, exit 2)."""
-    p = argparse.ArgumentParser(prog="cda2")
-    sub = p.add_subparsers(dest="command", required=True)
-    register_eval(sub)
-    args = p.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except _expected_errors() as err:
-        print(f"cda2: error: {err}", file=sys.stderr)
-        return 2
+    """``cda2 ...`` (argv starts with the subcommand) with the entry point's one-line errors."""
+    return cda2_main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +29,11 @@ def runs(tmp_path_factory):
     return target, surrogate
 
 
-def test_registers_beside_the_existing_commands():
-    """Appending register_eval to cli.COMMANDS (the lead's one-line change) gives a parser where
-    ``eval`` and ``eval-clean`` are different commands."""
+def test_eval_and_eval_clean_are_different_commands():
     from cda2_ext import cli
-    from cda2_ext.evaluation.cli_eval import run_eval_cmd
-    p = argparse.ArgumentParser(prog="cda2")
-    sub = p.add_subparsers(dest="command", required=True)
-    for register in [*cli.COMMANDS, register_eval]:
-        if register is not register_eval or "eval" not in sub.choices:
-            register(sub)
-    assert p.parse_args(["eval", "--checkpoint", "r"]).func is run_eval_cmd
-    assert p.parse_args(["eval-clean", "r"]).func is cli.run_eval_clean_cmd
+    p = cli.build_parser()
+    assert p.parse_args(["eval", "--checkpoint", "r"]).func is cli.eval_robustness.run
+    assert p.parse_args(["eval-clean", "r"]).func is cli.eval_clean.run
 
 
 def test_help(capsys):
@@ -69,6 +46,7 @@ def test_help(capsys):
         assert flag in out
 
 
+@pytest.mark.slow
 def test_eval_all_writes_table_json_csv_png_and_shares_transfer_sets(runs, tmp_path, capsys):
     target, surrogate = runs
     out = tmp_path / "eval"
@@ -109,6 +87,7 @@ def test_eval_all_writes_table_json_csv_png_and_shares_transfer_sets(runs, tmp_p
             == rows["transfer (all 3 variants)"]["0.03"])
 
 
+@pytest.mark.slow
 def test_results_are_reproducible_from_the_seed(runs, tmp_path, capsys):
     target, _ = runs
     bits = []
@@ -120,6 +99,7 @@ def test_results_are_reproducible_from_the_seed(runs, tmp_path, capsys):
     assert bits[0] == bits[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, needle", [
     (["--attack", "transfer"], "--surrogate"),
     (["--eps", "2"], "eps"),

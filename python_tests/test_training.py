@@ -1,20 +1,18 @@
 """PGD for training, Algorithm 1, checkpoints and resume (tiny models on synthetic images)."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as Fn
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext import reference  # noqa: E402
-from cda2_ext.attacks import collaboration_loss_fn, collaboration_pgd, per_model_pgd, pgd  # noqa: E402
-from cda2_ext.data import synthetic_images  # noqa: E402
-from cda2_ext.models import Collaboration  # noqa: E402
-from cda2_ext.training import (CheckpointError, ConfigError, TrainConfig, Trainer,  # noqa: E402
-                               load_checkpoint, load_collaboration)
+from cda2_ext.attacks import collaboration_pgd, per_model_pgd, sign_attack
+from cda2_ext.attacks.training import collaboration_objective
+from cda2_ext.checkpoint import load_checkpoint, load_collaboration
+from cda2_ext.data import synthetic_images
+from cda2_ext.models import Collaboration
+from cda2_ext.errors import CheckpointError, ConfigError
+from cda2_ext.runtime import REFERENCE
+from cda2_ext.training import TrainConfig, Trainer
 
 IMG = 16
 EPS, ALPHA = 0.03, 0.01
@@ -44,7 +42,7 @@ def _model(M=3):
 def test_natural_phase_makes_m_different_variants_each_attacking_its_own_sub_model():
     m = _model()
     x, y = torch.rand(4, 3, IMG, IMG), torch.randint(0, 10, (4,))
-    x_adv = per_model_pgd(m, x, y, EPS, ALPHA, 3, random_start=False, F=reference)
+    x_adv = per_model_pgd(m, x, y, EPS, ALPHA, 3, random_start=False, backend=REFERENCE)
     assert x_adv.shape == (3, *x.shape)
     assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     for i in range(3):
@@ -53,9 +51,48 @@ def test_natural_phase_makes_m_different_variants_each_attacking_its_own_sub_mod
     # variant m equals a PGD run against sub-model m alone
     m.eval()
     for k in range(3):
-        ref = pgd(lambda xa: Fn.cross_entropy(m(xa)[0][k], y, reduction="sum"), x, EPS, ALPHA, 3,
-                  random_start=False, F=reference)
+        def alone(xa, k=k):  # one copy [1, B, ...] scored by sub-model k only
+            return Fn.cross_entropy(m(xa[0])[0][k], y, reduction="none").unsqueeze(0), None
+        ref = sign_attack(alone, x, y, EPS, ALPHA, 3, track_worst=False, backend=REFERENCE).x_adv[0]
         assert (ref == x_adv[k]).float().mean() > 0.99  # sign flips only where a gradient is ~0
+
+
+def _pgd_loop(loss_fn, x_nat, steps, num_models=None, generator=None):
+    """The training PGD loop as it stood before it moved onto the engine (the oracle): random
+    start, then ``steps`` x (input gradient of a summed loss, fused sign step)."""
+    x = REFERENCE.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, generator=generator)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        x = x.detach()
+        REFERENCE.pgd_sign_step_(x, grad, x_nat, EPS, ALPHA, 0.0, 1.0)
+    return x
+
+
+def test_training_pgd_on_the_engine_gives_the_same_adversarial_examples():
+    """Algorithm 1's two attacks, now thin clients of the evaluation engine, reproduce the
+    previous dedicated loop bit for bit (same starts from the generator, same steps)."""
+    m = _model().eval()
+    x, y = torch.rand(4, 3, IMG, IMG), torch.randint(0, 10, (4,))
+
+    def per_model(xa):
+        logits = m(xa)[0]
+        return Fn.cross_entropy(logits.reshape(-1, 10), y.repeat(3), reduction="sum")
+
+    def collab(xa):
+        logits, ppd = m(xa)
+        _, chosen = REFERENCE.collaborative_select(ppd, logits)
+        return Fn.cross_entropy(chosen, y, reduction="sum")
+
+    for seed in (0, 1):
+        new = per_model_pgd(m, x, y, EPS, ALPHA, 3, backend=REFERENCE,
+                            generator=torch.Generator().manual_seed(seed))
+        old = _pgd_loop(per_model, x, 3, 3, torch.Generator().manual_seed(seed))
+        assert torch.equal(new, old)
+        new = collaboration_pgd(m, x, y, EPS, ALPHA, 3, backend=REFERENCE,
+                                generator=torch.Generator().manual_seed(seed))
+        old = _pgd_loop(collab, x, 3, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(new, old)
 
 
 def test_attacks_leave_no_grads_and_restore_mode():
@@ -67,9 +104,9 @@ def test_attacks_leave_no_grads_and_restore_mode():
     assert all(p.grad is None for p in m.parameters())
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= EPS + 1e-6
     m.eval()
-    loss = collaboration_loss_fn(m, y)
-    with torch.no_grad():
-        assert loss(x_adv) > loss(x)  # the attack worsens the collaboration's answer
+    loss = collaboration_objective(m, y)
+    with torch.no_grad():  # the attack worsens the collaboration's answer
+        assert loss(x_adv[None])[0].sum() > loss(x[None])[0].sum()
 
 
 def test_random_start_is_seeded_by_generator():

@@ -1,18 +1,20 @@
 """Adversarial attacks: batched L-inf attacks built on the fused sign step.
 
-* :mod:`.pgd` - the PGD used for training (per-sub-model variants, attacks on the collaboration).
-* :mod:`.engine` - the one sign-step attack loop, losses (CE, CW, DLR, margin), restarts and
-  per-sample worst-case bookkeeping, shared by everything below.
-* :mod:`.whitebox` - the paper's PGD protocol; :class:`CollaborationLogits` makes a collaboration an
-  images -> logits function (hard / soft / BPDA selection).
+* :mod:`.engine` - the one sign-step attack loop (:func:`~.engine.sign_attack`), losses (CE, CW,
+  DLR, margin), restarts and per-sample worst-case bookkeeping, shared by everything below.
+* :mod:`.training` - Algorithm 1's PGD (per-sub-model variants, attacks on the collaboration).
+* :mod:`.whitebox` - the paper's PGD protocol; :class:`~.whitebox.CollaborationLogits` makes a
+  collaboration an images -> logits function (hard / soft / BPDA selection).
 * :mod:`.adaptive` - attacks on the PPD selection and APGD (CE, DLR).
 * :mod:`.transfer` - MI-PGD, M-DI2-FGSM and SGM from surrogate models; shareable transfer sets.
 * :mod:`.square` - the Square attack (queries outputs only).
+
+A new gradient attack is an *objective* (``x [G, B, ...] -> (loss [G, B], logits)``) handed to
+:func:`~.engine.sign_attack` (or :func:`~.adaptive.apgd`); see :mod:`.engine`.
 """
 from __future__ import annotations
 
-from .pgd import (LossFn, collaboration_loss_fn, collaboration_pgd, eval_mode, per_model_loss,
-                  per_model_pgd, pgd)
+from .engine import AttackResult, Objective, sign_attack
+from .training import collaboration_pgd, per_model_pgd
 
-__all__ = ["LossFn", "pgd", "per_model_loss", "collaboration_loss_fn", "per_model_pgd",
-           "collaboration_pgd", "eval_mode"]
+__all__ = ["AttackResult", "Objective", "sign_attack", "per_model_pgd", "collaboration_pgd"]

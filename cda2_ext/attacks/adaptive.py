@@ -24,15 +24,13 @@ one ``[M, B, C, H, W]`` batch through the fused sign step.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from types import ModuleType
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ..models.collaboration import backend
-from .engine import (AttackResult, Objective, check_attack_args, derive_generator, eval_mode,
+from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from .engine import (AttackResult, Objective, check_attack_args, derive_generator,
                      flatten_copies, merge_worst, model_objective, new_best, per_sample_loss,
                      project_, run_restarts, sign_attack, update_best)
 from .whitebox import CollaborationLogits, ModelFn, predict_correct
@@ -133,7 +131,7 @@ def collaboration_objective(model: CollaborationLogits, target: Tensor, mode: st
 
 # ----- APGD ---------------------------------------------------------------------------------------
 def _grouped_sign_step_(x: Tensor, grad: Tensor, x_nat: Tensor, eps: float, step: Tensor,
-                        lo: float, hi: float, F: ModuleType) -> None:
+                        lo: float, hi: float, backend: OpsBackend) -> None:
     """Fused sign step with a per-sample step size: one fused call per distinct step size.
 
     APGD halves step sizes per sample, so there are only a handful of distinct values (2*eps/2^k);
@@ -142,16 +140,16 @@ def _grouped_sign_step_(x: Tensor, grad: Tensor, x_nat: Tensor, eps: float, step
     for value in torch.unique(step).tolist():
         idx = (step == value).nonzero().squeeze(1)
         if idx.numel() == x.shape[0]:
-            F.pgd_sign_step_(x, grad, x_nat, eps, value, lo, hi)
+            backend.pgd_sign_step_(x, grad, x_nat, eps, value, lo, hi)
             return
         part = x[idx]
-        F.pgd_sign_step_(part, grad[idx], x_nat[idx], eps, value, lo, hi)
+        backend.pgd_sign_step_(part, grad[idx], x_nat[idx], eps, value, lo, hi)
         x[idx] = part
 
 
 def apgd(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, steps: int, *,
          x_init: Optional[Tensor] = None, rho: float = 0.75, momentum: float = 0.75,
-         lo: float = 0.0, hi: float = 1.0, F: ModuleType = ops) -> AttackResult:
+         lo: float = 0.0, hi: float = 1.0, backend: OpsBackend = FUSED) -> AttackResult:
     """Auto-PGD (Croce & Hein 2020), L-inf, one run; the schedule of the AutoAttack code.
 
     Step size starts at ``2 eps`` per sample and is halved at checkpoints (the first after
@@ -198,7 +196,7 @@ def apgd(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, steps:
     for i in range(steps):
         a = momentum if i > 0 else 1.0
         z = x.clone()
-        _grouped_sign_step_(z, grad, x_nat, eps, step, lo, hi, F)
+        _grouped_sign_step_(z, grad, x_nat, eps, step, lo, hi, backend)
         x_new = x + a * (z - x) + (1 - a) * (x - x_old)
         project_(x_new, x_nat, eps, lo, hi)
         x_old, x = x, x_new
@@ -228,7 +226,7 @@ def apgd(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, steps:
 def apgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, steps: int = 100,
                 loss: str = "ce", restarts: int = 1, *, only_correct: bool = True,
                 lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
-                F: ModuleType = ops) -> AttackResult:
+                backend: OpsBackend = FUSED) -> AttackResult:
     """APGD with ``loss`` (``"ce"`` or ``"dlr"``) against any model function; worst case over
     ``restarts`` fused random starts. Returns a folded result (``x_adv [B, ...]``)."""
     check_attack_args(x_nat, target, eps, steps)
@@ -237,16 +235,16 @@ def apgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, steps
 
         def once(idx: Tensor, x0: Tensor) -> AttackResult:
             obj = model_objective(model, target[idx], loss)
-            return apgd(obj, x_nat[idx], target[idx], eps, steps, x_init=x0, lo=lo, hi=hi, F=F)
+            return apgd(obj, x_nat[idx], target[idx], eps, steps, x_init=x0, lo=lo, hi=hi, backend=backend)
 
         return run_restarts(once, x_nat, target, eps, restarts, initially_correct=start_ok,
-                            lo=lo, hi=hi, generator=generator, F=F)
+                            lo=lo, hi=hi, generator=generator, backend=backend)
 
 
 # ----- all adaptive attacks -----------------------------------------------------------------------
 def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
                      config: Optional[AdaptiveConfig] = None, *, seed: int = 0,
-                     only_correct: bool = True, unfused: bool = False, lo: float = 0.0,
+                     only_correct: bool = True, backend: Optional[OpsBackend] = None, lo: float = 0.0,
                      hi: float = 1.0) -> Dict[str, AttackResult]:
     """Run the adaptive attacks against a collaboration ``net`` (``x -> (logits, ppd_logit)``).
 
@@ -257,8 +255,8 @@ def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
     """
     cfg = (config or AdaptiveConfig()).validate()
     check_attack_args(x_nat, target, eps, cfg.steps)
-    F = backend(unfused)
-    hard = CollaborationLogits(net, "hard", score=cfg.score, unfused=unfused)
+    backend = backend if backend is not None else backend_of(net)
+    hard = CollaborationLogits(net, "hard", score=cfg.score, backend=backend)
     alpha = cfg.alpha_factor * eps
     out: Dict[str, AttackResult] = {}
     with eval_mode(net):
@@ -271,36 +269,36 @@ def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
                 obj = collaboration_objective(model, target[idx], mode, cfg.loss, cfg.push_weight,
                                               cfg.push_cap)
                 return sign_attack(obj, x_nat[idx], target[idx], eps, alpha, cfg.steps, x_init=x0,
-                                   lo=lo, hi=hi, F=F)
+                                   lo=lo, hi=hi, backend=backend)
             return run_restarts(once, x_nat, target, eps, cfg.restarts, copies=copies,
                                 initially_correct=start_ok, lo=lo, hi=hi,
-                                generator=derive_generator(seed, name, eps), F=F)
+                                generator=derive_generator(seed, name, eps), backend=backend)
 
         for name in cfg.attacks:
             if name == "soft":
                 for T in cfg.temperatures:
-                    soft = CollaborationLogits(net, "soft", T, cfg.score, unfused)
+                    soft = CollaborationLogits(net, "soft", T, cfg.score, backend)
                     out[f"soft(T={T:g})"] = sign_run(f"soft{T}", soft, "output", 1)
             elif name == "submodels":
                 out[name] = sign_run(name, hard, "submodel", M)
             elif name == "ppd-push":
-                relaxed = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, unfused)
+                relaxed = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, backend)
                 out[name] = sign_run(name, relaxed, "push", M)
             elif name == "bpda":
-                bpda = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, unfused)
+                bpda = CollaborationLogits(net, "bpda", cfg.bpda_temperature, cfg.score, backend)
                 out[name] = sign_run(name, bpda, "output", 1)
             else:  # apgd-ce / apgd-dlr
                 judge = hard if cfg.apgd_selection == "hard" else CollaborationLogits(
-                    net, cfg.apgd_selection, cfg.bpda_temperature, cfg.score, unfused)
+                    net, cfg.apgd_selection, cfg.bpda_temperature, cfg.score, backend)
                 loss = name.split("-", 1)[1]
 
                 def once(idx: Tensor, x0: Tensor, judge=judge, loss=loss) -> AttackResult:
                     obj = collaboration_objective(judge, target[idx], "output", loss)
                     return apgd(obj, x_nat[idx], target[idx], eps, cfg.apgd_steps, x_init=x0,
-                                lo=lo, hi=hi, F=F)
+                                lo=lo, hi=hi, backend=backend)
                 out[name] = run_restarts(once, x_nat, target, eps, cfg.apgd_restarts,
                                          initially_correct=start_ok, lo=lo, hi=hi,
-                                         generator=derive_generator(seed, name, eps), F=F)
+                                         generator=derive_generator(seed, name, eps), backend=backend)
     if out:
         out["worst"] = merge_worst(list(out.values()))
     return out

@@ -23,24 +23,22 @@ same start whichever other samples are still active.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import zlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from .. import ops
 from ..reference import draw_seed
+from ..runtime import FUSED, OpsBackend
 
 __all__ = [
     "Objective", "ModelFn", "LOSSES", "ce_loss", "cw_loss", "dlr_loss", "margin", "per_sample_loss",
     "AttackResult", "merge_worst", "update_best", "new_best", "sign_attack", "run_restarts",
-    "model_objective", "project_", "eval_mode", "flatten_copies", "check_attack_args",
+    "model_objective", "project_", "flatten_copies", "check_attack_args",
     "derive_generator",
 ]
 
@@ -97,22 +95,6 @@ def per_sample_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 # ----- helpers ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(model: object) -> Iterator[None]:
-    """Eval mode for every ``nn.Module`` reachable as ``model`` or ``model.net``/``model.model``,
-    restored afterwards (BatchNorm must use running statistics during an attack)."""
-    mods = [m for m in (model, getattr(model, "net", None), getattr(model, "model", None))
-            if isinstance(m, nn.Module)]
-    states = [m.training for m in mods]
-    for m in mods:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, states):
-            m.train(s)
-
-
 def flatten_copies(x: Tensor) -> Tensor:
     """``[G, B, ...] -> [G*B, ...]`` (a view when possible)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
@@ -242,7 +224,7 @@ def update_best(best: AttackResult, x: Tensor, logits: Tensor, target: Tensor) -
 def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                 steps: int, *, x_init: Optional[Tensor] = None, copies: int = 1,
                 momentum: Optional[float] = None, lo: float = 0.0, hi: float = 1.0,
-                F: ModuleType = ops) -> AttackResult:
+                track_worst: bool = True, backend: OpsBackend = FUSED) -> AttackResult:
     """Projected sign-gradient ascent on ``objective`` in the L-inf ``eps``-ball around ``x_nat``.
 
     Each step: one forward + backward of ``objective`` on all ``G*B`` candidates and one fused
@@ -256,10 +238,13 @@ def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float,
         copies: ``G`` when ``x_init`` is not given.
         momentum: ``mu`` of MI-FGSM (Dong et al. 2018): the step follows the sign of
             ``g <- mu * g + grad / mean|grad|`` (per sample L1 normalisation); ``None``: plain PGD.
-        F: operator module (fused :mod:`cda2_ext.ops` or :mod:`cda2_ext.reference`).
+        track_worst: keep the per-sample worst case over all iterates (evaluation). ``False``
+            returns the last iterate and skips the forward pass at the final point: what
+            training PGD wants (Algorithm 1 trains on the last iterate).
+        backend: the operator module (:data:`~cda2_ext.runtime.FUSED` or ``REFERENCE``).
 
     Returns:
-        With an evaluated model: the per-copy worst case over *all* iterates (start and final
+        With ``track_worst`` and an evaluated model: the per-copy worst case over *all* iterates (start and final
         point included). Without one: the final iterate, ``margin``/``correct`` ``None``.
     """
     x_nat = x_nat.detach()
@@ -272,7 +257,7 @@ def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float,
         x = x_init.detach().clone()
     best: Optional[AttackResult] = None
     g_acc: Optional[Tensor] = None
-    for step in range(steps + 1):
+    for step in range(steps + 1 if track_worst else steps):
         last = step == steps
         with torch.enable_grad() if not last else torch.no_grad():
             if not last:
@@ -280,7 +265,7 @@ def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float,
             loss, logits = objective(x)
             grad = None if last else torch.autograd.grad(loss.sum(), x)[0]
         x = x.detach()
-        if logits is not None:
+        if logits is not None and track_worst:
             if best is None:
                 best = new_best(x)
             update_best(best, x, logits, target)
@@ -291,7 +276,7 @@ def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float,
             grad = grad / norm.view(*norm.shape, *([1] * (grad.dim() - 2)))
             g_acc = grad if g_acc is None else g_acc.mul_(momentum).add_(grad)
             grad = g_acc
-        F.pgd_sign_step_(x, grad, x_nat, eps, alpha, lo, hi)
+        backend.pgd_sign_step_(x, grad, x_nat, eps, alpha, lo, hi)
     if best is None:
         return AttackResult(x)
     return best
@@ -301,7 +286,7 @@ def run_restarts(attack_once: Callable[[Tensor, Tensor], AttackResult], x_nat: T
                  target: Tensor, eps: float, restarts: int, *, random_start: bool = True,
                  copies: int = 1, initially_correct: Optional[Tensor] = None, lo: float = 0.0,
                  hi: float = 1.0, generator: Optional[torch.Generator] = None,
-                 F: ModuleType = ops) -> AttackResult:
+                 backend: OpsBackend = FUSED) -> AttackResult:
     """Sequential restarts, each on the samples not broken yet; returns the folded worst case.
 
     Args:
@@ -330,7 +315,7 @@ def run_restarts(attack_once: Callable[[Tensor, Tensor], AttackResult], x_nat: T
         if active.numel() == 0:
             continue
         if random_start and eps > 0:
-            x0 = F.pgd_random_start(x_nat, eps, lo, hi, num_models=copies, seed=seed)[:, active]
+            x0 = backend.pgd_random_start(x_nat, eps, lo, hi, num_models=copies, seed=seed)[:, active]
         else:
             x0 = x_nat[active].unsqueeze(0).expand(copies, -1, *x_nat.shape[1:]).clone()
         res = attack_once(active, x0)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from .engine import ModelFn, check_attack_args, eval_mode, margin
+from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from .engine import ModelFn, check_attack_args, margin
 
 __all__ = ["SquareResult", "QueryCounter", "square_p_schedule", "square_attack"]
 
@@ -75,7 +74,7 @@ def square_p_schedule(p_init: float, it: int, n_queries: int) -> float:
 @torch.no_grad()
 def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_queries: int = 5000,
                   *, p_init: float = 0.8, lo: float = 0.0, hi: float = 1.0,
-                  generator: Optional[torch.Generator] = None, F: ModuleType = ops) -> SquareResult:
+                  generator: Optional[torch.Generator] = None, backend: OpsBackend = FUSED) -> SquareResult:
     """Untargeted L-inf Square attack with a budget of ``n_queries`` model calls per sample.
 
     Args:
@@ -110,7 +109,7 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
         if idx.numel() and n_queries > 1 and eps > 0:
             stripes = rand_sign(idx.numel(), C, 1, W).expand(-1, C, H, W)
             x0 = x_nat[idx].clone()
-            F.pgd_sign_step_(x0, stripes.contiguous(), x_nat[idx], eps, eps, lo, hi)
+            backend.pgd_sign_step_(x0, stripes.contiguous(), x_nat[idx], eps, eps, lo, hi)
             m0 = ask(idx, x0)
             x_best[idx], m_best[idx] = x0, m0
         n_feat = C * H * W
@@ -134,7 +133,7 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
             signs = rand_sign(n, C, 1, 1)
             for _ in range(10):
                 cand = xb.clone()
-                F.pgd_sign_step_(cand, win * signs, xn, eps, 2 * eps, lo, hi)
+                backend.pgd_sign_step_(cand, win * signs, xn, eps, 2 * eps, lo, hi)
                 same = ((cand - xb).abs() * win).flatten(1).amax(1) < 1e-7
                 if not same.any():
                     break

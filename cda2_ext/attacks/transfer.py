@@ -30,15 +30,14 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from .. import ops
-from .engine import (ModelFn, check_attack_args, cw_loss, derive_generator, eval_mode,
+from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from .engine import (ModelFn, check_attack_args, cw_loss, derive_generator, 
                      model_objective, per_sample_loss, sign_attack)
 from .whitebox import predict_correct
 
@@ -193,7 +192,7 @@ def _loss_fn(loss: str, kappa: float):
 def transfer_attack(surrogate: ModelFn, x_nat: Tensor, target: Tensor, eps: float, method: str,
                     loss: str = "ce", config: Optional[TransferConfig] = None, *,
                     generator: Optional[torch.Generator] = None, lo: float = 0.0, hi: float = 1.0,
-                    F: ModuleType = ops) -> Tensor:
+                    backend: OpsBackend = FUSED) -> Tensor:
     """One transfer method against ``surrogate``; returns ``[V, B, C, H, W]`` variants
     (``V = mi_restarts`` for ``mi-pgd``, else 1). Final iterates: nothing of the target is used."""
     cfg = (config or TransferConfig()).validate()
@@ -208,12 +207,12 @@ def transfer_attack(surrogate: ModelFn, x_nat: Tensor, target: Tensor, eps: floa
     obj = model_objective(surrogate, target, fn, transform=transform, evaluate=False)
     x_init = None
     if method == "mi-pgd" and eps > 0:  # PGD with momentum starts at random points
-        x_init = F.pgd_random_start(x_nat, eps, lo, hi, num_models=cfg.mi_restarts, generator=generator)
+        x_init = backend.pgd_random_start(x_nat, eps, lo, hi, num_models=cfg.mi_restarts, generator=generator)
     momentum = cfg.momentum if method in ("mi-pgd", "m-di2-fgsm") else None
     ctx = skip_gradient(surrogate, cfg.sgm_gamma) if method == "sgm" else contextlib.nullcontext()
     with eval_mode(surrogate), ctx:
         return sign_attack(obj, x_nat, target, eps, alpha, cfg.steps, x_init=x_init,
-                           momentum=momentum, lo=lo, hi=hi, F=F).x_adv
+                           momentum=momentum, lo=lo, hi=hi, backend=backend).x_adv
 
 
 @dataclass
@@ -282,7 +281,7 @@ class TransferSet:
 def generate_transfer_set(surrogates: Mapping[str, ModelFn], x_nat: Tensor, target: Tensor,
                           eps: float, config: Optional[TransferConfig] = None, *, seed: int = 0,
                           indices: Optional[Tensor] = None, lo: float = 0.0, hi: float = 1.0,
-                          F: ModuleType = ops, extra_config: Optional[Dict[str, Any]] = None
+                          backend: OpsBackend = FUSED, extra_config: Optional[Dict[str, Any]] = None
                           ) -> TransferSet:
     """All variants (surrogate x loss x method [x start]) for ``x_nat``.
 
@@ -298,7 +297,7 @@ def generate_transfer_set(surrogates: Mapping[str, ModelFn], x_nat: Tensor, targ
             for method in cfg.methods:
                 g = derive_generator(seed, "transfer", sname, loss, method, eps)
                 v = transfer_attack(surrogate, x_nat, target, eps, method, loss, cfg, generator=g,
-                                    lo=lo, hi=hi, F=F)
+                                    lo=lo, hi=hi, backend=backend)
                 xs.append(v)
                 names += ([f"{sname}/{loss}/{method}#{r}" for r in range(v.shape[0])]
                           if method == "mi-pgd" else [f"{sname}/{loss}/{method}"])

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from types import ModuleType
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ..models.collaboration import backend, selection_score
-from .engine import (AttackResult, ModelFn, check_attack_args, eval_mode, model_objective,
+from ..models.collaboration import selection_score
+from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from .engine import (AttackResult, ModelFn, check_attack_args, model_objective,
                      run_restarts, sign_attack)
 
 __all__ = ["SELECTIONS", "ppd_gradients", "CollaborationLogits", "EnsembleLogits", "SubModelLogits",
@@ -74,23 +73,20 @@ class CollaborationLogits(nn.Module):
         selection: ``"hard"`` | ``"soft"`` | ``"bpda"`` (see the module docstring).
         temperature: of the softmax over selection scores (``soft``/``bpda``).
         score: Algorithm 2's selection score, ``"ppd"`` (paper) or ``"soe"``.
-        unfused: use :mod:`cda2_ext.reference` instead of the fused ops.
+        backend: the operator module of the selection; default: the one ``net`` was built with.
 
     :meth:`outputs` returns ``(attack_logits, hard_logits, logits, score)`` from one forward pass,
     so attacks can differentiate the relaxed output while judging the real one.
     """
 
     def __init__(self, net: nn.Module, selection: str = "hard", temperature: float = 1.0,
-                 score: str = "ppd", unfused: bool = False) -> None:
+                 score: str = "ppd", backend: Optional[OpsBackend] = None) -> None:
         super().__init__()
         if selection not in SELECTIONS:
             raise ValueError(f"selection: expected one of {SELECTIONS}, got {selection!r}")
         self.net, self.selection, self.temperature = net, selection, float(temperature)
-        self.score, self.unfused = score, unfused
-
-    @property
-    def F(self) -> ModuleType:
-        return backend(self.unfused)
+        self.score = score
+        self.backend = backend if backend is not None else backend_of(net)
 
     def outputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(attack_logits [N, K], hard_logits [N, K], logits [M, N, K], score [M, N])``."""
@@ -98,7 +94,7 @@ class CollaborationLogits(nn.Module):
         with ctx:
             logits, ppd = self.net(x)
         s = selection_score(logits, ppd, self.score)
-        _, hard = self.F.collaborative_select(s.detach().to(logits.dtype), logits)
+        _, hard = self.backend.collaborative_select(s.detach().to(logits.dtype), logits)
         if self.selection == "hard":
             return hard, hard, logits, s
         w = _soft_weights(s, self.temperature)
@@ -139,15 +135,16 @@ class SubModelLogits(nn.Module):
 
 
 def as_model_fn(model: Any, mode: str = "collaboration", score: str = "ppd",
-                unfused: bool = False) -> ModelFn:
+                backend: Optional[OpsBackend] = None) -> ModelFn:
     """A model function for ``model``: a collaboration-like module (returns a tuple) is wrapped
     as ``mode`` = ``"collaboration"`` (hard selection) | ``"ensemble"``; anything else is returned
-    unchanged (it must already map images to logits)."""
+    unchanged (it must already map images to logits). ``backend``: of the selection (default:
+    the model's own)."""
     wrapped = isinstance(model, (CollaborationLogits, EnsembleLogits, SubModelLogits))
     if wrapped or not (isinstance(model, nn.Module) and hasattr(model, "num_models")):
         return model
     if mode == "collaboration":
-        return CollaborationLogits(model, "hard", score=score, unfused=unfused)
+        return CollaborationLogits(model, "hard", score=score, backend=backend)
     if mode == "ensemble":
         return EnsembleLogits(model)
     raise ValueError(f"mode: expected 'collaboration' or 'ensemble', got {mode!r}")
@@ -183,7 +180,7 @@ class PGDConfig:
 def pgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float,
                config: Optional[PGDConfig] = None, *, only_correct: bool = True,
                lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
-               F: ModuleType = ops) -> AttackResult:
+               backend: OpsBackend = FUSED) -> AttackResult:
     """L-inf PGD with restarts against a model function; per-sample worst case.
 
     Args:
@@ -205,7 +202,7 @@ def pgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float,
         def once(idx: Tensor, x0: Tensor) -> AttackResult:
             obj = model_objective(model, target[idx], cfg.loss)
             return sign_attack(obj, x_nat[idx], target[idx], eps, alpha, cfg.steps, x_init=x0,
-                               lo=lo, hi=hi, F=F)
+                               lo=lo, hi=hi, backend=backend)
 
         return run_restarts(once, x_nat, target, eps, cfg.restarts, random_start=cfg.random_start,
-                            initially_correct=start_ok, lo=lo, hi=hi, generator=generator, F=F)
+                            initially_correct=start_ok, lo=lo, hi=hi, generator=generator, backend=backend)

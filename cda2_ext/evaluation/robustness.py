@@ -39,7 +39,7 @@ from ..attacks.transfer import (TransferConfig, TransferSet, all_variants_correc
                                 generate_transfer_set, transfer_correct)
 from ..attacks.whitebox import PGDConfig, as_model_fn, pgd_attack, predict_correct
 from ..data import to_float
-from ..models.collaboration import backend
+from ..runtime import ops_backend
 
 __all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "EvalReport", "select_subset",
            "evaluate_robustness"]
@@ -269,14 +269,14 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
     cfg = (config or EvalConfig()).validate()
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    F = backend(cfg.unfused)
+    backend = ops_backend(fused=not cfg.unfused)
     idx = select_subset(int(labels.shape[0]), cfg.n_samples, cfg.seed)
     x_all = to_float(images[idx]).to(dev)
     y_all = labels[idx].to(dev)
     n = int(y_all.shape[0])
     batches = [(i, slice(i, min(i + cfg.batch_size, n))) for i in range(0, n, cfg.batch_size)]
     report = EvalReport(cfg.to_dict(), idx.tolist())
-    targets = {name: as_model_fn(m, "collaboration", cfg.score, cfg.unfused) for name, m in models.items()}
+    targets = {name: as_model_fn(m, "collaboration", cfg.score, backend) for name, m in models.items()}
     for m in models.values():
         if isinstance(m, nn.Module):
             m.to(dev).eval()
@@ -324,7 +324,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                     oks = []
                     for b, s in batches:
                         r = pgd_attack(target, x_all[s], y_all[s], eps, cfg.pgd,
-                                       generator=derive_generator(cfg.seed, "pgd", eps, b), F=F)
+                                       generator=derive_generator(cfg.seed, "pgd", eps, b), backend=backend)
                         oks.append(r.correct.cpu())
                         bar.step(f"{name} pgd eps={eps:g}")
                     put(name, pgd_row, eps, torch.cat(oks))
@@ -336,7 +336,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                         if _is_collaboration(net):
                             seed_b = derive_generator(cfg.seed, "adaptive", b).initial_seed()
                             res = adaptive_attacks(net, x_all[s], y_all[s], eps, cfg.adaptive,
-                                                   seed=int(seed_b), unfused=cfg.unfused)
+                                                   seed=int(seed_b), backend=backend)
                         else:
                             res = {}
                             for loss in ("ce", "dlr"):
@@ -344,7 +344,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                                     res[f"apgd-{loss}"] = apgd_attack(
                                         target, x_all[s], y_all[s], eps, cfg.adaptive.apgd_steps, loss,
                                         cfg.adaptive.apgd_restarts,
-                                        generator=derive_generator(cfg.seed, f"apgd-{loss}", eps, b), F=F)
+                                        generator=derive_generator(cfg.seed, f"apgd-{loss}", eps, b), backend=backend)
                             if res:
                                 res["worst"] = merge_worst(list(res.values()))
                         for k, r in res.items():
@@ -367,7 +367,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                         pieces.append(generate_transfer_set(
                             surrogates, x_all[s], y_all[s], eps, cfg.transfer,
                             seed=int(derive_generator(cfg.seed, "transfer", b).initial_seed()),
-                            indices=idx[s], F=F, extra_config={"eval_seed": cfg.seed}))
+                            indices=idx[s], backend=backend, extra_config={"eval_seed": cfg.seed}))
                         for _ in surrogates:
                             bar.step(f"transfer eps={eps:g}")
                     tset = TransferSet.concat(pieces)
@@ -384,10 +384,10 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                             v: round(corr[i].float().mean().item(), 4) for i, v in enumerate(tset.names)}
                 timed("transfer", time.perf_counter() - t0)
             if eps in sq_eps:
-                _square(report, cfg, targets, x_all, y_all, batches, eps, put, details, bar, timed, F)
+                _square(report, cfg, targets, x_all, y_all, batches, eps, put, details, bar, timed, backend)
         for eps in sq_eps:
             if eps not in cfg.eps:
-                _square(report, cfg, targets, x_all, y_all, batches, eps, put, details, bar, timed, F)
+                _square(report, cfg, targets, x_all, y_all, batches, eps, put, details, bar, timed, backend)
         sanity: Dict[str, float] = {}
         if cfg.sanity_eps:
             t0 = time.perf_counter()
@@ -397,7 +397,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
                 oks = []
                 for b, s in batches:
                     r = pgd_attack(target, x_all[s], y_all[s], cfg.sanity_eps, scfg,
-                                   generator=derive_generator(cfg.seed, "sanity", b), F=F)
+                                   generator=derive_generator(cfg.seed, "sanity", b), backend=backend)
                     oks.append(r.correct.cpu())
                     bar.step(f"{name} sanity eps={cfg.sanity_eps:g}")
                 sanity[name] = (torch.cat(oks) & clean_ok[name]).float().mean().item()
@@ -429,7 +429,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
 
 def _square(report: EvalReport, cfg: EvalConfig, targets: Mapping[str, Any], x_all: Tensor,
             y_all: Tensor, batches: Sequence[Tuple[int, slice]], eps: float, put: Callable,
-            details: Dict[str, Any], bar: _Progress, timed: Callable, F: Any) -> None:
+            details: Dict[str, Any], bar: _Progress, timed: Callable, backend: Any) -> None:
     row = f"Square-{cfg.square_queries}"
     t0 = time.perf_counter()
     for name, target in targets.items():
@@ -437,7 +437,7 @@ def _square(report: EvalReport, cfg: EvalConfig, targets: Mapping[str, Any], x_a
         for b, s in batches:
             r = square_attack(target, x_all[s], y_all[s], eps, cfg.square_queries,
                               p_init=cfg.square_p_init,
-                              generator=derive_generator(cfg.seed, "square", eps, b), F=F)
+                              generator=derive_generator(cfg.seed, "square", eps, b), backend=backend)
             oks.append(r.correct.cpu())
             qs.append(r.queries.cpu())
             oob.append(r.out_of_budget.cpu())

@@ -16,32 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference
+from ..runtime import FUSED, OpsBackend, ops_backend
 from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,
                      PackedResNetTrunk, valid_depth)
 
 __all__ = [
-    "ARCHS", "SCORES", "CollaborationConfig", "Collaboration", "Predictions", "backend",
+    "ARCHS", "SCORES", "CollaborationConfig", "Collaboration", "Predictions",
     "selection_score", "collaborate", "ensemble_probs", "majority_vote", "predict_from_outputs",
 ]
 
 ARCHS = ("resnet", "linear")
 SCORES = ("ppd", "soe")
-
-
-def backend(unfused: bool = False) -> ModuleType:
-    """The operator module: :mod:`cda2_ext.ops` (fused, default) or :mod:`cda2_ext.reference`.
-
-    The single place where the fused/unfused choice is made; both modules expose the same
-    functions with the same signatures.
-    """
-    return reference if unfused else ops
 
 
 @dataclass
@@ -134,7 +124,7 @@ def selection_score(logits: Tensor, ppd_logit: Tensor, score: str = "ppd") -> Te
 
 
 def collaborate(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
-                unfused: bool = False) -> Tuple[Tensor, Tensor]:
+                backend: OpsBackend = FUSED) -> Tuple[Tensor, Tensor]:
     """Algorithm 2 on precomputed outputs: ``(index [B], chosen_logits [B, K])``.
 
     Gradients flow into the chosen sub-model's logits (so PGD can attack the collaboration).
@@ -142,7 +132,7 @@ def collaborate(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
     s = selection_score(logits, ppd_logit, score)
     if s.dtype != logits.dtype:  # the fused op wants one dtype; the score carries no gradient
         s = s.to(logits.dtype)
-    return backend(unfused).collaborative_select(s, logits)
+    return backend.collaborative_select(s, logits)
 
 
 def ensemble_probs(logits: Tensor) -> Tensor:
@@ -165,9 +155,9 @@ def majority_vote(logits: Tensor) -> Tensor:
 
 @torch.no_grad()
 def predict_from_outputs(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
-                         unfused: bool = False) -> Predictions:
+                         backend: OpsBackend = FUSED) -> Predictions:
     """All hard predictions from one forward pass's ``(logits, ppd_logit)``."""
-    index, chosen = collaborate(logits, ppd_logit, score, unfused)
+    index, chosen = collaborate(logits, ppd_logit, score, backend)
     return Predictions(chosen.argmax(-1), index, ensemble_probs(logits).argmax(-1),
                        majority_vote(logits), logits.argmax(-1))
 
@@ -179,16 +169,19 @@ class Collaboration(nn.Module):
     variant per sub-model; ``input`` is ``(C, H, W)`` for images, ``(F,)`` for vectors) returns
     ``(logits [M, B, K], ppd_logit [M, B])``. Image inputs are in [0, 1]; normalisation is inside.
 
-    Attributes:
-        unfused: run selection through :mod:`cda2_ext.reference` instead of the fused ops
-            (a runtime switch, not part of the config; the math is the same).
+    Args:
+        config: the architecture (stored beside checkpoints); ``overrides`` replace its fields.
+        fused: run Algorithm 2's selection with the fused kernels (default) or, ``False``, their
+            plain-PyTorch twins. How to compute, not what: it is not part of the config, and
+            the math is the same. Read back as :attr:`backend`.
     """
 
-    def __init__(self, config: Optional[CollaborationConfig] = None, **overrides: Any) -> None:
+    def __init__(self, config: Optional[CollaborationConfig] = None, *, fused: bool = True,
+                 **overrides: Any) -> None:
         super().__init__()
         cfg = dataclasses.replace(config or CollaborationConfig(), **overrides).validate()
         self.config = cfg
-        self.unfused = False
+        self._backend = ops_backend(fused)
         if cfg.arch == "resnet":
             trunk: nn.Module = PackedResNetTrunk(cfg.num_models, cfg.depth, cfg.in_channels)
             self.input_dims = 3
@@ -199,15 +192,21 @@ class Collaboration(nn.Module):
         self.net = DualHeadNet(trunk, cfg.num_classes, cfg.ppd_input, cfg.detach_ppd, mean, std)
 
     @classmethod
-    def from_config(cls, config: CollaborationConfig | Dict[str, Any]) -> "Collaboration":
+    def from_config(cls, config: CollaborationConfig | Dict[str, Any], *,
+                    fused: bool = True) -> "Collaboration":
         """Build from a :class:`CollaborationConfig` or its ``to_dict()`` (e.g. checkpoint JSON)."""
         if isinstance(config, dict):
             config = CollaborationConfig.from_dict(config)
-        return cls(config)
+        return cls(config, fused=fused)
 
     @property
     def num_models(self) -> int:
         return self.config.num_models
+
+    @property
+    def backend(self) -> OpsBackend:
+        """The operator module Algorithm 2 runs on (fixed at construction)."""
+        return self._backend
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         d = x.dim() - self.input_dims
@@ -219,7 +218,7 @@ class Collaboration(nn.Module):
     def collaborate(self, x: Tensor, score: str = "ppd") -> Tuple[Tensor, Tensor]:
         """Algorithm 2: ``(index [B], chosen_logits [B, K])``; differentiable w.r.t. ``x``."""
         logits, ppd = self(x)
-        return collaborate(logits, ppd, score, self.unfused)
+        return collaborate(logits, ppd, score, self.backend)
 
     def ensemble(self, x: Tensor, method: str = "mean") -> Tensor:
         """``"mean"``: averaged probabilities ``[B, K]``; ``"vote"``: Eq. 1 labels ``[B]``."""
@@ -234,4 +233,4 @@ class Collaboration(nn.Module):
     def predict(self, x: Tensor, score: str = "ppd") -> Predictions:
         """Hard predictions of the collaboration, the ensemble (both rules) and each sub-model."""
         logits, ppd = self(x)
-        return predict_from_outputs(logits, ppd, score, self.unfused)
+        return predict_from_outputs(logits, ppd, score, self.backend)

@@ -34,16 +34,14 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
+from ..errors import ConfigError
 
-__all__ = ["ConfigError", "TrainConfig", "PHASES", "SCHEDULES", "DATASETS"]
+__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS"]
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "synthetic")
 
-
-class ConfigError(ValueError):
-    """An option has an unusable value; the message is one line naming the option."""
 
 
 @dataclass

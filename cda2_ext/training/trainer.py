@@ -31,29 +31,21 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ..attacks.pgd import collaboration_pgd, eval_mode, per_model_pgd
+from ..attacks.training import collaboration_pgd, per_model_pgd
+from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, save_checkpoint
 from ..data import ImageSet, load_images, random_crop_flip, to_float
-from ..models.collaboration import Collaboration, backend, collaborate
-from .checkpoint import atomic_write, checkpoint_files, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .evaluate import evaluate_clean
+from ..errors import ConfigError
+from ..evaluation.clean import evaluate_clean
+from ..models.collaboration import Collaboration, collaborate
+from ..runtime import eval_mode, resolve_device
+from .config import TrainConfig
 
-__all__ = ["Trainer", "resolve_device", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "RESUMABLE_CHANGES"]
 
 # Options that may differ between the run that wrote a checkpoint and the run resuming it: they
 # change where/how fast/how long the run goes, not the training trajectory.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_every",
                                "eval_batch_size", "data_dir", "out_dir"})
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: CUDA is not available on this machine, got {name!r}")
-    return dev
 
 
 class _PhaseStats:
@@ -98,7 +90,6 @@ class Trainer:
                  log: Optional[Callable[[str], None]] = lambda s: print(s, file=sys.stderr)) -> None:
         self.config = cfg = config.validate()
         self.device = resolve_device(cfg.device)
-        self.F = backend(cfg.unfused)
         self.log = log or (lambda s: None)
         if train_set is None:
             train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed)
@@ -108,8 +99,8 @@ class Trainer:
         self.test_set = test_set.subset(cfg.test_limit) if test_set is not None else None
 
         torch.manual_seed(cfg.seed)
-        self.model = Collaboration(cfg.model_config()).to(self.device)
-        self.model.unfused = cfg.unfused
+        self.model = Collaboration(cfg.model_config(), fused=not cfg.unfused).to(self.device)
+        self.backend = self.model.backend
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -118,15 +109,15 @@ class Trainer:
 
     # ----- one optimisation step ---------------------------------------------------------------
     def _update(self, logits: Tensor, ppd: Tensor, y: Tensor, stats: _PhaseStats) -> Tensor:
-        cfg, F = self.config, self.F
-        out = F.collaboration_loss(logits, y, cfg.sigma)
-        bce = F.ppd_bce(ppd, out.p_true)
+        cfg, backend = self.config, self.backend
+        out = backend.collaboration_loss(logits, y, cfg.sigma)
+        bce = backend.ppd_bce(ppd, out.p_true)
         loss = out.loss + cfg.bce_weight * bce
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            index, chosen = collaborate(logits.detach(), ppd.detach(), "ppd", cfg.unfused)
+            index, chosen = collaborate(logits.detach(), ppd.detach(), "ppd", backend)
         stats.add(out, bce, index, chosen, y)
         return loss.detach()  # a tensor: no device sync per step
 
@@ -139,7 +130,7 @@ class Trainer:
         """
         cfg, model, M = self.config, self.model, self.model.num_models
         stats = stats if stats is not None else self._new_stats()
-        atk = dict(random_start=cfg.random_start, generator=self.generator, F=self.F)
+        atk = dict(random_start=cfg.random_start, generator=self.generator, backend=self.backend)
         model.train()
         losses: Dict[str, Tensor] = {}
         if cfg.phases in ("natural", "both"):
@@ -157,7 +148,7 @@ class Trainer:
         else:  # clean accuracy of the collaboration on this batch, as it will be evaluated
             with torch.no_grad(), eval_mode(model):
                 logits, ppd = model(x)
-                _, chosen = collaborate(logits, ppd, "ppd", cfg.unfused)
+                _, chosen = collaborate(logits, ppd, "ppd", self.backend)
                 stats["clean"].correct += (chosen.argmax(-1) == y).sum()
                 stats["clean"].n += y.shape[0]
         return losses

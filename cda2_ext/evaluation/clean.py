@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..data import to_float
 from ..models.collaboration import Collaboration, predict_from_outputs
+from ..runtime import eval_mode
 
 __all__ = ["evaluate_clean"]
 
@@ -29,19 +30,17 @@ def evaluate_clean(model: Collaboration, images: Tensor, labels: Tensor, batch_s
         Proposition 1) and ``selected`` is how often each sub-model answers.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     M = model.num_models
     n = int(labels.shape[0])
     hits = {"collaboration": 0, "ensemble": 0, "vote": 0, "oracle": 0}
     sub_hits = torch.zeros(M, dtype=torch.int64)
     chosen = torch.zeros(M, dtype=torch.int64)
-    try:
+    with eval_mode(model):
         for i in range(0, n, batch_size):
             x = to_float(images[i:i + batch_size].to(device))
             y = labels[i:i + batch_size].to(device)
             logits, ppd = model(x)
-            p = predict_from_outputs(logits, ppd, score, model.unfused)
+            p = predict_from_outputs(logits, ppd, score, model.backend)
             hits["collaboration"] += int((p.collaboration == y).sum())
             hits["ensemble"] += int((p.ensemble == y).sum())
             hits["vote"] += int((p.vote == y).sum())
@@ -49,8 +48,6 @@ def evaluate_clean(model: Collaboration, images: Tensor, labels: Tensor, batch_s
             hits["oracle"] += int(correct.any(0).sum())
             sub_hits += correct.sum(1).cpu()
             chosen += torch.bincount(p.selected, minlength=M).cpu()
-    finally:
-        model.train(was_training)
     denom = max(n, 1)
     out: Dict[str, Any] = {"n": n, "score": score}
     out.update({k: v / denom for k, v in hits.items()})

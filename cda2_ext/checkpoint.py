@@ -19,16 +19,15 @@ from typing import Any, Dict, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "FORMAT", "CHECKPOINT_NAME", "checkpoint_files", "atomic_write",
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "CHECKPOINT_NAME", "checkpoint_files", "atomic_write",
            "save_checkpoint", "load_checkpoint", "load_collaboration"]
 
 FORMAT = "cda2-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint"
 PathLike = Union[str, os.PathLike]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or not a cda2 checkpoint."""
 
 
 def checkpoint_files(path: PathLike) -> Tuple[Path, Path]:
@@ -94,16 +93,18 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu"
     return tensors, meta
 
 
-def load_collaboration(path: PathLike, device: Union[str, torch.device] = "cpu"):
+def load_collaboration(path: PathLike, device: Union[str, torch.device] = "cpu", *,
+                       fused: bool = True):
     """Rebuild the :class:`~cda2_ext.models.Collaboration` of a checkpoint (eval mode).
 
-    Returns ``(model, meta)``.
+    ``fused`` chooses the operator backend of the rebuilt model (see
+    :class:`~cda2_ext.models.Collaboration`). Returns ``(model, meta)``.
     """
-    from ..models.collaboration import Collaboration
+    from .models.collaboration import Collaboration
 
     tensors, meta = load_checkpoint(path, device)
     try:
-        model = Collaboration.from_config(meta["model"])
+        model = Collaboration.from_config(meta["model"], fused=fused)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has no usable model config: {err}") from None
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

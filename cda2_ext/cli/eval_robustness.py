@@ -1,7 +1,7 @@
 """``cda2 eval``: robustness of trained collaborations under white-box, adaptive, transfer and
 query attacks (Section 4.3-4.4 of the paper), as a table, CSV/JSON and a plot.
 
-Register with :func:`register_eval` (append it to ``cda2_ext.cli.COMMANDS``). Example, the paper's
+Example, the paper's
 protocol on 1000 test images::
 
     cda2 eval --checkpoint runs/cda2 --attack all --surrogate runs/base3 runs/base5 runs/base8 \\
@@ -20,14 +20,20 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["register_eval", "run_eval_cmd"]
+from ..attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig
+from ..attacks.transfer import TransferConfig, TransferSet
+from ..attacks.whitebox import EnsembleLogits, PGDConfig
+from ..checkpoint import load_collaboration
+from ..data import load_images
+from ..errors import CLIError
+from ..evaluation.robustness import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, evaluate_robustness
+from ..runtime import resolve_device
+
+__all__ = ["register", "run"]
 
 
-def register_eval(sub: argparse._SubParsersAction) -> None:
-    """Add the ``eval`` subcommand to the ``cda2`` parser."""
-    from ..attacks.adaptive import ADAPTIVE_ATTACKS
-    from .robustness import ATTACK_GROUPS, DEFAULT_EPS
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``cda2 eval``."""
     p = sub.add_parser(
         "eval", help="robust accuracy under PGD, adaptive, transfer and Square attacks",
         description="Evaluate checkpoints on a seeded random subset of the test set: clean accuracy "
@@ -80,7 +86,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png")
-    p.set_defaults(func=run_eval_cmd)
+    p.set_defaults(func=run)
 
 
 def _names(paths: List[str]) -> List[str]:
@@ -96,16 +102,8 @@ def _names(paths: List[str]) -> List[str]:
     return out
 
 
-def run_eval_cmd(args: argparse.Namespace) -> int:
-    from ..attacks.adaptive import AdaptiveConfig
-    from ..attacks.transfer import TransferConfig, TransferSet
-    from ..attacks.whitebox import EnsembleLogits, PGDConfig
-    from ..cli import CLIError
-    from ..data import load_images
-    from ..training.checkpoint import load_collaboration
-    from ..training.trainer import resolve_device
-    from .robustness import ATTACK_GROUPS, EvalConfig, evaluate_robustness
-
+def run(args: argparse.Namespace) -> int:
+    """``cda2 eval``: evaluate, print the table and checks, write JSON/CSV/PNG."""
     attacks = ATTACK_GROUPS if "all" in args.attack else tuple(dict.fromkeys(args.attack))
     for flag, v, lo in (("n-samples", args.n_samples, 1), ("batch-size", args.batch_size, 1),
                         ("steps", args.steps, 0), ("restarts", args.restarts, 1),
@@ -136,14 +134,13 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     models: Dict[str, Any] = {}
     metas = []
     for name, path in zip(_names(args.checkpoint), args.checkpoint):
-        model, meta = load_collaboration(path, device)
-        model.unfused = args.unfused
+        model, meta = load_collaboration(path, device, fused=not args.unfused)
         models[name] = model
         metas.append(meta.get("config", {}))
     surrogates: Dict[str, Any] = {}
     surrogate_paths: Dict[str, str] = {}
     for name, path in zip(_names(args.surrogate), args.surrogate):
-        net, _ = load_collaboration(path, device)
+        net, _ = load_collaboration(path, device, fused=not args.unfused)
         surrogates[f"S:{name}"] = EnsembleLogits(net)
         surrogate_paths[f"S:{name}"] = str(path)
     tsets = {}

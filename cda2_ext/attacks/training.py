@@ -1,0 +1,90 @@
+"""The PGD of Algorithm 1 (training), as two objectives for the one sign-step loop.
+
+Both attacks are :func:`~cda2_ext.attacks.engine.sign_attack` (the loop that evaluation uses too)
+with ``track_worst=False`` - training follows the paper and trains on the last iterate - and a
+fused random start drawn from the trainer's generator:
+
+* :func:`per_model_pgd` - ``x_adv [M, B, C, H, W]``, variant ``m`` fed to sub-model ``m`` only and
+  scored by ``m``'s cross-entropy (:func:`per_model_objective`). Sub-model ``m``'s output depends
+  on ``x_adv[m]`` alone, so the gradient of the summed losses w.r.t. ``x_adv[m]`` is exactly
+  ``m``'s own gradient: the M attacks of Alg. 1 lines 3-4 advance together, one forward, one
+  backward and one fused sign step over ``[M, B, ...]`` per step. The M variants are the
+  engine's copy axis ``G``.
+* :func:`collaboration_pgd` - the cross-entropy of the sub-model the collaboration selects
+  (Algorithm 2) on a shared ``x_adv [B, C, H, W]`` (Alg. 1 line 17,
+  :func:`collaboration_objective`); the gradient flows through ``collaborative_select`` into the
+  chosen logits.
+
+The model runs in eval mode during the attack (see :func:`~cda2_ext.runtime.eval_mode`) and
+gradients are taken w.r.t. the input only, so no ``.grad`` is left on parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..models.collaboration import collaborate
+from ..runtime import FUSED, OpsBackend, eval_mode
+from .engine import Objective, ce_loss, sign_attack
+
+__all__ = ["per_model_objective", "collaboration_objective", "per_model_pgd", "collaboration_pgd"]
+
+
+def per_model_objective(model: nn.Module, target: Tensor) -> Objective:
+    """``x [M, B, ...] -> (CE of sub-model m at x[m] [M, B], logits [M, B, K])``."""
+    def objective(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        logits, _ = model(x)  # [M, B, K]; sub-model m reads x[m] only
+        return ce_loss(logits, target.expand(logits.shape[:2])), logits.detach()
+    return objective
+
+
+def collaboration_objective(model: nn.Module, target: Tensor, score: str = "ppd",
+                            backend: OpsBackend = FUSED) -> Objective:
+    """``x [1, B, ...] -> (CE of Algorithm 2's answer [1, B], its logits [1, B, K])``."""
+    def objective(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        logits, ppd = model(x[0])
+        _, chosen = collaborate(logits, ppd, score, backend)
+        chosen = chosen.unsqueeze(0)
+        return ce_loss(chosen, target.unsqueeze(0)), chosen.detach()
+    return objective
+
+
+def _start(x_nat: Tensor, eps: float, copies: Optional[int], random_start: bool, lo: float,
+           hi: float, generator: Optional[torch.Generator], backend: OpsBackend) -> Tensor:
+    """``[copies or 1, B, ...]``: the fused uniform start in the ball, or ``x_nat`` itself."""
+    if random_start and eps > 0:
+        x0 = backend.pgd_random_start(x_nat, eps, lo, hi, num_models=copies, generator=generator)
+    else:
+        x0 = x_nat.expand(copies or 1, *x_nat.shape) if copies else x_nat
+    return x0 if copies else x0.unsqueeze(0)
+
+
+def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
+                  steps: int, *, random_start: bool = True, lo: float = 0.0, hi: float = 1.0,
+                  generator: Optional[torch.Generator] = None,
+                  backend: OpsBackend = FUSED) -> Tensor:
+    """M PGD variants at once, ``x_adv[m]`` attacking sub-model ``m`` (Alg. 1 lines 3-4).
+
+    ``model`` must expose ``num_models`` and accept ``[M, B, C, H, W]``. Returns the detached
+    ``[M, B, C, H, W]``.
+    """
+    x_nat = x_nat.detach()
+    x0 = _start(x_nat, eps, model.num_models, random_start, lo, hi, generator, backend)
+    with eval_mode(model):
+        return sign_attack(per_model_objective(model, target), x_nat, target, eps, alpha, steps,
+                           x_init=x0, lo=lo, hi=hi, track_worst=False, backend=backend).x_adv
+
+
+def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
+                      steps: int, *, score: str = "ppd", random_start: bool = True,
+                      lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
+                      backend: OpsBackend = FUSED) -> Tensor:
+    """PGD against the collaboration's own answer (Alg. 1 line 17). Returns ``[B, C, H, W]``."""
+    x_nat = x_nat.detach()
+    x0 = _start(x_nat, eps, None, random_start, lo, hi, generator, backend)
+    with eval_mode(model):
+        objective = collaboration_objective(model, target, score, backend)
+        return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,
+                           track_worst=False, backend=backend).x_adv[0]

@@ -1,0 +1,30 @@
+"""The errors a user can cause, in one place, so every layer imports them downward.
+
+Each is a :class:`Cda2Error`; the ``cda2`` command prints any of them as one line
+(``cda2: error: ...``) with exit status 2, and library callers can catch the base class. Each also
+derives from the built-in exception a Python caller would expect (``ValueError`` for a bad option,
+``RuntimeError`` for unusable files), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+__all__ = ["Cda2Error", "ConfigError", "DataError", "CheckpointError", "CLIError"]
+
+
+class Cda2Error(Exception):
+    """Base class of the user-facing errors of cda2_ext: the message is one line."""
+
+
+class ConfigError(Cda2Error, ValueError):
+    """An option has an unusable value; the message names the option."""
+
+
+class DataError(Cda2Error, RuntimeError):
+    """A data folder or file is missing, unreadable or not in the expected format."""
+
+
+class CheckpointError(Cda2Error, RuntimeError):
+    """A checkpoint is missing, unreadable or not a cda2 checkpoint."""
+
+
+class CLIError(Cda2Error):
+    """A command-line usage error that no lower layer checks (e.g. two options that conflict)."""
