@@ -26,7 +26,7 @@ from ..attacks.whitebox import EnsembleLogits, PGDConfig
 from ..checkpoint import load_collaboration
 from ..data import load_images
 from ..errors import CLIError
-from ..evaluation.robustness import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, evaluate_robustness
+from ..evaluation import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, evaluate_robustness
 from ..runtime import resolve_device
 
 __all__ = ["register", "run"]
