@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as Fn
 
 from cda2_ext.attacks import collaboration_pgd, per_model_pgd, sign_attack
-from cda2_ext.attacks.training import collaboration_objective
+from cda2_ext.attacks.training import selected_ce_objective
 from cda2_ext.checkpoint import load_checkpoint, load_collaboration
 from cda2_ext.data import synthetic_images
 from cda2_ext.models import Collaboration
@@ -104,7 +104,7 @@ def test_attacks_leave_no_grads_and_restore_mode():
     assert all(p.grad is None for p in m.parameters())
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= EPS + 1e-6
     m.eval()
-    loss = collaboration_objective(m, y)
+    loss = selected_ce_objective(m, y)
     with torch.no_grad():  # the attack worsens the collaboration's answer
         assert loss(x_adv[None])[0].sum() > loss(x[None])[0].sum()
 

@@ -5,14 +5,14 @@ with ``track_worst=False`` - training follows the paper and trains on the last i
 fused random start drawn from the trainer's generator:
 
 * :func:`per_model_pgd` - ``x_adv [M, B, C, H, W]``, variant ``m`` fed to sub-model ``m`` only and
-  scored by ``m``'s cross-entropy (:func:`per_model_objective`). Sub-model ``m``'s output depends
+  scored by m's cross-entropy (:func:`per_model_ce_objective`). Sub-model m's output depends
   on ``x_adv[m]`` alone, so the gradient of the summed losses w.r.t. ``x_adv[m]`` is exactly
   ``m``'s own gradient: the M attacks of Alg. 1 lines 3-4 advance together, one forward, one
   backward and one fused sign step over ``[M, B, ...]`` per step. The M variants are the
   engine's copy axis ``G``.
 * :func:`collaboration_pgd` - the cross-entropy of the sub-model the collaboration selects
   (Algorithm 2) on a shared ``x_adv [B, C, H, W]`` (Alg. 1 line 17,
-  :func:`collaboration_objective`); the gradient flows through ``collaborative_select`` into the
+  :func:`selected_ce_objective`); the gradient flows through ``collaborative_select`` into the
   chosen logits.
 
 The model runs in eval mode during the attack (see :func:`~cda2_ext.runtime.eval_mode`) and
@@ -29,10 +29,10 @@ from ..models.collaboration import collaborate
 from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import Objective, ce_loss, sign_attack
 
-__all__ = ["per_model_objective", "collaboration_objective", "per_model_pgd", "collaboration_pgd"]
+__all__ = ["per_model_ce_objective", "selected_ce_objective", "per_model_pgd", "collaboration_pgd"]
 
 
-def per_model_objective(model: nn.Module, target: Tensor) -> Objective:
+def per_model_ce_objective(model: nn.Module, target: Tensor) -> Objective:
     """``x [M, B, ...] -> (CE of sub-model m at x[m] [M, B], logits [M, B, K])``."""
     def objective(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         logits, _ = model(x)  # [M, B, K]; sub-model m reads x[m] only
@@ -40,7 +40,7 @@ def per_model_objective(model: nn.Module, target: Tensor) -> Objective:
     return objective
 
 
-def collaboration_objective(model: nn.Module, target: Tensor, score: str = "ppd",
+def selected_ce_objective(model: nn.Module, target: Tensor, score: str = "ppd",
                             backend: OpsBackend = FUSED) -> Objective:
     """``x [1, B, ...] -> (CE of Algorithm 2's answer [1, B], its logits [1, B, K])``."""
     def objective(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
@@ -73,7 +73,7 @@ def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, a
     x_nat = x_nat.detach()
     x0 = _start(x_nat, eps, model.num_models, random_start, lo, hi, generator, backend)
     with eval_mode(model):
-        return sign_attack(per_model_objective(model, target), x_nat, target, eps, alpha, steps,
+        return sign_attack(per_model_ce_objective(model, target), x_nat, target, eps, alpha, steps,
                            x_init=x0, lo=lo, hi=hi, track_worst=False, backend=backend).x_adv
 
 
@@ -85,6 +85,6 @@ def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: floa
     x_nat = x_nat.detach()
     x0 = _start(x_nat, eps, None, random_start, lo, hi, generator, backend)
     with eval_mode(model):
-        objective = collaboration_objective(model, target, score, backend)
+        objective = selected_ce_objective(model, target, score, backend)
         return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,
                            track_worst=False, backend=backend).x_adv[0]
