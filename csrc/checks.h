@@ -14,11 +14,21 @@
 
 namespace cda2 {
 
+// None from Python arrives as an undefined tensor.
+inline void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), name, ": expected a tensor, got None");
+}
+
 inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  check_defined(t, name);
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
                    name, ": expected a floating dtype (float16, bfloat16, float32, float64), got ", st);
+}
+
+// The statistics (loss, ce, weights, p_true, bce) of half-precision inputs are float32.
+inline at::ScalarType stat_type(at::ScalarType st) {
+  return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
 }
 
 inline void check_same_device(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb) {
@@ -46,7 +56,7 @@ inline void check_collab_loss(const at::Tensor& logits, const at::Tensor& target
   TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(1) >= 1,
                     "logits: needs M >= 1 sub-models and B >= 1 samples, got ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(2) >= 2, "logits: needs K >= 2 classes, got K=", logits.size(2));
-  TORCH_CHECK(target.defined(), "target: expected a tensor, got None");
+  check_defined(target, "target");
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target: expected int64 labels, got ",
                    target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1), "target: expected shape [B]=[",
@@ -56,12 +66,23 @@ inline void check_collab_loss(const at::Tensor& logits, const at::Tensor& target
   check_reduction(reduction);
 }
 
-// Labels in [0, K): reads target (B int64s) and nothing else; CPU tensors only.
-inline void check_labels_cpu(const int64_t* y, int64_t B, int64_t K) {
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(y[b] >= 0 && y[b] < K, "target: labels must lie in [0, ", K, "), found ", y[b],
-                      " at index ", b);
-  }
+// Entries of an int64 vector (labels, selection indices) in [0, hi). Each backend finds the first
+// entry outside the range its own way (check_in_range_cpu below, glue::check_in_range_cuda in
+// cuda/glue.h, before any kernel uses the entries); both raise here, with one message:
+// `first` is that entry's position (n when every entry is in range), `value` the entry.
+inline void check_range_result(int64_t first, int64_t value, int64_t n, int64_t hi, const char* name,
+                               const char* what) {
+  TORCH_CHECK_VALUE(first >= n, name, ": ", what, " must lie in [0, ", hi, "), found ", value, " at index ",
+                    first);
+}
+
+// t: a contiguous int64 CPU tensor; reads its entries and nothing else.
+inline void check_in_range_cpu(const at::Tensor& t, int64_t hi, const char* name, const char* what) {
+  const int64_t* v = t.data_ptr<int64_t>();
+  const int64_t n = t.numel();
+  int64_t first = 0;
+  while (first < n && v[first] >= 0 && v[first] < hi) ++first;
+  check_range_result(first, first < n ? v[first] : 0, n, hi, name, what);
 }
 
 inline void check_ppd_bce(const at::Tensor& s, const at::Tensor& t, int64_t reduction) {
@@ -74,6 +95,21 @@ inline void check_ppd_bce(const at::Tensor& s, const at::Tensor& t, int64_t redu
   check_same_dtype(s, "ppd_logit", t, "target_prob");
   check_same_device(s, "ppd_logit", t, "target_prob");
   check_reduction(reduction);
+}
+
+// grad: the upstream gradient of ppd_bce's output, [M, B] for reduction none, else a scalar; in
+// the statistics dtype (float32 for half inputs). Autograd never passes an undefined one (the
+// output is a single tensor), but a direct call can.
+inline void check_ppd_bce_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
+                                   int64_t reduction) {
+  check_ppd_bce(s, t, reduction);
+  const bool per_elem = reduction == kNone;
+  check_defined(grad, "grad");
+  TORCH_CHECK_VALUE(per_elem ? grad.sizes() == s.sizes() : grad.dim() == 0, "grad: expected shape ",
+                    per_elem ? s.sizes() : at::IntArrayRef{}, ", got ", grad.sizes());
+  const auto st = stat_type(s.scalar_type());
+  TORCH_CHECK_TYPE(grad.scalar_type() == st, "grad: expected dtype ", st, ", got ", grad.scalar_type());
+  check_same_device(s, "ppd_logit", grad, "grad");
 }
 
 inline void check_box(double eps, double lo, double hi) {
@@ -131,6 +167,7 @@ inline void check_select(const at::Tensor& ppd_logit, const at::Tensor& logits) 
 inline void check_select_backward(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models) {
   check_float(grad_chosen, "grad_chosen");
   TORCH_CHECK_VALUE(grad_chosen.dim() == 2, "grad_chosen: expected [B, K], got ", grad_chosen.sizes());
+  check_defined(index, "index");
   TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index: expected int64, got ", index.scalar_type());
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == grad_chosen.size(0), "index: expected shape [",
                     grad_chosen.size(0), "], got ", index.sizes());
@@ -151,11 +188,6 @@ void with_contiguous(at::Tensor& x_adv, const F& body) {
   }
 }
 
-// The statistics (loss, ce, weights, p_true, bce) of half-precision inputs are float32.
-inline at::ScalarType stat_type(at::ScalarType st) {
-  return (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
-}
-
 // A tensor that a backward op reads: undefined (no gradient) or of the expected shape and dtype.
 inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st,
                         const at::Tensor& like) {
@@ -165,12 +197,16 @@ inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef s
   check_same_device(like, "logits", t, name);
 }
 
-// The upstream gradients of collab_loss_backward, contiguous; undefined where none flowed.
-struct CollabLossGrads {
-  at::Tensor loss, ce, weights, p_true;
+// collab_loss_backward's inputs, checked and contiguous. The upstream gradients are undefined where
+// none flowed (the kernels treat them as zero); prob is undefined unless the forward kept the softmax.
+struct CollabLossBackward {
+  at::Tensor grad_loss, grad_ce, grad_weights, grad_p_true;
+  at::Tensor logits, target, lse, prob, weights, p_true;
+  double sigma;
+  int64_t reduction, M, B, K;
 };
 
-inline CollabLossGrads check_collab_loss_backward(
+inline CollabLossBackward check_collab_loss_backward(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_ce,
     const std::optional<at::Tensor>& grad_weights, const std::optional<at::Tensor>& grad_p_true,
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
@@ -182,19 +218,44 @@ inline CollabLossGrads check_collab_loss_backward(
   const auto opt = [](const std::optional<at::Tensor>& t) {
     return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
   };
-  CollabLossGrads g{opt(grad_loss), opt(grad_ce), opt(grad_weights), opt(grad_p_true)};
-  check_saved(g.loss, "grad_loss", reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, st, logits);
-  check_saved(g.ce, "grad_ce", mb, st, logits);
-  check_saved(g.weights, "grad_weights", mb, st, logits);
-  check_saved(g.p_true, "grad_p_true", mb, st, logits);
-  TORCH_CHECK_VALUE(lse.defined() && weights.defined() && p_true.defined(),
-                    "lse: expected the tensors saved by collab_loss (lse, weights, p_true), got None");
+  CollabLossBackward a{opt(grad_loss), opt(grad_ce), opt(grad_weights), opt(grad_p_true),
+                       logits.contiguous(), target.contiguous(), {}, {}, {}, {}, sigma, reduction, M, B, K};
+  check_saved(a.grad_loss, "grad_loss", reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, st, logits);
+  check_saved(a.grad_ce, "grad_ce", mb, st, logits);
+  check_saved(a.grad_weights, "grad_weights", mb, st, logits);
+  check_saved(a.grad_p_true, "grad_p_true", mb, st, logits);
+  check_defined(lse, "lse");
+  check_defined(prob, "prob");
+  check_defined(weights, "weights");
+  check_defined(p_true, "p_true");
   check_saved(lse, "lse", mb, at::kDouble, logits);
   check_saved(weights, "weights", mb, st, logits);
   check_saved(p_true, "p_true", mb, st, logits);
-  // prob is empty unless the forward kept the softmax.
-  if (prob.defined() && prob.numel()) check_saved(prob, "prob", {M, B, K}, st, logits);
-  return g;
+  a.lse = lse.contiguous();
+  a.weights = weights.contiguous();
+  a.p_true = p_true.contiguous();
+  // prob is empty unless the forward kept the softmax (only the CPU forward does); a.prob stays
+  // undefined then.
+  if (prob.numel()) {
+    check_saved(prob, "prob", {M, B, K}, st, logits);
+    a.prob = prob.contiguous();
+  }
+  return a;
+}
+
+// collab_loss_backward with the schema's signature (csrc/ops.cpp), for every backend: the checks
+// above, then the backend's `Impl` on the checked, contiguous inputs. Each backend registers
+// collab_loss_backward_op<its_impl>, so the twelve arguments are spelled once.
+template <at::Tensor (*Impl)(const CollabLossBackward&)>
+at::Tensor collab_loss_backward_op(const std::optional<at::Tensor>& grad_loss,
+                                   const std::optional<at::Tensor>& grad_ce,
+                                   const std::optional<at::Tensor>& grad_weights,
+                                   const std::optional<at::Tensor>& grad_p_true, const at::Tensor& logits,
+                                   const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
+                                   const at::Tensor& weights, const at::Tensor& p_true, double sigma,
+                                   int64_t reduction) {
+  return Impl(check_collab_loss_backward(grad_loss, grad_ce, grad_weights, grad_p_true, logits, target, lse,
+                                         prob, weights, p_true, sigma, reduction));
 }
 
 }  // namespace cda2

@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto z = logits.contiguous();
   const auto y = target.contiguous();
   const int64_t M = z.size(0), B = z.size(1), K = z.size(2);
-  check_labels_cpu(y.data_ptr<int64_t>(), B, K);
+  check_in_range_cpu(y, K, "target", "labels");
   const auto st = stat_type(z.scalar_type());
   // empty_cpu skips the dispatcher: six outputs per call are a visible cost at the paper's shape.
   const auto empty = [](at::IntArrayRef size, at::ScalarType t) -> at::Tensor {
@@ -256,30 +256,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, ce, w, p, lse, prob};
 }
 
-at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
-                                    const std::optional<at::Tensor>& grad_ce,
-                                    const std::optional<at::Tensor>& grad_weights,
-                                    const std::optional<at::Tensor>& grad_p_true, const at::Tensor& logits,
-                                    const at::Tensor& target, const at::Tensor& lse, const at::Tensor& prob,
-                                    const at::Tensor& weights, const at::Tensor& p_true, double sigma,
-                                    int64_t reduction) {
-  const auto g = check_collab_loss_backward(grad_loss, grad_ce, grad_weights, grad_p_true, logits, target, lse,
-                                            prob, weights, p_true, sigma, reduction);
-  const int64_t M = logits.size(0), B = logits.size(1), K = logits.size(2);
-  const auto z = logits.contiguous();
-  const auto y = target.contiguous();
-  check_labels_cpu(y.data_ptr<int64_t>(), B, K);
-  at::Tensor dz = at::detail::empty_cpu(z.sizes(), z.scalar_type(), false, std::nullopt);
-  const auto w = weights.contiguous(), p = p_true.contiguous(), lse_c = lse.contiguous(), prob_c = prob.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "collab_loss_backward_cpu", [&] {
+// Labels are checked again here, unlike on CUDA: this kernel writes dz[y], so a label indexes memory
+// (the CUDA kernel only compares it with k).
+at::Tensor collab_loss_backward_cpu(const CollabLossBackward& a) {
+  const int64_t M = a.M, B = a.B, K = a.K;
+  check_in_range_cpu(a.target, K, "target", "labels");
+  at::Tensor dz = at::detail::empty_cpu(a.logits.sizes(), a.logits.scalar_type(), false, std::nullopt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.logits.scalar_type(), "collab_loss_backward_cpu", [&] {
     using T = math_t<scalar_t>;
     const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    Buffers<scalar_t> a{M, B, K, z.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), static_cast<T>(sigma),
-                        const_cast<double*>(lse_c.data_ptr<double>()), prob_c.numel() ? prob_c.data_ptr<T>() : nullptr,
-                        nullptr, nullptr, w.data_ptr<T>(), p.data_ptr<T>(),
-                        dz.data_ptr<scalar_t>(), ptr(g.loss), ptr(g.ce), ptr(g.weights), ptr(g.p_true),
-                        reduction == kMean ? T(1) / static_cast<T>(B) : T(1), reduction == kNone};
-    for_samples(M, B, K, [&](int64_t b0, int64_t b1) { backward_chunk(a, b0, b1); });
+    Buffers<scalar_t> buf{M, B, K, a.logits.data_ptr<scalar_t>(), a.target.data_ptr<int64_t>(),
+                          static_cast<T>(a.sigma), a.lse.data_ptr<double>(), ptr(a.prob),
+                          nullptr, nullptr, a.weights.data_ptr<T>(), a.p_true.data_ptr<T>(),
+                          dz.data_ptr<scalar_t>(), ptr(a.grad_loss), ptr(a.grad_ce), ptr(a.grad_weights),
+                          ptr(a.grad_p_true), a.reduction == kMean ? T(1) / static_cast<T>(B) : T(1),
+                          a.reduction == kNone};
+    for_samples(M, B, K, [&](int64_t b0, int64_t b1) { backward_chunk(buf, b0, b1); });
   });
   return dz;
 }
@@ -288,7 +280,7 @@ at::Tensor collab_loss_backward_cpu(const std::optional<at::Tensor>& grad_loss,
 
 TORCH_LIBRARY_IMPL(cda2_ext, CPU, m) {
   m.impl("collab_loss", &collab_loss_cpu);
-  m.impl("collab_loss_backward", &collab_loss_backward_cpu);
+  m.impl("collab_loss_backward", &collab_loss_backward_op<collab_loss_backward_cpu>);
 }
 
 }  // namespace cda2

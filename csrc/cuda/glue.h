@@ -1,5 +1,5 @@
 // Shared pieces of the CUDA glue (csrc/cuda/*.cu): torch dtype -> CUDA dtype, raw pointers, the
-// current stream. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in
+// current stream, the range check of labels and indices. Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in
 // cuBLAS/cuSPARSE headers), so the glue also compiles against a CPU build's headers for a check.
 #pragma once
 
@@ -10,6 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "../checks.h"
+#include "../kernels/cuda_common.cuh"
 
 namespace cda2 {
 namespace glue {
@@ -44,6 +47,22 @@ T* mptr(const at::Tensor& t) {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Entries of the contiguous int64 vector t (labels, selection indices) in [0, hi), read on the
+// device: a one-block kernel and a copy of two int64s back, before any kernel uses the entries.
+// The copy synchronises the stream: the price of raising ValueError (the same one as the CPU
+// kernels, see check_range_result) instead of letting a kernel meet a bad entry.
+inline void check_in_range_cuda(const at::Tensor& t, int64_t hi, const char* name, const char* what,
+                                cudaStream_t stream) {
+  const int64_t n = t.numel();
+  if (n == 0) return;
+  auto result = at::empty({2}, t.options());
+  C10_CUDA_CHECK(gpu::launch_range_check(t.data_ptr<int64_t>(), n, hi, result.data_ptr<int64_t>(), stream));
+  int64_t host[2] = {n, 0};
+  C10_CUDA_CHECK(cudaMemcpyAsync(host, result.data_ptr<int64_t>(), sizeof(host), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  check_range_result(host[0], host[1], n, hi, name, what);
+}
 
 }  // namespace glue
 }  // namespace cda2

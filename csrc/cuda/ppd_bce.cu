@@ -34,14 +34,8 @@ at::Tensor ppd_bce_cuda(const at::Tensor& ppd_logit, const at::Tensor& target_pr
 
 at::Tensor ppd_bce_backward_cuda(const at::Tensor& grad, const at::Tensor& ppd_logit, const at::Tensor& target_prob,
                                  int64_t reduction) {
-  check_ppd_bce(ppd_logit, target_prob, reduction);
-  const auto st = stat_type(ppd_logit.scalar_type());
+  check_ppd_bce_backward(grad, ppd_logit, target_prob, reduction);
   const bool per_elem = reduction == kNone;
-  TORCH_CHECK(grad.defined(), "grad: expected a tensor, got None");
-  TORCH_CHECK_VALUE(per_elem ? grad.sizes() == ppd_logit.sizes() : grad.dim() == 0, "grad: expected shape ",
-                    per_elem ? ppd_logit.sizes() : at::IntArrayRef{}, ", got ", grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == st, "grad: expected dtype ", st, ", got ", grad.scalar_type());
-  check_same_device(ppd_logit, "ppd_logit", grad, "grad");
   const c10::cuda::CUDAGuard guard(ppd_logit.device());
   const auto s = ppd_logit.contiguous(), t = target_prob.contiguous(), g = grad.contiguous();
   auto ds = at::empty(s.sizes(), s.options());

@@ -18,39 +18,6 @@
 namespace cda2 {
 namespace gpu {
 
-// ---- label check ------------------------------------------------------------------------------
-// result[0] = smallest b with y[b] outside [0, K) (B when all are valid), result[1] = y at it.
-// One block: B is at most a few thousand labels, and one launch + one copy is what costs.
-static __global__ void __launch_bounds__(1024) label_check_kernel(const int64_t* __restrict__ y, int64_t B, int64_t K,
-                                                           int64_t* __restrict__ result) {
-  __shared__ int64_t smem[32];
-  int64_t first = B;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
-    const int64_t v = y[b];
-    if ((v < 0 || v >= K) && b < first) first = b;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const int64_t o = __shfl_xor_sync(kFullMask, first, off);
-    first = o < first ? o : first;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  if (lane == 0) smem[warp] = first;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < nwarps; ++w) first = smem[w] < first ? smem[w] : first;
-    result[0] = first;
-    result[1] = first < B ? y[first] : 0;
-  }
-}
-
-inline cudaError_t launch_label_check(const int64_t* y, int64_t B, int64_t K, int64_t* result,
-                                      cudaStream_t stream) {
-  const int threads = clamp_int(next_pow2(B), 32, 1024);
-  label_check_kernel<<<1, threads, 0, stream>>>(y, B, K, result);
-  return cudaPeekAtLastError();
-}
-
 // ---- forward --------------------------------------------------------------------------------
 // Partial (max, sum) of one row over the elements this thread owns: vectors j = lane, lane +
 // nlanes, ... of V elements each (V divides K when V > 1), U vectors loaded before any is used.

@@ -4,7 +4,8 @@
 //
 // A team of threads per row (threads_per_row: ~4 vectors each) so any K streams with 16-byte
 // accesses where alignment allows. The backward writes every row of [M, B, K] itself (zeros or the
-// gradient), so no separate zero-fill pass runs and an out-of-range index writes only zeros.
+// gradient), so no separate zero-fill pass runs. The glue rejects an index outside [0, M) before
+// the launch; were one to reach the kernel, it would only compare it with m, so it stays in bounds.
 #pragma once
 
 #include "cuda_common.cuh"

@@ -211,6 +211,40 @@ inline unsigned grid_for(int64_t items, int64_t per_block, int waves = 8) {
   return static_cast<unsigned>(need < cap ? (need < 1 ? 1 : need) : cap);
 }
 
+// ---- range check of an int64 vector (labels, selection indices) ------------------------------
+// result[0] = smallest i with v[i] outside [0, hi) (n when all are in range), result[1] = v at it.
+// One block: n is at most a few thousand entries (one per sample), and one launch + one copy back
+// is what costs. `static`: every .cu that includes this header gets its own copy of the kernel.
+static __global__ void __launch_bounds__(1024) range_check_kernel(const int64_t* __restrict__ v, int64_t n,
+                                                                  int64_t hi, int64_t* __restrict__ result) {
+  __shared__ int64_t smem[32];
+  int64_t first = n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t x = v[i];
+    if ((x < 0 || x >= hi) && i < first) first = i;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const int64_t o = __shfl_xor_sync(kFullMask, first, off);
+    first = o < first ? o : first;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  if (lane == 0) smem[warp] = first;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < nwarps; ++w) first = smem[w] < first ? smem[w] : first;
+    result[0] = first;
+    result[1] = first < n ? v[first] : 0;
+  }
+}
+
+inline cudaError_t launch_range_check(const int64_t* v, int64_t n, int64_t hi, int64_t* result,
+                                      cudaStream_t stream) {
+  const int threads = clamp_int(next_pow2(n), 32, 1024);
+  range_check_kernel<<<1, threads, 0, stream>>>(v, n, hi, result);
+  return cudaPeekAtLastError();
+}
+
 // ---- the one-block deterministic finishing sum -----------------------------------------------
 // out[0] = (sum of vals[0..n)) / divisor, summed in a fixed order (no atomics), so a reduced loss
 // is bit-reproducible run to run.
