@@ -12,6 +12,7 @@ Every message starts with the argument's name.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -146,6 +147,23 @@ def random_start_args(x_nat: Tensor, eps: float, lo: float, hi: float,
     if num_models is not None and (not isinstance(num_models, int) or num_models < 1):
         raise ValueError(f"num_models: expected an int >= 1 or None, got {num_models!r}")
     _box(eps, lo, hi)
+
+
+#: Seeds lie in [0, SEED_LIMIT): what torch generators take and the kernels' int64 holds.
+SEED_LIMIT = 2 ** 63
+
+
+def seed(v: object, name: str = "seed") -> int:
+    """An RNG seed as an ``int`` in ``[0, 2**63)``; ``TypeError``/``ValueError`` naming ``name``."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer in [0, 2**63), got {type(v).__name__}") from None
+    if not 0 <= v < SEED_LIMIT:
+        raise ValueError(f"{name}: must be an integer in [0, 2**63), got {v}")
+    return v
 
 
 def select_args(ppd_logit: Tensor, logits: Tensor) -> None:

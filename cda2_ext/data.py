@@ -7,8 +7,13 @@ too). Where to look, in order: the ``root`` argument, the ``CDA2_DATA`` environm
 folder itself or the folder that contains it. Nothing is downloaded unless asked
 (:func:`download_cifar10`, which verifies the official MD5).
 
-The batch files are pickles; they are read with an unpickler that only admits the numpy array
-constructors the format needs, so a tampered file cannot run code.
+The batch files are pickles, and a damaged or hostile one must fail as one :class:`DataError`
+line, never run code or exhaust memory. So a file is read whole (at most 256 MiB), its opcodes
+are walked first without running them (every length field must fit in the file, every memo index
+must be small: nothing is allocated for a size the data do not back), and only then unpickled by
+an unpickler whose few admitted globals are stand-ins that build nothing from a size field
+(:class:`_CifarUnpickler`). The result must be uint8 ``[N, 3072]`` images and ``N`` integer labels
+in ``[0, 9]``, checked before any conversion.
 
 Images are kept as ``uint8 [N, 3, 32, 32]`` (150 MB for all of CIFAR-10, so the whole set can sit
 on the training device); :func:`to_float` and :func:`random_crop_flip` turn a batch into augmented
@@ -17,8 +22,10 @@ floats in [0, 1] with tensor ops on that device (no torchvision).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
+import pickletools
 import shutil
 import tarfile
 import tempfile
@@ -31,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .checkpoint import one_line
+from .errors import ConfigError, DataError
 
 __all__ = [
     "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
@@ -84,17 +92,68 @@ class ImageSet:
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 on disk
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Admits only the globals a CIFAR batch pickle references (numpy array reconstruction)."""
+_MAX_BATCH_BYTES = 256 << 20  # a CIFAR-10 batch file is 31 MB
+_NDARRAY = object()  # what the pickle gets for numpy.ndarray: a token for _reconstruct, not callable
 
-    # _codecs.encode: how Python 3 writes bytes in protocol-2 pickles (harmless: str -> bytes).
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """Stand-in for numpy's ``_reconstruct``: numpy pickles an array as an empty ``(0,)`` array
+    whose state (shape, dtype, bytes) is then set, and numpy checks that state against its bytes;
+    any other shape here would allocate for a number the file does not back."""
+    if subtype is not _NDARRAY or shape != (0,):
+        raise pickle.UnpicklingError("unexpected numpy array reconstruction")
+    return np.empty(0, np.uint8)
+
+
+def _dtype(spec: object, align: object = False, copy: object = True) -> np.dtype:  # noqa: ARG001
+    """Stand-in for ``numpy.dtype``: plain data types only (object arrays hold Python objects),
+    and always a copy, because the pickle then sets its state: without ``copy`` that would be
+    numpy's shared ``uint8`` descriptor, changed for the whole process."""
+    dt = np.dtype(spec, bool(align), True)
+    if dt.hasobject:
+        raise pickle.UnpicklingError("object arrays are not allowed in a CIFAR batch")
+    return dt
+
+
+def _latin1(text: object, encoding: object = "utf-8") -> bytes:
+    """Stand-in for ``_codecs.encode``, how Python 3 writes bytes in protocol-2 pickles."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("unexpected _codecs.encode call")
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    """Stand-in for ``bytes``, which protocol 2 calls with no argument for ``b""`` (the data of
+    an empty array); ``bytes(n)`` would allocate ``n`` bytes."""
+    if args:
+        raise pickle.UnpicklingError("unexpected bytes() call")
+    return b""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only the globals a CIFAR batch pickle references, as the stand-ins above."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype,
+                ("_codecs", "encode"): _latin1, ("__builtin__", "bytes"): _empty_bytes,
+                ("builtins", "bytes"): _empty_bytes}
 
     def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch"
+                                         ) from None
+
+
+def _scan_pickle(blob: bytes) -> None:
+    """Walk the opcodes without running them. ``genops`` reads each length-prefixed argument and
+    raises ``ValueError`` when fewer bytes remain than the length says; a memo index may not
+    exceed the number of opcodes so far (the unpickler sizes its memo by the largest index)."""
+    for count, (op, arg, _) in enumerate(pickletools.genops(blob)):
+        if op.name.endswith("PUT") and not (isinstance(arg, int) and 0 <= arg <= count):
+            raise pickle.UnpicklingError(f"memo index {arg} out of range")
 
 
 def _candidates(root: Optional[PathLike]) -> List[Tuple[str, Path]]:
@@ -123,28 +182,53 @@ def resolve_cifar10_dir(root: Optional[PathLike] = None) -> Path:
 
 
 def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """``(data uint8 [N, 3072], labels int64 [N])`` of one batch file, or a one-line DataError."""
+    def corrupt(why: str) -> DataError:
+        return DataError(f"corrupt CIFAR-10 file {path}: {why}")
+
     if not path.is_file():
         raise DataError(f"missing CIFAR-10 file {path}")
     try:
-        with open(path, "rb") as fh:
-            obj = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-        data = np.asarray(obj[b"data"])
-        labels = np.asarray(obj.get(b"labels", obj.get(b"fine_labels")), dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, AttributeError, TypeError, ValueError,
-            OSError) as err:
-        raise DataError(f"corrupt CIFAR-10 file {path}: {err}") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
-        raise DataError(f"corrupt CIFAR-10 file {path}: expected uint8 data [N, 3072] and N labels, "
-                        f"got data {data.dtype}{list(data.shape)} and {labels.shape[0]} labels")
+        size = path.stat().st_size
+        if size > _MAX_BATCH_BYTES:
+            raise corrupt(f"{size} bytes, more than a CIFAR-10 batch can be")
+        blob = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"unreadable CIFAR-10 file {path}: {err.strerror or err}") from None
+    try:
+        _scan_pickle(blob)
+        obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    # Whatever the unpickler raises on a damaged file, it means the same: not a CIFAR batch.
+    # (SystemError: numpy's dtype.__setstate__ fails that way on some malformed states.)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError,
+            OverflowError, RecursionError, SystemError) as err:
+        raise corrupt(f"{type(err).__name__}: {one_line(err)}") from None
+    if not isinstance(obj, dict):
+        raise corrupt(f"expected a dict, got {type(obj).__name__}")
+    data = obj.get(b"data")
+    labels = obj.get(b"labels", obj.get(b"fine_labels"))
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072):
+        got = f"{data.dtype}{list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise corrupt(f"expected uint8 data [N, 3072], got {got}")
+    try:  # Python ints of any size stay exact here (dtype object), to be refused below
+        labels = np.asarray(labels) if isinstance(labels, (list, np.ndarray)) else None
+    except ValueError:  # ragged nesting
+        labels = None
+    n = data.shape[0]
+    # (the type of an empty array does not matter: [] becomes float64)
+    if labels is None or labels.shape != (n,) or (labels.size and labels.dtype.kind not in "iu"):
+        raise corrupt(f"expected {n} integer labels in [0, 9], got "
+                      + (f"{labels.dtype}{list(labels.shape)}" if labels is not None else "none"))
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"corrupt CIFAR-10 file {path}: labels outside [0, 9]")
-    return data, labels
+        raise corrupt("labels outside [0, 9]")
+    return data, labels.astype(np.int64)
 
 
 def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> ImageSet:
     """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``."""
     if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split: expected 'train' or 'test', got {split!r}")
     folder = resolve_cifar10_dir(root)
     parts = [_read_batch(folder / f) for f in (_TRAIN_FILES if split == "train" else _TEST_FILES)]
     data = np.concatenate([p[0] for p in parts])
@@ -217,7 +301,7 @@ def load_images(dataset: str, split: str, root: Optional[PathLike] = None, seed:
     if dataset == "synthetic":
         sizes = {"train": 512, "test": 256, **(synthetic_size or {})}
         return synthetic_images(sizes[split], seed=seed * 2 + (split == "test"))
-    raise ValueError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
+    raise ConfigError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
 
 
 # ---------------------------------------------------------------------------------------------

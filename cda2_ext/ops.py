@@ -178,13 +178,13 @@ def pgd_random_start(x_nat: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0
     The noise is a counter-based hash of ``(seed, element index)``: the same seed gives the same
     start on CPU and CUDA and in :func:`cda2_ext.reference.pgd_random_start`. With ``seed=None`` a
     seed is drawn from torch's RNG (``generator`` or the global one), so ``torch.manual_seed``
-    makes runs repeatable. ``num_models=M`` returns ``[M, *x_nat.shape]`` with independent noise.
+    makes runs repeatable; a given ``seed`` must be an integer in ``[0, 2**63)``. ``num_models=M``
+    returns ``[M, *x_nat.shape]`` with independent noise.
     """
     if not HAS_EXTENSION:
         return reference.pgd_random_start(x_nat, eps, lo, hi, num_models, seed, generator)
     _checks.random_start_args(x_nat, eps, lo, hi, num_models)
-    if seed is None:
-        seed = draw_seed(generator)
+    seed = draw_seed(generator) if seed is None else _checks.seed(seed)
     shape = x_nat.shape if num_models is None else (num_models, *x_nat.shape)
     out = torch.empty(shape, dtype=x_nat.dtype, device=x_nat.device)
     _ops.random_start_(out, x_nat, float(eps), float(lo), float(hi), int(seed))

@@ -165,6 +165,7 @@ def random_start_from_seed(x_nat: Tensor, eps: float, lo: float, hi: float, seed
                            num_models: Optional[int] = None) -> Tensor:
     """``clamp(x_nat + eps * (2u - 1), lo, hi)`` with ``u`` from :func:`hash_uniform`."""
     _checks.random_start_args(x_nat, eps, lo, hi, num_models)
+    seed = _checks.seed(seed)
     shape = x_nat.shape if num_models is None else (num_models, *x_nat.shape)
     numel = 1
     for s in shape:
@@ -188,7 +189,8 @@ def pgd_random_start(x_nat: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0
         x_nat: ``[B, C, H, W]`` natural images.
         eps: radius ``>= 0``; lo, hi: the box.
         num_models: if given, return ``[num_models, B, C, H, W]`` (independent noise per sub-model).
-        seed: the noise seed; drawn from torch's RNG (``generator``) when ``None``.
+        seed: the noise seed, an integer in ``[0, 2**63)``; drawn from torch's RNG
+            (``generator``) when ``None``.
     """
     if seed is None:
         seed = draw_seed(generator)

@@ -5,25 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-from ..checkpoint import load_collaboration
+from ..checkpoint import atomic_write, load_collaboration
 from ..data import load_images
 from ..errors import CLIError
 from ..evaluation.clean import evaluate_clean
+from ..run_dir import check_output, save_or_rescue
 from ..runtime import resolve_device
 
 __all__ = ["register", "run"]
-
-
-def write_json(obj: Any, path: Optional[str]) -> None:
-    """Print ``obj`` as JSON and, when ``path`` is given, also write it there."""
-    text = json.dumps(obj, indent=2)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
-    print(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,17 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Algorithm 2's selection score: PPD (paper) or max-prob x sigmoid(PPD) (SoE)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", default=None, help="also write the JSON to this file (checked before "
+                   "the evaluation starts; an existing file is kept unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """``cda2 eval-clean``: clean accuracies of a checkpoint, printed (and written) as JSON."""
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"limit: must be >= 1, got {args.limit}")
+    for flag, v in (("limit", args.limit), ("batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag}: must be >= 1, got {v}")
+    out_path = check_output(args.out, option="--out", force=args.force) if args.out else None
     device = resolve_device(args.device)
     model, meta = load_collaboration(args.checkpoint, device, fused=not args.unfused)
-    cfg = meta.get("config", {})
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     dataset = cfg.get("dataset", "cifar10")
     data = load_images(dataset, args.split, args.data_dir or cfg.get("data_dir"), cfg.get("seed", 0))
     data = data.subset(args.limit)
@@ -63,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
     out: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"),
                            "dataset": dataset, "split": args.split, **res,
                            "seconds": round(time.perf_counter() - t0, 2)}
-    write_json(out, args.out)
+    text = json.dumps(out, indent=2)
+    print(text, flush=True)  # first: the results are on stdout even if the file cannot be written
+    if out_path is not None:
+        save_or_rescue(lambda: atomic_write(out_path, (text + "\n").encode()), text, option="--out")
     return 0

@@ -16,10 +16,12 @@ and a quick CPU check::
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .. import _checks
 from ..attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig
 from ..attacks.transfer import TransferConfig, TransferSet
 from ..attacks.whitebox import EnsembleLogits, PGDConfig
@@ -27,9 +29,14 @@ from ..checkpoint import load_collaboration
 from ..data import load_images
 from ..errors import CLIError
 from ..evaluation import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, evaluate_robustness
+from ..run_dir import check_output, save_or_rescue
 from ..runtime import resolve_device
 
 __all__ = ["register", "run"]
+
+#: What ``cda2 eval`` writes into ``--out`` (the transfer sets only with ``--save-transfer``).
+REPORT_FILES = ("robustness.json", "robustness.csv", "robustness.png")
+TRANSFER_FILES = "transfer_eps*.safetensors"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png")
+    p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png (checked "
+                   "before the evaluation starts; earlier results there are kept unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
     p.set_defaults(func=run)
 
 
@@ -113,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag}: must be >= {lo}, got {v}")
     if not 0 <= args.sanity_eps <= 1:
         raise CLIError(f"sanity-eps: must be in [0, 1], got {args.sanity_eps}")
+    try:
+        _checks.seed(args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     if "transfer" in attacks and "all" not in args.attack and not (args.surrogate or args.transfer_set):
         raise CLIError("--attack transfer needs at least one --surrogate checkpoint or --transfer-set file")
     try:
@@ -130,13 +143,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
 
+    results = REPORT_FILES + ((TRANSFER_FILES,) if args.save_transfer else ())
+    out = check_output(args.out, option="--out", folder=True, force=args.force, results=results)
     device = resolve_device(args.device)
     models: Dict[str, Any] = {}
     metas = []
     for name, path in zip(_names(args.checkpoint), args.checkpoint):
         model, meta = load_collaboration(path, device, fused=not args.unfused)
         models[name] = model
-        metas.append(meta.get("config", {}))
+        metas.append(meta.get("config") if isinstance(meta.get("config"), dict) else {})
     surrogates: Dict[str, Any] = {}
     surrogate_paths: Dict[str, str] = {}
     for name, path in zip(_names(args.surrogate), args.surrogate):
@@ -157,7 +172,6 @@ def run(args: argparse.Namespace) -> int:
     first = metas[0]
     data = load_images(datasets.pop(), "test", args.data_dir or first.get("data_dir"), first.get("seed", 0))
 
-    out = Path(args.out)
     t0 = time.perf_counter()
     try:
         report = evaluate_robustness(models, data.images, data.labels, cfg, surrogates=surrogates,
@@ -172,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     for line in report.checks:
         print(line)
-    paths = [report.to_json(out / "robustness.json"), report.to_csv(out / "robustness.csv"),
-             report.plot(out / "robustness.png")]
+    json_file, csv_file, png_file = (out / name for name in REPORT_FILES)
+    paths = save_or_rescue(
+        lambda: [report.to_json(json_file), report.to_csv(csv_file), report.plot(png_file)],
+        json.dumps(report.to_dict(), indent=2), option="--out")
     print(f"\n{len(report.indices)} test images, seed {cfg.seed}, {time.perf_counter() - t0:.1f}s; "
           f"wrote {', '.join(str(p) for p in paths)}")
     return 0

@@ -8,7 +8,9 @@ import time
 from ..checkpoint import checkpoint_files, load_checkpoint
 from ..data import download_cifar10
 from ..errors import CLIError
-from ..training.config import TrainConfig
+from ..run_dir import check_run_folder
+from ..runtime import resolve_device
+from ..training.config import NONFINITE, TrainConfig
 from ..training.trainer import RESUMABLE_CHANGES, Trainer
 
 __all__ = ["register", "run"]
@@ -37,10 +39,13 @@ _TRAIN_OPTIONS = [
     ("--data", "data_dir", str, "CIFAR-10 folder (default: $CDA2_DATA, then ../shared/data)"),
     ("--train-limit", "train_limit", int, "use only the first N training images"),
     ("--test-limit", "test_limit", int, "evaluate on the first N test images"),
-    ("--out-dir", "out_dir", str, "run folder: checkpoint.safetensors/.json, metrics.json"),
+    ("--out-dir", "out_dir", str, "run folder (new, empty, or an earlier run's): "
+     "checkpoint.safetensors/.json, metrics.json"),
     ("--seed", "seed", int, "random seed"),
     ("--device", "device", str, "auto | cpu | cuda[:N]"),
     ("--eval-every", "eval_every", int, "clean test accuracy every N epochs (0: never)"),
+    ("--on-nonfinite", "on_nonfinite", str, f"a non-finite loss: {' | '.join(NONFINITE)} (stop the "
+     "run, keeping the last checkpoint, or skip that update and count it in the metrics)"),
 ]
 
 
@@ -63,9 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use the plain-PyTorch reference ops instead of the fused ones")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bars")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out-dir's checkpoint (its options, plus any given here "
-                   "that do not change the trajectory, e.g. --epochs)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from --out-dir's checkpoint (its options, plus any given here "
+                       "that do not change the trajectory, e.g. --epochs)")
+    again.add_argument("--force", action="store_true",
+                       help="start over in --out-dir even if it holds an earlier run (its checkpoint "
+                       "and metrics are deleted) or other files (left alone)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data (or ./data) first if missing (MD5-checked)")
     p.set_defaults(func=run)
@@ -77,28 +86,29 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     given.update({k: getattr(args, k) for k in ("augment", "random_start", "unfused", "progress")
                   if hasattr(args, k)})
     out_dir = given.get("out_dir", TrainConfig.out_dir)
-    has_ckpt = checkpoint_files(out_dir)[0].is_file()
-    if args.resume and has_ckpt:
-        stored = TrainConfig.from_dict(load_checkpoint(out_dir)[1]["config"])
+    st_path = checkpoint_files(out_dir)[0]
+    if args.resume and st_path.is_file():
+        stored = TrainConfig.from_meta(load_checkpoint(st_path)[1], st_path)
         bad = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and getattr(stored, k) != v)
         if bad:
             raise CLIError(f"--resume: cannot change {', '.join(bad)} of the run in {out_dir}")
         return stored.replace(**given).validate()
-    if has_ckpt and not args.resume:
-        raise CLIError(f"{out_dir} already holds a checkpoint; pass --resume to continue it "
-                       "or choose another --out-dir")
     return TrainConfig(**given).validate()
 
 
 def run(args: argparse.Namespace) -> int:
     """``cda2 train``: train (or resume) a run and print its final metrics as JSON."""
     cfg = _train_config(args)
+    # Both checked again by the trainer (the folder under the run's lock); here so that a wrong
+    # --device or --out-dir fails before anything is created or loaded.
+    resolve_device(cfg.device)
+    check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
     if args.download and cfg.dataset == "cifar10":
         folder = download_cifar10(cfg.data_dir or "data")
         cfg = cfg.replace(data_dir=str(folder))
     t0 = time.perf_counter()
-    trainer = Trainer.resume_or_start(cfg) if args.resume else Trainer(cfg)
-    history = trainer.fit()
+    trainer = Trainer(cfg)
+    history = trainer.fit(resume=args.resume, force=args.force)
     final = history[-1] if history else {}
     print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch,
                       "seconds": round(time.perf_counter() - t0, 2),

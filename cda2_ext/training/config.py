@@ -29,19 +29,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from .. import _checks
+from ..errors import CheckpointError, ConfigError
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
-from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS"]
+__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE"]
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "synthetic")
-
+#: What a non-finite loss does: stop the run (keeping the last finite checkpoint) or skip that update.
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -86,48 +89,66 @@ class TrainConfig:
     eval_every: int = 1                # clean test accuracy every N epochs (0: never)
     eval_batch_size: int = 500
     num_classes: int = 10
+    on_nonfinite: str = "stop"         # a non-finite loss: "stop" the run, or "skip" that update
 
     def validate(self) -> "TrainConfig":
-        """Raise :class:`ConfigError` (one line) for the first unusable option."""
+        """Raise :class:`ConfigError` (one line, naming the option) for the first unusable option.
+
+        Numbers must be finite and of the right kind (a stored config may hold anything). Radii
+        and steps are in the units of images in [0, 1], so ``eps``/``alpha`` above 1 mean nothing
+        and are refused; the attack phases need ``steps >= 1`` (``phases="standard"`` trains
+        without an attack); a batch needs 2 images, as BatchNorm cannot train on one.
+        """
         def bad(name: str, msg: str) -> None:
             raise ConfigError(f"{name}: {msg}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.num_models, int) or self.num_models < 1:
-            bad("num_models", "the number of sub-models M must be an integer >= 1")
-        if not valid_depth(self.depth):
-            bad("depth", "must be 2 or 6n+2 (8, 14, 20, 32, ...)")
-        if self.ppd_input not in PPD_INPUTS:
-            bad("ppd_input", f"must be one of {PPD_INPUTS}")
-        if self.phases not in PHASES:
-            bad("phases", f"must be one of {PHASES}")
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            bad("sigma", "the soft-min temperature must be > 0")
-        if not self.bce_weight >= 0:
-            bad("bce_weight", "must be >= 0")
-        if self.select_score not in SCORES:
-            bad("select_score", f"must be one of {SCORES}")
-        if not self.eps >= 0:
-            bad("eps", "must be >= 0")
-        if not self.alpha >= 0:
-            bad("alpha", "must be >= 0")
-        if self.steps < 0:
-            bad("steps", "must be >= 0")
-        if self.epochs < 1:
-            bad("epochs", "must be >= 1")
-        if self.batch_size < 1:
-            bad("batch_size", "must be >= 1")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"must be one of {SCHEDULES}")
-        if self.dataset not in DATASETS:
-            bad("dataset", f"must be one of {DATASETS}")
-        for name in ("train_limit", "test_limit"):
+        def number(name: str, ok: Callable[[Any], bool], msg: str, integer: bool = False,
+                   optional: bool = False) -> None:
             v = getattr(self, name)
-            if v is not None and v < 1:
-                bad(name, "must be >= 1")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
-            bad("device", "must be 'auto', 'cpu', 'cuda[:N]' or 'mps'")
+            if optional and v is None:
+                return
+            kinds = (int,) if integer else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kinds) or not (math.isfinite(v) and ok(v)):
+                bad(name, msg)
+
+        def choice(name: str, options: Tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                bad(name, f"must be one of {options}")
+
+        number("num_models", lambda v: v >= 1, "the number of sub-models M must be an integer >= 1",
+               integer=True)
+        number("depth", valid_depth, "must be 2 or 6n+2 (8, 14, 20, 32, ...)", integer=True)
+        choice("ppd_input", PPD_INPUTS)
+        choice("phases", PHASES)
+        number("sigma", lambda v: v > 0, "the soft-min temperature must be finite and > 0")
+        number("bce_weight", lambda v: v >= 0, "must be finite and >= 0")
+        choice("select_score", SCORES)
+        number("eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1] (images are in [0, 1])")
+        number("alpha", lambda v: 0 <= v <= 1, "the PGD step must lie in [0, 1] (images are in [0, 1])")
+        number("steps", lambda v: v >= (0 if self.phases == "standard" else 1),
+               "the attack phases need an integer >= 1 PGD steps (phases 'standard' trains "
+               "without an attack)", integer=True)
+        number("epochs", lambda v: v >= 1, "must be an integer >= 1", integer=True)
+        number("batch_size", lambda v: v >= 2, "must be an integer >= 2 (BatchNorm cannot train on "
+               "one image)", integer=True)
+        number("lr", lambda v: v > 0, "must be finite and > 0")
+        number("momentum", lambda v: 0 <= v < 1, "must lie in [0, 1)")
+        number("weight_decay", lambda v: v >= 0, "must be finite and >= 0")
+        choice("schedule", SCHEDULES)
+        number("gamma", lambda v: v > 0, "must be finite and > 0")
+        choice("dataset", DATASETS)
+        number("train_limit", lambda v: v >= 2, "must be an integer >= 2 (BatchNorm cannot train "
+               "on one image)", integer=True, optional=True)
+        number("test_limit", lambda v: v >= 1, "must be an integer >= 1", integer=True, optional=True)
+        try:
+            _checks.seed(self.seed)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
+            bad("device", "must be 'auto', 'cpu' or 'cuda[:N]'")
+        number("eval_every", lambda v: v >= 0, "must be an integer >= 0", integer=True)
+        number("eval_batch_size", lambda v: v >= 1, "must be an integer >= 1", integer=True)
+        choice("on_nonfinite", NONFINITE)
         return self
 
     def model_config(self) -> CollaborationConfig:
@@ -157,6 +178,18 @@ class TrainConfig:
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], source: object) -> "TrainConfig":
+        """The training config stored in a checkpoint's metadata, or a one-line
+        :class:`CheckpointError` naming ``source`` (the file) when it is missing or damaged."""
+        d = meta.get("config")
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source} has no training config in its metadata")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{source} has a damaged training config: {err}") from None
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,189 @@
+"""Where results go: every output path checked before work starts, and run folders owned and locked.
+
+* :func:`check_output` - the one check of an output path (a file, or a folder of results) that
+  every command runs before any work: not the wrong kind (a folder where a file is wanted, or the
+  reverse), no earlier results overwritten unless forced, and writable (created if missing and
+  probed with a temporary file, so a read-only disk or a path under ``/proc`` fails at once, not
+  after an hour of compute).
+* :func:`save_or_rescue` - write finished results; when that fails, save them to a temporary file
+  and say where, so computed results are never lost to a full disk or a vanished folder.
+* :class:`RunFolder` - a training run's folder, owned by one process for the run's lifetime:
+
+  - it is a folder that holds a run of this tool (its lock file or checkpoint) or is new/empty;
+    anything else (an existing file, a folder of other files) is refused unless ``force``;
+  - a checkpoint already there is continued only with ``resume`` and replaced only with ``force``;
+  - an exclusive ``flock`` on ``<folder>/.cda2.lock`` (which records the holder's PID) refuses a
+    second run at once, naming the holder; the kernel drops the lock when the process dies, even
+    on ``kill -9``, so no stale lock can block the next run;
+  - stale temporary files of an interrupted save (``.checkpoint.*.tmp``, ``.metrics.json.*.tmp``)
+    are removed when the next run takes the folder.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Callable, List, Optional, Sequence, Type, TypeVar, Union
+
+from .checkpoint import CHECKPOINT_NAME, fsync_dir, one_line
+from .errors import ConfigError
+
+try:  # POSIX; elsewhere runs are not locked (documented in the README)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["check_output", "save_or_rescue", "RunFolder", "check_run_folder", "LOCK_NAME",
+           "RUN_RESULTS"]
+
+PathLike = Union[str, os.PathLike]
+T = TypeVar("T")
+
+LOCK_NAME = ".cda2.lock"
+#: What a training run writes into its folder (earlier results: kept unless resumed or forced).
+RUN_RESULTS = (f"{CHECKPOINT_NAME}.safetensors", f"{CHECKPOINT_NAME}.json", "metrics.json")
+#: The temporary files of :func:`~cda2_ext.checkpoint.atomic_write` for those results.
+_RUN_TMP = tuple(f".{name}.*.tmp" for name in RUN_RESULTS)
+
+
+def _matching(names: Sequence[str], patterns: Sequence[str]) -> List[str]:
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def check_output(path: PathLike, *, option: str, folder: bool = False, force: bool = False,
+                 results: Sequence[str] = (), owned_if: Optional[Sequence[str]] = None,
+                 hint: str = "pass --force to overwrite") -> Path:
+    """Check an output path before any work starts; create it (or its parent) and probe writing.
+
+    Args:
+        path: the file (``folder=False``) or folder (``folder=True``) a command will write.
+        option: the option that named it, for the message (``"out_dir"``, ``"--out"``).
+        force: allow overwriting earlier results (and writing into a folder of other files).
+        results: for a folder, glob patterns of the names the command writes there; any that
+            exists is an earlier result and is refused unless ``force``. A file is always one.
+        owned_if: for a folder the command must own (a run folder), the names that show it
+            already is one; a non-empty folder holding none of them is refused unless ``force``.
+        hint: how to proceed, appended to the "earlier results" message.
+
+    Returns ``Path(path)``. Raises :class:`~cda2_ext.errors.ConfigError` naming ``option``.
+    """
+    p = Path(path)
+    where = p if folder else p.parent
+    try:
+        if folder and p.exists() and not p.is_dir():
+            raise ConfigError(f"{option}: {p} is a file, not a folder")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{option}: {p} is a folder; give a file name")
+        names = sorted(os.listdir(p)) if folder and p.is_dir() else []
+        if not force:
+            if not folder and p.exists():
+                raise ConfigError(f"{option}: {p} already exists; {hint}")
+            earlier = _matching(names, results)
+            if earlier:
+                more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+                raise ConfigError(f"{option}: {p} already holds {earlier[0]}{more} from an earlier "
+                                  f"run; {hint}")
+            if owned_if is not None and names and not _matching(names, owned_if):
+                raise ConfigError(f"{option}: {p} is a non-empty folder that holds no cda2 run "
+                                  f"(e.g. {names[0]}); choose a new or empty folder, or pass --force")
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cda2-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{option}: cannot write to {where}: {err.strerror or one_line(err)}") from None
+    return p
+
+
+def save_or_rescue(write: Callable[[], T], results_json: str, *, option: str) -> T:
+    """Run ``write()`` (which writes finished results); if it fails with ``OSError``, save
+    ``results_json`` to a temporary file instead and raise a :class:`ConfigError` naming both."""
+    try:
+        return write()
+    except OSError as err:
+        why = err.strerror or one_line(err)
+        try:
+            fd, rescue = tempfile.mkstemp(prefix="cda2-results-", suffix=".json")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(results_json + "\n")
+            kept = f"the results were saved to {rescue} instead"
+        except OSError:
+            kept = "the results are printed above"
+        raise ConfigError(f"{option}: could not write {getattr(err, 'filename', None) or 'the results'}"
+                          f": {why}; {kept}") from None
+
+
+def check_run_folder(path: PathLike, *, resume: bool = False, force: bool = False) -> Path:
+    """The checks :class:`RunFolder` makes, without taking the folder (the CLI runs them before
+    loading data, so a wrong ``--out-dir`` fails in a second)."""
+    if resume and force:
+        raise ConfigError("out_dir: resume and force exclude each other (force starts over)")
+    return check_output(path, option="out_dir", folder=True, force=force,
+                        results=() if resume else RUN_RESULTS, owned_if=(LOCK_NAME, *RUN_RESULTS),
+                        hint="pass --resume to continue it or --force to start over")
+
+
+class RunFolder:
+    """A training run's folder, owned by this process from ``__enter__`` to ``__exit__``.
+
+    On entry: :func:`check_run_folder`, then the lock (a second run fails at once with a
+    :class:`ConfigError` naming the holder's PID), the checks again under the lock (the folder may
+    have changed while unlocked), removal of stale temporary files, and with ``force`` removal of
+    the previous run's results (files of other programs are never removed).
+
+    Attributes (after entry): ``path``; ``has_checkpoint``; ``removed``: the names removed.
+    """
+
+    def __init__(self, path: PathLike, *, resume: bool = False, force: bool = False) -> None:
+        self.path = Path(path)
+        self.resume, self.force = resume, force
+        self.removed: List[str] = []
+        self._fd: Optional[int] = None
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / RUN_RESULTS[0]).is_file()
+
+    def __enter__(self) -> "RunFolder":
+        check_run_folder(self.path, resume=self.resume, force=self.force)
+        self._lock()
+        try:
+            check_run_folder(self.path, resume=self.resume, force=self.force)
+            names = sorted(os.listdir(self.path))
+            doomed = _matching(names, _RUN_TMP + (RUN_RESULTS if self.force else ()))
+            for name in doomed:
+                (self.path / name).unlink()
+            if doomed:
+                fsync_dir(self.path)
+            self.removed = doomed
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self._unlock()
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EWOULDBLOCK: another process holds it
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ConfigError(f"out_dir: {self.path} is in use by another cda2 run (PID {holder}); "
+                                  "wait for it to finish or choose another --out-dir") from None
+        # The lock file stays after the run (removing it would race with a waiting opener); its
+        # content is only the last holder's PID, for the message above.
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
