@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -34,9 +34,9 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
-__all__ = ["FORMAT", "CHECKPOINT_NAME", "DIGEST_KEY", "one_line", "checkpoint_files", "atomic_write",
+__all__ = ["FORMAT", "CHECKPOINT_NAME", "DIGEST_KEY", "checkpoint_files", "atomic_write",
            "fsync_dir", "tensors_digest", "save_checkpoint", "load_checkpoint", "load_state",
            "load_collaboration"]
 
@@ -44,12 +44,6 @@ FORMAT = "cda2-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint"
 DIGEST_KEY = "tensors_sha256"
 PathLike = Union[str, os.PathLike]
-
-
-def one_line(err: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, shortened: error messages here are one line."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def checkpoint_files(path: PathLike) -> Tuple[Path, Path]:

@@ -38,8 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import one_line
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, one_line
 
 __all__ = [
     "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",

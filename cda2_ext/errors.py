@@ -7,7 +7,8 @@ derives from the built-in exception a Python caller would expect (``ValueError``
 """
 from __future__ import annotations
 
-__all__ = ["Cda2Error", "ConfigError", "DataError", "CheckpointError", "CLIError"]
+__all__ = ["Cda2Error", "ConfigError", "DataError", "CheckpointError", "CLIError",
+           "NonFiniteLossError", "one_line"]
 
 
 class Cda2Error(Exception):
@@ -28,3 +29,14 @@ class CheckpointError(Cda2Error, RuntimeError):
 
 class CLIError(Cda2Error):
     """A command-line usage error that no lower layer checks (e.g. two options that conflict)."""
+
+
+class NonFiniteLossError(Cda2Error, FloatingPointError):
+    """Training met a non-finite loss (or parameters) and stopped before saving anything from it."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened: error messages here are one line
+    (used where a lower library's multi-line message is wrapped into one of ours)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."

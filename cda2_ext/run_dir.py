@@ -27,8 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable, List, Optional, Sequence, Type, TypeVar, Union
 
-from .checkpoint import CHECKPOINT_NAME, fsync_dir, one_line
-from .errors import ConfigError
+from .checkpoint import CHECKPOINT_NAME, fsync_dir
+from .errors import ConfigError, one_line
 
 try:  # POSIX; elsewhere runs are not locked (documented in the README)
     import fcntl

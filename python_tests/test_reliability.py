@@ -36,7 +36,7 @@ from cda2_ext.data import DataError, load_cifar10, synthetic_images
 from cda2_ext.errors import CheckpointError, ConfigError
 from cda2_ext.run_dir import LOCK_NAME, RunFolder
 from cda2_ext.training import TrainConfig, Trainer
-from cda2_ext.training.trainer import NonFiniteLossError
+from cda2_ext.errors import NonFiniteLossError
 
 TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
         "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",

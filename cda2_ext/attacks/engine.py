@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as Fn
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..reference import draw_seed
 from ..runtime import FUSED, OpsBackend

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import ModelFn, check_attack_args, margin
 
 __all__ = ["SquareResult", "QueryCounter", "square_p_schedule", "square_attack"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import (ModelFn, check_attack_args, cw_loss, derive_generator, 
                      model_objective, per_sample_loss, sign_attack)
 from .whitebox import predict_correct

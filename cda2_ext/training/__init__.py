@@ -1,7 +1,7 @@
 """Training CDA² collaborations (Algorithm 1): options and the trainer."""
 from __future__ import annotations
 
-from .config import DATASETS, PHASES, SCHEDULES, TrainConfig
+from .config import DATASETS, NONFINITE, PHASES, SCHEDULES, TrainConfig
 from .trainer import RESUMABLE_CHANGES, Trainer
 
-__all__ = ["DATASETS", "PHASES", "SCHEDULES", "TrainConfig", "RESUMABLE_CHANGES", "Trainer"]
+__all__ = ["DATASETS", "NONFINITE", "PHASES", "SCHEDULES", "TrainConfig", "RESUMABLE_CHANGES", "Trainer"]

@@ -39,27 +39,22 @@ import torch
 from torch import Tensor
 
 from ..attacks.training import collaboration_pgd, per_model_pgd
-from ..checkpoint import (atomic_write, checkpoint_files, load_checkpoint, load_state, one_line,
-                          save_checkpoint)
+from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
 from ..data import ImageSet, load_images, random_crop_flip, to_float
-from ..errors import Cda2Error, CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
 from ..models.collaboration import Collaboration, collaborate
 from ..run_dir import RunFolder
 from ..runtime import eval_mode, resolve_device
 from .config import TrainConfig
 
-__all__ = ["Trainer", "RESUMABLE_CHANGES", "NonFiniteLossError"]
+__all__ = ["Trainer", "RESUMABLE_CHANGES"]
 
 # Options that may differ between the run that wrote a checkpoint and the run resuming it: they
 # change where/how fast/how long the run goes, not the training trajectory (on_nonfinite only
 # matters once a loss is non-finite, and a run stopped by one may resume skipping such batches).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_every",
                                "eval_batch_size", "data_dir", "out_dir", "on_nonfinite"})
-
-
-class NonFiniteLossError(Cda2Error, FloatingPointError):
-    """Training met a non-finite loss (or parameters) and stopped before saving anything from it."""
 
 
 class _PhaseStats:

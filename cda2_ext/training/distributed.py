@@ -1,0 +1,170 @@
+"""Data parallelism across processes with ``torch.distributed`` (launched by ``torchrun``).
+
+The contract is *one process = one shard of every global batch*:
+
+* every rank draws the same global batch (same generator, same permutation, same augmentation and
+  PGD random starts - all drawn for the global batch) and keeps its contiguous slice
+  (:meth:`DistContext.shard`), so a run's randomness does not depend on the world size;
+* the model is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` for the training
+  forward/backward (gradients are averaged across ranks while the backward runs); the PGD attacks
+  use the unwrapped module (input gradients only, nothing to synchronise);
+* BatchNorm normalises over each process's shard unless ``sync_bn``: then :class:`SyncBatchNorm2d`
+  normalises over the global batch on any device (torch's own ``nn.SyncBatchNorm`` refuses CPU
+  tensors, and the CPU + gloo path is what CI can run). With ``sync_bn`` a run on W processes
+  follows the same trajectory as one process with the same global batch, up to float rounding;
+* rank 0 alone writes checkpoints, metrics and logs; the others wait at a barrier.
+
+:func:`from_environment` reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); a
+plain ``python``/``cda2`` start is world size 1 and touches nothing of ``torch.distributed``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+__all__ = ["DistContext", "from_environment", "SyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        rank, world_size: this process's index and the number of processes.
+        local_rank: index on this node (picks ``cuda:local_rank``).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and logs."""
+        return self.rank == 0
+
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch must split into equal shards (each rank's mean is then the same
+        weight of the global mean, which is what averaging the gradients assumes)."""
+        if self.enabled and batch_size % self.world_size:
+            raise ConfigError(f"batch_size: the global batch ({batch_size}) must be a multiple of "
+                              f"the number of processes ({self.world_size})")
+
+    def shard(self, t: Tensor) -> Tensor:
+        """This rank's contiguous slice of a global batch (dim 0; ``t`` itself when alone)."""
+        if not self.enabled:
+            return t
+        n = t.shape[0]
+        if n % self.world_size:
+            raise ValueError(f"a batch of {n} does not split into {self.world_size} equal shards")
+        k = n // self.world_size
+        return t[self.rank * k:(self.rank + 1) * k]
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over ranks, in place (a no-op alone)."""
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def device(self, requested: torch.device) -> torch.device:
+        """One GPU per process: ``cuda:local_rank`` when the run is on CUDA."""
+        if self.enabled and requested.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+
+def from_environment(backend: Optional[str] = None) -> DistContext:
+    """The job's :class:`DistContext`; initialises the default process group under torchrun.
+
+    ``backend``: ``"nccl"`` for CUDA, ``"gloo"`` for CPU; ``None`` picks by device availability.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank, world, local)
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward is again an all-reduce of the incoming gradients: the
+    global statistics depend on every rank's inputs, so every rank's loss reaches every input."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics cover the global batch, on CPU or CUDA.
+
+    One all-reduce per layer carries ``[sum, sum of squares, count]`` per channel; outside
+    training, or alone, it is exactly :class:`~torch.nn.BatchNorm2d`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        C = x.shape[1]
+        xf = x.float()
+        n = torch.full((1,), float(x.numel() // C), device=x.device)
+        stats = _SumAcrossRanks.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n]))
+        count = stats[-1]
+        mean = stats[:C] / count
+        var = (stats[C:2 * C] / count - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(m * mean)
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+        y = (xf - mean.view(1, C, 1, 1)) * torch.rsqrt(var.view(1, C, 1, 1) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` (packed ones included) in ``module`` by
+    :class:`SyncBatchNorm2d`, keeping its parameters and running statistics (state-dict keys are
+    unchanged)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SyncBatchNorm2d):
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(
+                device=child.weight.device if child.affine else None)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child)
+    return module
