@@ -1,0 +1,84 @@
+"""What defines a robustness evaluation: :class:`EvalConfig` and the seeded test subset."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..attacks.adaptive import AdaptiveConfig
+from ..attacks.transfer import TransferConfig
+from ..attacks.whitebox import PGDConfig
+from .families import ATTACK_GROUPS
+
+__all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
+
+DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation run (stored in the JSON output).
+
+    Attributes:
+        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS`.
+        eps: the L-inf radii of the sweep. n_samples: size of the random test subset.
+        seed: picks the subset and seeds every attack. batch_size: images per attack batch.
+        pgd, adaptive, transfer: the attacks' configurations (paper budgets by default).
+        square_queries, square_eps, square_p_init: the Square attack (Table 3: 5000, 0.03).
+        sanity_eps: the large radius of the "accuracy must reach ~0" check (``None``: skip);
+            it runs PGD with ``pgd.steps`` steps and one start.
+        sanity_max_acc: the accuracy at ``sanity_eps`` above which the check fails.
+        score: Algorithm 2's selection score (``"ppd"`` | ``"soe"``). unfused: reference ops.
+        progress: tqdm progress bars (stderr).
+    """
+
+    attacks: Tuple[str, ...] = ATTACK_GROUPS
+    eps: Tuple[float, ...] = DEFAULT_EPS
+    n_samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    pgd: PGDConfig = field(default_factory=PGDConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    square_queries: int = 5000
+    square_eps: Tuple[float, ...] = (0.03,)
+    square_p_init: float = 0.8
+    sanity_eps: Optional[float] = 0.3
+    sanity_max_acc: float = 0.05
+    score: str = "ppd"
+    unfused: bool = False
+    progress: bool = True
+
+    def validate(self) -> "EvalConfig":
+        """Raise ``ValueError`` (naming the field) for a setting no evaluation can run; ``self``."""
+        bad = [a for a in self.attacks if a not in ATTACK_GROUPS]
+        if bad:
+            raise ValueError(f"attacks: unknown {bad}; expected some of {ATTACK_GROUPS}")
+        for e in (*self.eps, *self.square_eps):
+            if not (math.isfinite(e) and 0 <= e <= 1):
+                raise ValueError(f"eps: every radius must be in [0, 1], got {e}")
+        if self.n_samples < 1 or self.batch_size < 1:
+            raise ValueError("n_samples and batch_size must be >= 1")
+        if self.square_queries < 1:
+            raise ValueError(f"square queries: must be >= 1, got {self.square_queries}")
+        if self.pgd.steps < 0 or self.pgd.restarts < 1:
+            raise ValueError("pgd: steps must be >= 0 and restarts >= 1")
+        self.adaptive.validate()
+        self.transfer.validate()
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict (the attack configurations as their own dicts)."""
+        d = asdict(self)
+        d["pgd"], d["adaptive"], d["transfer"] = (self.pgd.to_dict(), self.adaptive.to_dict(),
+                                                  self.transfer.to_dict())
+        return d
+
+
+def select_subset(n_total: int, n: int, seed: int) -> Tensor:
+    """``min(n, n_total)`` distinct test indices drawn with ``seed`` (sorted)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_total, generator=g)[:min(n, n_total)].sort().values

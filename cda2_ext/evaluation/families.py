@@ -1,0 +1,187 @@
+"""The attack families of ``cda2 eval`` and the probes behind its checks, each a small runner.
+
+Adding a family: write ``run_x(ctx, eps) -> List[Outcome]`` (attack every model of ``ctx`` at
+``eps``; build its rows in :mod:`~cda2_ext.evaluation.rows`) and add one
+:class:`~cda2_ext.evaluation.context.AttackFamily` to :data:`FAMILIES`; ``--attack`` and the
+worst case pick it up from there. Its randomness comes from ``ctx.generator(name, eps, batch)``,
+so results do not depend on which other families ran.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.adaptive import adaptive_attacks, apgd_attack
+from ..attacks.engine import merge_worst
+from ..attacks.square import square_attack
+from ..attacks.transfer import (TransferSet, all_variants_correct, generate_transfer_set,
+                                transfer_correct)
+from ..attacks.whitebox import PGDConfig, pgd_attack
+from .context import AttackFamily, EvalContext, Outcome, Probe
+from .rows import (ADAPTIVE, ADAPTIVE_WORST, PGD, SQUARE, TRANSFER, adaptive_row, pgd_row,
+                   square_row, transfer_row)
+
+__all__ = ["FAMILIES", "PROBES", "ATTACK_GROUPS", "run_pgd", "run_adaptive", "run_transfer",
+           "run_square", "run_sanity"]
+
+
+def _is_collaboration(model: object) -> bool:
+    return isinstance(model, nn.Module) and hasattr(model, "num_models")
+
+
+# ----- white-box PGD -------------------------------------------------------------------------------
+def run_pgd(ctx: EvalContext, eps: float) -> List[Outcome]:
+    """PGD on each model's hard output (``cfg.pgd``: the paper's 50 steps x 5 restarts, CE)."""
+    cfg, row = ctx.cfg, pgd_row(ctx.cfg.pgd)
+    out = []
+    for name, target in ctx.targets.items():
+        oks = ctx.over_batches(f"{name} pgd eps={eps:g}", lambda b, s, target=target: pgd_attack(
+            target, ctx.x[s], ctx.y[s], eps, cfg.pgd, generator=ctx.generator(PGD, eps, b),
+            backend=ctx.backend).correct.cpu())
+        out.append(Outcome(name, row, torch.cat(oks)))
+    return out
+
+
+# ----- adaptive attacks on the selection ------------------------------------------------------------
+def _adaptive_batch(ctx: EvalContext, name: str, eps: float, b: int, s: slice) -> Dict[str, Tensor]:
+    """``{attack: correct}`` of one batch: every adaptive attack on a collaboration, APGD only on
+    a plain model function; ``"worst"`` is their per-sample worst case."""
+    net, cfg, x, y = ctx.models[name], ctx.cfg.adaptive, ctx.x[s], ctx.y[s]
+    if _is_collaboration(net):
+        seed = ctx.generator(ADAPTIVE, b).initial_seed()
+        res = adaptive_attacks(net, x, y, eps, cfg, seed=int(seed), backend=ctx.backend)
+    else:
+        res = {}
+        for loss in ("ce", "dlr"):
+            if f"apgd-{loss}" in cfg.attacks:
+                res[f"apgd-{loss}"] = apgd_attack(
+                    ctx.targets[name], x, y, eps, cfg.apgd_steps, loss, cfg.apgd_restarts,
+                    generator=ctx.generator(f"apgd-{loss}", eps, b), backend=ctx.backend)
+        if res:
+            res["worst"] = merge_worst(list(res.values()))
+    return {k: r.correct.cpu() for k, r in res.items()}
+
+
+def run_adaptive(ctx: EvalContext, eps: float) -> List[Outcome]:
+    """The adaptive attacks (one row each) and their worst case (:data:`ADAPTIVE_WORST`)."""
+    out = []
+    for name in ctx.targets:
+        parts: Dict[str, List[Tensor]] = {}
+        for res in ctx.over_batches(f"{name} adaptive eps={eps:g}",
+                                    lambda b, s, name=name: _adaptive_batch(ctx, name, eps, b, s)):
+            for k, ok in res.items():
+                parts.setdefault(k, []).append(ok)
+        out += [Outcome(name, ADAPTIVE_WORST if k == "worst" else adaptive_row(k), torch.cat(v))
+                for k, v in parts.items()]
+    return out
+
+
+# ----- transfer attacks from hold-out surrogates ----------------------------------------------------
+def prepare_transfer(ctx: EvalContext) -> Optional[str]:
+    """Given transfer sets must be of this run's samples; without surrogates or sets, skip."""
+    for e, ts in ctx.transfer_sets.items():
+        if ts.indices is not None and ts.indices.tolist() != ctx.indices.tolist():
+            raise ValueError(f"transfer set for eps={e:g} was made on other test samples "
+                             "(use the same --seed and --n-samples as when it was generated)")
+    if not (ctx.surrogates or ctx.transfer_sets):
+        return ("transfer attack not run: no surrogate and no transfer set given, so the white-box "
+                "vs transfer check was skipped.")
+    return None
+
+
+def _make_transfer_set(ctx: EvalContext, eps: float) -> TransferSet:
+    """Attack the surrogates batch by batch; save the set where asked."""
+    cfg = ctx.cfg
+    for s_model in ctx.surrogates.values():
+        if isinstance(s_model, nn.Module):
+            s_model.to(ctx.device).eval()
+    pieces = ctx.over_batches(f"transfer eps={eps:g}", lambda b, s: generate_transfer_set(
+        ctx.surrogates, ctx.x[s], ctx.y[s], eps, cfg.transfer,
+        seed=int(ctx.generator(TRANSFER, b).initial_seed()), indices=ctx.indices[s],
+        backend=ctx.backend, extra_config={"eval_seed": cfg.seed}), steps=len(ctx.surrogates))
+    tset = TransferSet.concat(pieces)
+    tset.config["n_samples"] = cfg.n_samples
+    if ctx.save_transfer_dir is not None:
+        p = tset.save(Path(ctx.save_transfer_dir) / f"transfer_eps{eps:g}.safetensors")
+        ctx.log(f"saved transfer set ({len(tset.names)} variants x {ctx.n} images): {p}")
+    return tset
+
+
+def run_transfer(ctx: EvalContext, eps: float) -> List[Outcome]:
+    """The given set for ``eps`` (else one generated from the surrogates); a sample is robust
+    only if every variant is classified correctly. Details: per-variant accuracy."""
+    tset = ctx.transfer_sets.get(eps)
+    if tset is None and not ctx.surrogates:
+        ctx.log(f"transfer: no set for eps={eps:g} among the given files; skipped at this eps")
+        return []
+    if tset is None:
+        tset = _make_transfer_set(ctx, eps)
+    row = transfer_row(len(tset.names))
+    out = []
+    for name, target in ctx.targets.items():
+        corr = transfer_correct(target, tset, ctx.cfg.batch_size)
+        per_variant = {v: round(corr[i].float().mean().item(), 4) for i, v in enumerate(tset.names)}
+        out.append(Outcome(name, row, all_variants_correct(corr), per_variant))
+    return out
+
+
+def _transfer_units(ctx: EvalContext) -> int:
+    return len(ctx.batches) * len(ctx.surrogates)
+
+
+# ----- Square (query-only) ---------------------------------------------------------------------------
+def run_square(ctx: EvalContext, eps: float) -> List[Outcome]:
+    """Square with ``cfg.square_queries`` queries. Details: the queries used and how many samples
+    survived only because the budget ran out."""
+    cfg, row = ctx.cfg, square_row(ctx.cfg.square_queries)
+    out = []
+    for name, target in ctx.targets.items():
+        def one(b: int, s: slice, target=target) -> Tuple[Tensor, Tensor, Tensor]:
+            r = square_attack(target, ctx.x[s], ctx.y[s], eps, cfg.square_queries, p_init=cfg.square_p_init,
+                              generator=ctx.generator(SQUARE, eps, b), backend=ctx.backend)
+            return r.correct.cpu(), r.queries.cpu(), r.out_of_budget.cpu()
+        ok, q, oob = (torch.cat(t) for t in zip(*ctx.over_batches(f"{name} square eps={eps:g}", one)))
+        out.append(Outcome(name, row, ok, {
+            "budget": cfg.square_queries, "mean_queries": round(q.float().mean().item(), 1),
+            "max_queries": int(q.max()), "out_of_budget": int(oob.sum())}))
+    return out
+
+
+def _square_radii(ctx: EvalContext) -> Sequence[float]:
+    return ctx.cfg.square_eps
+
+
+# ----- probes ---------------------------------------------------------------------------------------
+def run_sanity(ctx: EvalContext) -> None:
+    """PGD (one start, ``cfg.pgd.steps`` steps) at the huge radius ``cfg.sanity_eps``, where
+    accuracy must reach about 0: ``details["sanity"]``."""
+    cfg = ctx.cfg
+    eps = float(cfg.sanity_eps or 0.0)
+    scfg = PGDConfig(steps=cfg.pgd.steps, restarts=1, alpha_factor=cfg.pgd.alpha_factor, loss=cfg.pgd.loss)
+    acc: Dict[str, float] = {}
+    for name, target in ctx.targets.items():
+        oks = ctx.over_batches(f"{name} sanity eps={eps:g}", lambda b, s, target=target: pgd_attack(
+            target, ctx.x[s], ctx.y[s], eps, scfg, generator=ctx.generator("sanity", b),
+            backend=ctx.backend).correct.cpu())
+        acc[name] = (torch.cat(oks) & ctx.clean_ok[name]).float().mean().item()
+    ctx.details["sanity"] = {"eps": cfg.sanity_eps, "steps": cfg.pgd.steps, "accuracy": acc}
+
+
+#: The attack families, in the order they run at each radius (and their rows first appear).
+FAMILIES: Tuple[AttackFamily, ...] = (
+    AttackFamily(PGD, run_pgd),
+    AttackFamily(ADAPTIVE, run_adaptive),
+    AttackFamily(TRANSFER, run_transfer, units=_transfer_units, prepare=prepare_transfer, details=True),
+    AttackFamily(SQUARE, run_square, radii=_square_radii, details=True),
+)
+
+#: Measurements after the sweep, for the gradient-masking checks.
+PROBES: Tuple[Probe, ...] = (
+    Probe("sanity", run_sanity, active=lambda ctx: bool(ctx.cfg.sanity_eps)),
+)
+
+#: The ``--attack`` groups: the names of :data:`FAMILIES`.
+ATTACK_GROUPS: Tuple[str, ...] = tuple(f.name for f in FAMILIES)
