@@ -63,15 +63,17 @@ def _start(x_nat: Tensor, eps: float, copies: Optional[int], random_start: bool,
 
 def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                   steps: int, *, random_start: bool = True, lo: float = 0.0, hi: float = 1.0,
-                  generator: Optional[torch.Generator] = None,
+                  generator: Optional[torch.Generator] = None, x_init: Optional[Tensor] = None,
                   backend: OpsBackend = FUSED) -> Tensor:
     """M PGD variants at once, ``x_adv[m]`` attacking sub-model ``m`` (Alg. 1 lines 3-4).
 
-    ``model`` must expose ``num_models`` and accept ``[M, B, C, H, W]``. Returns the detached
-    ``[M, B, C, H, W]``.
+    ``model`` must expose ``num_models`` and accept ``[M, B, C, H, W]``. ``x_init``: the start
+    ``[M, B, ...]`` (e.g. this process's slice of a global random start), instead of drawing one.
+    Returns the detached ``[M, B, C, H, W]``.
     """
     x_nat = x_nat.detach()
-    x0 = _start(x_nat, eps, model.num_models, random_start, lo, hi, generator, backend)
+    x0 = x_init if x_init is not None else _start(x_nat, eps, model.num_models, random_start, lo,
+                                                  hi, generator, backend)
     with eval_mode(model):
         return sign_attack(per_model_ce_objective(model, target), x_nat, target, eps, alpha, steps,
                            x_init=x0, lo=lo, hi=hi, track_worst=False, backend=backend).x_adv
@@ -80,10 +82,13 @@ def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, a
 def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                       steps: int, *, score: str = "ppd", random_start: bool = True,
                       lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
-                      backend: OpsBackend = FUSED) -> Tensor:
-    """PGD against the collaboration's own answer (Alg. 1 line 17). Returns ``[B, C, H, W]``."""
+                      x_init: Optional[Tensor] = None, backend: OpsBackend = FUSED) -> Tensor:
+    """PGD against the collaboration's own answer (Alg. 1 line 17). Returns ``[B, C, H, W]``.
+
+    ``x_init``: the start ``[B, ...]``, instead of drawing one."""
     x_nat = x_nat.detach()
-    x0 = _start(x_nat, eps, None, random_start, lo, hi, generator, backend)
+    x0 = (x_init.unsqueeze(0) if x_init is not None
+          else _start(x_nat, eps, None, random_start, lo, hi, generator, backend))
     with eval_mode(model):
         objective = selected_ce_objective(model, target, score, backend)
         return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,

@@ -10,7 +10,9 @@ from ..data import download_cifar10
 from ..errors import CLIError
 from ..run_dir import check_run_folder
 from ..runtime import resolve_device
-from ..training.config import NONFINITE, TrainConfig
+from ..training.config import AMP, NONFINITE, TrainConfig
+from ..training.distributed import DistContext, from_environment
+from ..training.methods import METHODS
 from ..training.trainer import RESUMABLE_CHANGES, Trainer
 
 __all__ = ["register", "run"]
@@ -18,6 +20,7 @@ __all__ = ["register", "run"]
 # ----- options ----------------------------------------------------------------------------------
 _TRAIN_OPTIONS = [
     # (flag, field, type, help)
+    ("--method", "method", str, f"what to train: {' | '.join(METHODS)}"),
     ("--num-models", "num_models", int, "number of sub-models M"),
     ("--depth", "depth", int, "ResNet depth: 2 (Table 6) or 6n+2 (8, 14, 20, ...)"),
     ("--ppd-input", "ppd_input", str, "PPD head input (detached): features | logits"),
@@ -46,6 +49,8 @@ _TRAIN_OPTIONS = [
     ("--eval-every", "eval_every", int, "clean test accuracy every N epochs (0: never)"),
     ("--on-nonfinite", "on_nonfinite", str, f"a non-finite loss: {' | '.join(NONFINITE)} (stop the "
      "run, keeping the last checkpoint, or skip that update and count it in the metrics)"),
+    ("--amp", "amp", str, f"mixed precision of the forward passes: {' | '.join(AMP)} (losses and "
+     "the fused ops stay in fp32)"),
 ]
 
 
@@ -68,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use the plain-PyTorch reference ops instead of the fused ones")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bars")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=argparse.SUPPRESS,
+                   help="under torchrun: BatchNorm statistics over the global batch, not each "
+                   "process's shard (the run then matches a one-process run of the same batch)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue from --out-dir's checkpoint (its options, plus any given here "
@@ -83,8 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's options: the given ones, or the stored run's plus resumable changes."""
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_OPTIONS if hasattr(args, name)}
-    given.update({k: getattr(args, k) for k in ("augment", "random_start", "unfused", "progress")
-                  if hasattr(args, k)})
+    given.update({k: getattr(args, k) for k in ("augment", "random_start", "unfused", "progress",
+                                                "sync_bn") if hasattr(args, k)})
     out_dir = given.get("out_dir", TrainConfig.out_dir)
     st_path = checkpoint_files(out_dir)[0]
     if args.resume and st_path.is_file():
@@ -97,21 +105,36 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cda2 train``: train (or resume) a run and print its final metrics as JSON."""
+    """``cda2 train``: train (or resume) a run and print its final metrics as JSON.
+
+    Under ``torchrun`` every process runs this; rank 0 checks the folder, downloads, writes and
+    prints."""
     cfg = _train_config(args)
     # Both checked again by the trainer (the folder under the run's lock); here so that a wrong
     # --device or --out-dir fails before anything is created or loaded.
     resolve_device(cfg.device)
-    check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
+    dist = from_environment()
+    if dist.is_main:
+        check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
     if args.download and cfg.dataset == "cifar10":
-        folder = download_cifar10(cfg.data_dir or "data")
+        folder = resolve_download(cfg.data_dir or "data", dist)
         cfg = cfg.replace(data_dir=str(folder))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dist=dist)
     history = trainer.fit(resume=args.resume, force=args.force)
     final = history[-1] if history else {}
+    if not dist.is_main:
+        return 0
     print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch,
                       "seconds": round(time.perf_counter() - t0, 2),
                       "final": {k: final.get(k) for k in ("loss", "clean_acc", "adv_acc", "assign_hist",
                                                           "select_hist", "test")}}, indent=2))
     return 0
+
+
+def resolve_download(folder: str, dist: DistContext):
+    """Rank 0 downloads (if missing); the others wait and then use the same folder."""
+    if dist.is_main:
+        path = download_cifar10(folder)
+    dist.barrier()
+    return path if dist.is_main else download_cifar10(folder)

@@ -35,22 +35,27 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .. import _checks
 from ..errors import CheckpointError, ConfigError
+from .methods import METHODS
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
 
-__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE"]
+__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP"]
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "synthetic")
 #: What a non-finite loss does: stop the run (keeping the last finite checkpoint) or skip that update.
 NONFINITE = ("stop", "skip")
+#: Mixed precision of the forward passes (losses and the fused ops stay in fp32).
+AMP = ("none", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
     """All options of a training run (serialised to JSON beside every checkpoint)."""
 
+    # what is trained (cda2_ext.training.methods)
+    method: str = "cda2"
     # model
     num_models: int = 3
     depth: int = 20
@@ -90,6 +95,9 @@ class TrainConfig:
     eval_batch_size: int = 500
     num_classes: int = 10
     on_nonfinite: str = "stop"         # a non-finite loss: "stop" the run, or "skip" that update
+    # speed and scale
+    amp: str = "none"                  # mixed precision of the forward passes: none | bf16 | fp16
+    sync_bn: bool = False              # BatchNorm over the global batch in a multi-process run
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` (one line, naming the option) for the first unusable option.
@@ -149,6 +157,10 @@ class TrainConfig:
         number("eval_every", lambda v: v >= 0, "must be an integer >= 0", integer=True)
         number("eval_batch_size", lambda v: v >= 1, "must be an integer >= 1", integer=True)
         choice("on_nonfinite", NONFINITE)
+        choice("method", tuple(METHODS))
+        choice("amp", AMP)
+        if not isinstance(self.sync_bn, bool):
+            bad("sync_bn", "must be true or false")
         return self
 
     def model_config(self) -> CollaborationConfig:

@@ -1,52 +1,48 @@
-"""Algorithm 1: training a CDA² collaboration.
+"""The one trainer: data, optimiser, precision, processes, safety and checkpoints around a method.
 
-Per batch ``(x, y)`` (augmented on the device), depending on ``TrainConfig.phases``:
+What is trained is a *method* (:mod:`cda2_ext.training.methods`, ``TrainConfig.method``; CDA²'s
+Algorithm 1 by default): per batch it makes its inputs (an attack, or none) and calls
+:meth:`Trainer.update` with its loss. Everything else is here, once, for every method:
 
-* **natural** (lines 2-10): ``per_model_pgd`` makes the M variants ``x~^{θ_i}`` at once
-  (``[M, B, C, H, W]``); they are flattened to one shared batch of ``M*B`` images so that *every*
-  sub-model scores *every* variant in one forward (``logits [M, M*B, K]``); the loss is the
-  soft-min surrogate (Eq. 7) averaged over variants and samples + ``bce_weight`` x the PPD BCE
-  against ``p_y`` (lines 6-9). One SGD step.
-* **adversarial** (lines 12-19): ``collaboration_pgd`` attacks the collaboration's own answer
-  (the highest-PPD sub-model, gradient through ``collaborative_select``); surrogate + BCE on that
-  ``x~``. One SGD step. This is the default: the paper's implementation uses this phase alone.
-* **both**: a natural-phase step, then an adversarial-phase step on the same batch.
-* **standard**: no attack; surrogate + BCE on the clean batch (Table 6's standard training).
-
-The PPD heads read detached features, so one backward of ``surrogate + bce_weight * bce`` gives
-Algorithm 1's two separate updates (BCE -> PPD heads only, surrogate -> everything else).
-
-Randomness: the model is initialised from ``torch.manual_seed(seed)``; everything afterwards
-(data order, crops, flips, PGD random starts) is drawn from one CPU ``torch.Generator``, whose
-state is checkpointed with the model and optimiser after every epoch. A resumed run therefore
-replays exactly the batches and random starts an uninterrupted run would have seen.
-
-Safety: :meth:`Trainer.fit` owns ``out_dir`` for the run's lifetime
-(:class:`~cda2_ext.run_dir.RunFolder`: checked, locked, stale temporary files removed), and every
-update checks that its loss is finite before applying it: a non-finite loss stops the run with
-:class:`NonFiniteLossError` (the last checkpoint on disk, from the last finished epoch, is finite
-and kept) or, with ``on_nonfinite="skip"``, skips that update and counts it in the epoch's
-``skipped_steps``.
+* **Data**: each epoch a permutation of the training set, split into global batches, augmented
+  on the device.
+* **Randomness**: the model is initialised from ``torch.manual_seed(seed)``; everything afterwards
+  (data order, crops, flips, PGD random starts) is drawn from one CPU ``torch.Generator``, whose
+  state is checkpointed with the model and optimiser after every epoch. A resumed run therefore
+  replays exactly the batches and random starts an uninterrupted run would have seen.
+* **Mixed precision** (``amp``): forward passes (attacks included) under ``torch.autocast`` in
+  bf16 or fp16 (with a gradient scaler); the losses and the fused ops run in fp32.
+* **Processes** (:mod:`.distributed`): under ``torchrun`` each process trains its shard of every
+  global batch, with the global batch's randomness, inside ``DistributedDataParallel``; rank 0
+  writes checkpoints, metrics and logs.
+* **Safety**: :meth:`Trainer.fit` owns ``out_dir`` for the run's lifetime
+  (:class:`~cda2_ext.run_dir.RunFolder`: checked, locked, stale temporary files removed), and every
+  update checks that its loss is finite before applying it: a non-finite loss stops the run with
+  :class:`~cda2_ext.errors.NonFiniteLossError` (the last checkpoint on disk, from the last finished
+  epoch, is finite and kept) or, with ``on_nonfinite="skip"``, skips that update and counts it in
+  the epoch's ``skipped_steps``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..attacks.training import collaboration_pgd, per_model_pgd
 from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
 from ..data import ImageSet, load_images, random_crop_flip, to_float
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
-from ..models.collaboration import Collaboration, collaborate
+from ..models.collaboration import Collaboration
 from ..run_dir import RunFolder
-from ..runtime import eval_mode, resolve_device
+from ..runtime import resolve_device
 from .config import TrainConfig
+from .distributed import DistContext, convert_sync_batchnorm
+from .methods import Tally, method_class
 
 __all__ = ["Trainer", "RESUMABLE_CHANGES"]
 
@@ -56,51 +52,33 @@ __all__ = ["Trainer", "RESUMABLE_CHANGES"]
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_every",
                                "eval_batch_size", "data_dir", "out_dir", "on_nonfinite"})
 
-
-class _PhaseStats:
-    """Running sums for one phase over an epoch, kept on the device (one sync per epoch)."""
-
-    def __init__(self, num_models: int, device: torch.device) -> None:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        self.surrogate, self.bce, self.correct, self.n = z(()), z(()), z(()), 0
-        self.ce, self.assign, self.select = z(num_models), z(num_models), z(num_models)
-        self.skipped = 0                                 # updates skipped for a non-finite loss
-
-    def add(self, out, bce: Tensor, index: Tensor, chosen: Tensor, y: Tensor) -> None:
-        n = y.shape[0]
-        M = out.ce.shape[0]
-        self.n += n
-        self.surrogate += out.loss.detach().double() * n
-        self.bce += bce.detach().double() * n
-        self.correct += (chosen.argmax(-1) == y).sum()
-        self.ce += out.ce.detach().double().sum(1)
-        self.assign += torch.bincount(out.weights.detach().argmax(0), minlength=M).double()
-        self.select += torch.bincount(index, minlength=M).double()
-
-    def summary(self) -> Dict[str, Any]:
-        n = max(self.n, 1)
-        return {"surrogate": self.surrogate.item() / n, "bce": self.bce.item() / n,
-                "acc": self.correct.item() / n, "ce": (self.ce / n).tolist(),
-                "assign_hist": (self.assign / n).tolist(), "select_hist": (self.select / n).tolist(),
-                "samples": self.n, "skipped_steps": self.skipped}
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Optimiser state entries are stored as ``optim.<name>.<parameter>``; SGD's momentum buffer keeps
+# the name it had before other optimisers were supported, so older checkpoints still resume.
+_STATE_NAMES = {"momentum_buffer": "momentum"}
 
 
 class Trainer:
-    """Runs Algorithm 1 on an image set and checkpoints after every epoch.
+    """Trains ``config.method`` on an image set and checkpoints after every epoch.
 
     Args:
         config: the run's options (validated here).
         train_set, test_set: data; loaded from ``config.dataset``/``config.data_dir`` when
             ``None`` (the test set only when ``config.eval_every > 0``).
         log: called with one summary line per epoch (default: print to stderr); ``None`` mutes.
+            Only rank 0 of a multi-process job logs.
+        dist: this process's place in a ``torchrun`` job (default: alone).
     """
 
     def __init__(self, config: TrainConfig, train_set: Optional[ImageSet] = None,
                  test_set: Optional[ImageSet] = None,
-                 log: Optional[Callable[[str], None]] = lambda s: print(s, file=sys.stderr)) -> None:
+                 log: Optional[Callable[[str], None]] = lambda s: print(s, file=sys.stderr),
+                 dist: Optional[DistContext] = None) -> None:
         self.config = cfg = config.validate()
-        self.device = resolve_device(cfg.device)
-        self.log = log or (lambda s: None)
+        self.dist = dist or DistContext()
+        self.dist.check_batch(cfg.batch_size)
+        self.device = self.dist.device(resolve_device(cfg.device))
+        self.log = log if (log is not None and self.dist.is_main) else (lambda s: None)
         if train_set is None:
             train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed)
         if test_set is None and cfg.eval_every > 0:
@@ -114,96 +92,114 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = Collaboration(cfg.model_config(), fused=not cfg.unfused).to(self.device)
+        if cfg.sync_bn and self.dist.enabled:
+            convert_sync_batchnorm(self.model)
         self.backend = self.model.backend
+        self.method = method_class(cfg.method)(self)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
+        self.train_forward: Callable[[Tensor], Any] = self.model
+        if self.dist.enabled:  # gradients averaged across processes during the backward pass
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_forward = DistributedDataParallel(self.model, device_ids=ids)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch = 0                                   # completed epochs
         self.history: List[Dict[str, Any]] = []
         self.restored = False                            # state came from load()
         self._where = ""                                 # the batch being trained, for messages
+        self._global_x: Optional[Tensor] = None          # the global batch this shard is from
 
-    # ----- one optimisation step ---------------------------------------------------------------
-    def _update(self, x: Tensor, y: Tensor, stats: _PhaseStats, phase: str) -> Tensor:
-        """Forward ``x`` (train mode), then one SGD step on surrogate + weighted BCE, unless that
-        loss is non-finite (see ``on_nonfinite``)."""
-        cfg, backend = self.config, self.backend
+    # ----- services for methods ------------------------------------------------------------------
+    def autocast(self) -> ContextManager[Any]:
+        """Mixed precision for a forward pass (``amp``), a no-op in fp32."""
+        if self.config.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES[self.config.amp])
+
+    def random_start(self, x: Tensor, copies: Optional[int]) -> Optional[Tensor]:
+        """This process's slice of the PGD random start drawn for the whole global batch
+        (``[copies, B, ...]`` or ``[B, ...]``), so every world size sees the same starts; ``None``
+        (the attack draws its own, the same thing) when alone or without a random start."""
+        cfg = self.config
+        if not (self.dist.enabled and cfg.random_start and cfg.eps > 0):
+            return None
+        full = self.backend.pgd_random_start(self._global_x, cfg.eps, 0.0, 1.0, num_models=copies,
+                                             generator=self.generator)
+        if copies is None:
+            return self.dist.shard(full)
+        return self.dist.shard(full.transpose(0, 1)).transpose(0, 1)
+
+    def update(self, loss_fn: Callable[[], Tuple[Tensor, Any]], phase: str, tally: Tally
+               ) -> Tuple[Tensor, Any]:
+        """One optimiser step on ``loss_fn()`` (which runs the training forward pass, under
+        autocast, and returns ``(loss, aux)``), unless the loss is non-finite.
+
+        Returns ``(loss.detach(), aux)``, or ``(loss, None)`` for a skipped update. A non-finite
+        loss raises :class:`~cda2_ext.errors.NonFiniteLossError` (``on_nonfinite="stop"``) or
+        leaves no trace but ``tally["skipped"]`` (``"skip"``).
+        """
+        cfg = self.config
         # A skipped batch must leave no trace, and the forward pass updates BatchNorm's running
         # statistics: keep a copy to put back (a few KB).
         buffers = [b.clone() for b in self.model.buffers()] if cfg.on_nonfinite == "skip" else None
-        logits, ppd = self.model(x)
-        out = backend.collaboration_loss(logits, y, cfg.sigma)
-        bce = backend.ppd_bce(ppd, out.p_true)
-        loss = out.loss + cfg.bce_weight * bce
+        with self.autocast():
+            loss, aux = loss_fn()
         # One device sync per update: the price of never applying (or saving) a non-finite step.
-        if not bool(torch.isfinite(loss)):
+        # All processes decide together, so none waits forever for a gradient another skipped.
+        finite = self.dist.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
+        if float(finite) < self.dist.world_size:
             if buffers is None:
                 raise NonFiniteLossError(
                     f"the {phase} loss is {float(loss.detach())} at {self._where or 'this step'}; "
                     f"stopped before applying it ({self._kept()}); lower --lr or check the data, or "
                     "pass --on-nonfinite skip to skip such batches")
+            if self.dist.enabled:  # the replicas expect a backward pass; its gradients are dropped
+                (loss * 0).backward()
+                self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for b, saved in zip(self.model.buffers(), buffers):
                     b.copy_(saved)
-            stats.skipped += 1
-            return loss.detach()
+            tally.add("skipped", 1)
+            return loss.detach(), None
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            index, chosen = collaborate(logits.detach(), ppd.detach(), "ppd", backend)
-        stats.add(out, bce, index, chosen, y)
-        return loss.detach()
-
-    def train_step(self, x: Tensor, y: Tensor, stats: Optional[Dict[str, _PhaseStats]] = None
-                   ) -> Dict[str, Tensor]:
-        """One batch of Algorithm 1: ``x`` float ``[B, C, H, W]`` in [0, 1] (already augmented).
-
-        Returns the total loss (surrogate + weighted BCE, a 0-d tensor) of each phase run,
-        computed before that phase's update.
-        """
-        cfg, model, M = self.config, self.model, self.model.num_models
-        stats = stats if stats is not None else self._new_stats()
-        atk = dict(random_start=cfg.random_start, generator=self.generator, backend=self.backend)
-        model.train()
-        losses: Dict[str, Tensor] = {}
-        if cfg.phases in ("natural", "both"):
-            x_adv = per_model_pgd(model, x, y, cfg.eps, cfg.alpha, cfg.steps, **atk)  # [M, B, ...]
-            # every sub-model x every variant
-            losses["natural"] = self._update(x_adv.reshape(-1, *x.shape[1:]), y.repeat(M),
-                                             stats["natural"], "natural")
-        if cfg.phases in ("adversarial", "both"):
-            x_adv = collaboration_pgd(model, x, y, cfg.eps, cfg.alpha, cfg.steps,
-                                      score=cfg.select_score, **atk)
-            losses["adversarial"] = self._update(x_adv, y, stats["adversarial"], "adversarial")
-        if cfg.phases == "standard":
-            losses["standard"] = self._update(x, y, stats["standard"], "standard")
-        else:  # clean accuracy of the collaboration on this batch, as it will be evaluated
-            with torch.no_grad(), eval_mode(model):
-                logits, ppd = model(x)
-                _, chosen = collaborate(logits, ppd, "ppd", self.backend)
-                stats["clean"].correct += (chosen.argmax(-1) == y).sum()
-                stats["clean"].n += y.shape[0]
-        return losses
-
-    def _new_stats(self) -> Dict[str, _PhaseStats]:
-        return {k: _PhaseStats(self.model.num_models, self.device)
-                for k in ("natural", "adversarial", "standard", "clean")}
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), aux
 
     # ----- epochs ------------------------------------------------------------------------------
-    def batches(self):
-        """This epoch's ``(x, y)`` batches: shuffled, augmented, on the device."""
-        cfg, data = self.config, self.train_set
+    def batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        """This epoch's global ``(x, y)`` batches: shuffled, augmented, on the device. With
+        several processes a last batch is cut to a multiple of their number."""
+        cfg, data, world = self.config, self.train_set, self.dist.world_size
         n = len(data)
         perm = torch.randperm(n, generator=self.generator).to(self.device)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            if idx.numel() < 2:  # BatchNorm cannot train on a single sample
+            idx = idx[:idx.numel() - idx.numel() % world]
+            if idx.numel() < 2 * world:  # BatchNorm cannot train on a single sample
                 continue
             x = to_float(data.images[idx])
             if cfg.augment:
                 x = random_crop_flip(x, generator=self.generator)
             yield x, data.labels[idx]
+
+    def train_step(self, x: Tensor, y: Tensor, tallies: Optional[Dict[str, Tally]] = None
+                   ) -> Dict[str, Tensor]:
+        """One global batch ``x [B, C, H, W]`` in [0, 1] (augmented), ``y [B]``: this process's
+        shard of it trained by the method. Returns the method's losses (0-d tensors)."""
+        tallies = tallies if tallies is not None else self._new_tallies()
+        self.model.train()
+        self._global_x = x
+        try:
+            return self.method.step(self.dist.shard(x), self.dist.shard(y), tallies)
+        finally:
+            self._global_x = None
+
+    def _new_tallies(self) -> Dict[str, Tally]:
+        return {k: Tally(self.device) for k in self.method.tally_keys()}
 
     def train_epoch(self, step_callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None
                     ) -> Dict[str, Any]:
@@ -214,14 +210,15 @@ class Trainer:
         lr = cfg.lr_at(self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats = self._new_stats()
+        tallies = self._new_tallies()
         n_batches = (len(self.train_set) + cfg.batch_size - 1) // cfg.batch_size
         t0 = time.perf_counter()
         bar = tqdm(self.batches(), total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+                   disable=not (cfg.progress and self.dist.is_main), leave=False,
+                   dynamic_ncols=True, file=sys.stderr)
         for step, (x, y) in enumerate(bar):
             self._where = f"epoch {self.epoch + 1}, step {step + 1} of {n_batches}"
-            losses = self.train_step(x, y, stats)
+            losses = self.train_step(x, y, tallies)
             if step_callback is not None:
                 step_callback(step, losses)
             if cfg.progress and step % 10 == 0:  # reading the loss syncs the device: not every step
@@ -229,33 +226,19 @@ class Trainer:
         bar.close()
         self._where = ""
         self.epoch += 1
-        metrics = self._epoch_metrics(stats, lr, time.perf_counter() - t0)
-        if self.test_set is not None and cfg.eval_every > 0 and (
-                self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+        for tally in tallies.values():  # one sum over processes per epoch
+            for key in sorted(tally.sums):
+                self.dist.sum(tally.sums[key])
+        seconds = time.perf_counter() - t0
+        metrics: Dict[str, Any] = {"epoch": self.epoch, "lr": lr, "seconds": seconds,
+                                   "images_per_s": len(self.train_set) / max(seconds, 1e-9)}
+        metrics.update(self.method.epoch_metrics(tallies))
+        metrics["skipped_steps"] = int(sum(float(t.get("skipped")) for t in tallies.values()))
+        if (self.dist.is_main and self.test_set is not None and cfg.eval_every > 0
+                and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs)):
             metrics["test"] = evaluate_clean(self.model, self.test_set.images, self.test_set.labels,
                                              cfg.eval_batch_size, device=self.device)
         return metrics
-
-    def _epoch_metrics(self, stats: Dict[str, _PhaseStats], lr: float, seconds: float) -> Dict[str, Any]:
-        phases = {k: s.summary() for k, s in stats.items() if k != "clean" and s.n > 0}
-        train = [s for k, s in stats.items() if k in phases]
-        m: Dict[str, Any] = {"epoch": self.epoch, "lr": lr, "seconds": seconds,
-                             "images_per_s": len(self.train_set) / max(seconds, 1e-9)}
-        m["surrogate"] = sum(p["surrogate"] for p in phases.values())
-        m["bce"] = sum(p["bce"] for p in phases.values())
-        m["loss"] = m["surrogate"] + self.config.bce_weight * m["bce"]
-        if "standard" in phases:
-            m["clean_acc"], m["adv_acc"] = phases["standard"]["acc"], None
-        else:
-            c = stats["clean"]
-            m["clean_acc"] = c.correct.item() / max(c.n, 1)
-            m["adv_acc"] = sum(s.correct.item() for s in train) / max(sum(s.n for s in train), 1)
-        total = max(sum(s.n for s in train), 1)
-        m["assign_hist"] = (sum(s.assign for s in train) / total).tolist()
-        m["select_hist"] = (sum(s.select for s in train) / total).tolist()
-        m["phases"] = phases
-        m["skipped_steps"] = sum(s.skipped for s in stats.values())
-        return m
 
     def fit(self, step_callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None, *,
             resume: Optional[bool] = None, force: bool = False) -> List[Dict[str, Any]]:
@@ -265,24 +248,32 @@ class Trainer:
         that already holds a checkpoint is continued with ``resume`` (loaded under the lock,
         unless this trainer was already restored from it; the default, ``None``, means "if it
         was") and started over with ``force``; anything else is refused before any training.
+        In a multi-process job rank 0 holds the folder and writes; the others read the same
+        checkpoint on resume and wait for each save.
         """
         resume = self.restored if resume is None else resume
-        with RunFolder(self.config.out_dir, resume=resume, force=force) as folder:
-            if folder.removed:
+        holder = (RunFolder(self.config.out_dir, resume=resume, force=force) if self.dist.is_main
+                  else contextlib.nullcontext())
+        with holder as folder:
+            self.dist.barrier()  # rank 0 has checked (and with force, cleared) the folder
+            if folder is not None and folder.removed:
                 self.log(f"removed from {folder.path}: {', '.join(folder.removed)}")
-            if resume and folder.has_checkpoint and not self.restored:
+            if resume and not self.restored and checkpoint_files(self.config.out_dir)[0].is_file():
                 self.load()
-                self.log(f"resumed from {folder.path} after epoch {self.epoch}")
+                self.log(f"resumed from {self.config.out_dir} after epoch {self.epoch}")
             while self.epoch < self.config.epochs:
                 m = self.train_epoch(step_callback)
                 self.history.append(m)
                 self._check_parameters()
-                try:
-                    self.save()
-                except OSError as err:
-                    raise CheckpointError(f"could not write the checkpoint of epoch {self.epoch} to "
-                                          f"{folder.path}: {err.strerror or one_line(err)} "
-                                          f"({self._kept(self.epoch - 1)})") from None
+                if self.dist.is_main:
+                    try:
+                        self.save()
+                    except OSError as err:
+                        raise CheckpointError(
+                            f"could not write the checkpoint of epoch {self.epoch} to "
+                            f"{self.config.out_dir}: {err.strerror or one_line(err)} "
+                            f"({self._kept(self.epoch - 1)})") from None
+                self.dist.barrier()
                 self.log(self._summary_line(m))
         return self.history
 
@@ -304,12 +295,9 @@ class Trainer:
     def _summary_line(self, m: Dict[str, Any]) -> str:
         parts = [f"epoch {m['epoch']}/{self.config.epochs}", f"loss {m['loss']:.4f}",
                  f"clean {100 * m['clean_acc']:.1f}%"]
-        if m["adv_acc"] is not None:
+        if m.get("adv_acc") is not None:
             parts.append(f"adv {100 * m['adv_acc']:.1f}%")
-        if "test" in m:
-            parts.append(f"test collab {100 * m['test']['collaboration']:.1f}% "
-                         f"ens {100 * m['test']['ensemble']:.1f}%")
-        parts.append("assign " + "/".join(f"{a:.2f}" for a in m["assign_hist"]))
+        parts.extend(self.method.summary(m))
         if m["skipped_steps"]:
             parts.append(f"{m['skipped_steps']} non-finite updates skipped")
         parts.append(f"{m['seconds']:.1f}s")
@@ -317,13 +305,13 @@ class Trainer:
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_tensors(self) -> Dict[str, Tensor]:
-        """Model, optimiser momenta and RNG states as a flat dict of tensors."""
+        """Model, optimiser state and RNG states as a flat dict of tensors."""
         t: Dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         names = {p: n for n, p in self.model.named_parameters()}
         for p, st in self.optimizer.state.items():
-            buf = st.get("momentum_buffer")
-            if buf is not None:
-                t[f"optim.momentum.{names[p]}"] = buf
+            for key, value in st.items():
+                if isinstance(value, Tensor):
+                    t[f"optim.{_STATE_NAMES.get(key, key)}.{names[p]}"] = value
         t["rng.generator"] = self.generator.get_state()
         t["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -335,7 +323,8 @@ class Trainer:
         """Write the checkpoint (``<out_dir>/checkpoint.{safetensors,json}``) and metrics.json."""
         out = path or self.config.out_dir
         meta = {"epoch": self.epoch, "config": self.config.to_dict(),
-                "model": self.model.config.to_dict(), "history": self.history}
+                "model": self.model.config.to_dict(), "history": self.history,
+                "world_size": self.dist.world_size}
         save_checkpoint(out, self.state_tensors(), meta)
         atomic_write(checkpoint_files(out)[0].parent / "metrics.json",
                      (json.dumps(self.history, indent=1) + "\n").encode())
@@ -360,12 +349,17 @@ class Trainer:
                                   f"{type(history).__name__})")
         load_state(self.model, tensors, "model.", source, check_only=True)
         by_name = dict(self.model.named_parameters())
-        prefix = "optim.momentum."
-        momenta = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        for name, v in momenta.items():
-            if name not in by_name or by_name[name].shape != v.shape:
+        from_stored = {v: k for k, v in _STATE_NAMES.items()}
+        optim_state: List[Tuple[str, str, Tensor]] = []   # (parameter, state entry, value)
+        for k, v in tensors.items():
+            if not k.startswith("optim."):
+                continue
+            entry, _, name = k[len("optim."):].partition(".")
+            shaped = v.dim() == 0 or (name in by_name and by_name[name].shape == v.shape)
+            if name not in by_name or not shaped:
                 raise CheckpointError(f"{source} has an optimiser state that does not fit the model "
-                                      f"({prefix}{name})")
+                                      f"({k})")
+            optim_state.append((name, from_stored.get(entry, entry), v))
         for key in ("rng.generator", "rng.torch"):
             try:  # a scratch CPU generator validates the state (dtype, size) without using it
                 torch.Generator().set_state(tensors[key])
@@ -374,9 +368,9 @@ class Trainer:
                 raise CheckpointError(f"{source} has no usable random state {key}: {why}") from None
         load_state(self.model, tensors, "model.", source)
         self.optimizer.state.clear()
-        for name, v in momenta.items():
+        for name, entry, v in optim_state:
             p = by_name[name]
-            self.optimizer.state[p]["momentum_buffer"] = v.to(p.device)
+            self.optimizer.state[p][entry] = v if v.dim() == 0 else v.to(p.device)
         self.generator.set_state(tensors["rng.generator"])
         torch.set_rng_state(tensors["rng.torch"])
         cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))

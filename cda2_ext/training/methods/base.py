@@ -1,0 +1,79 @@
+"""What a training method is: an objective plugged into the one :class:`~cda2_ext.training.Trainer`.
+
+The trainer owns everything that does not depend on the objective - data order and augmentation,
+the optimiser and its schedule, mixed precision, data parallelism, non-finite-loss handling,
+checkpoints, resume and logging. A method owns one batch's work: which inputs to make (an attack,
+a distillation, nothing), which loss to minimise, and what to count. Its
+:meth:`Method.step` calls :meth:`Trainer.update` once per optimisation step with a closure that
+runs the training forward pass and returns the loss, so every method gets the same safety and
+speed features for free.
+
+A new method is a subclass with a ``name`` registered in :data:`cda2_ext.training.methods.METHODS`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # the trainer imports the methods, not the other way round
+    from ..trainer import Trainer
+
+__all__ = ["Method", "Tally"]
+
+
+class Tally:
+    """Per-epoch running sums kept on the device (no sync per step), summed over processes at
+    the end of the epoch. Values are float64 tensors of any shape; ``n`` counts samples."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: Dict[str, Tensor] = {}
+
+    def add(self, key: str, value: Tensor | float | int) -> None:
+        v = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        v = v.detach().to(torch.float64)
+        self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+
+    def get(self, key: str, default: float = 0.0) -> Tensor:
+        return self.sums.get(key, torch.tensor(default, dtype=torch.float64))
+
+    def mean(self, key: str, per: str = "n") -> Any:
+        """``sum[key] / sum[per]`` as a Python number or list (0 when nothing was counted)."""
+        n = float(self.get(per)) if per in self.sums else 0.0
+        v = self.get(key).double() / max(n, 1.0)
+        return v.item() if v.dim() == 0 else v.tolist()
+
+
+class Method:
+    """Base class of the training methods (see the module docstring).
+
+    Attributes:
+        name: the ``--method`` value.
+        trainer: the :class:`~cda2_ext.training.Trainer` this method runs in (its ``model``,
+            ``config``, ``generator``, ``backend``, ``dist``, and :meth:`~Trainer.update`).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    def tally_keys(self) -> List[str]:
+        """The tallies one epoch keeps (a fresh :class:`Tally` each)."""
+        return ["train"]
+
+    def step(self, x: Tensor, y: Tensor, tallies: Dict[str, Tally]) -> Dict[str, Tensor]:
+        """Train on one batch ``x [B, C, H, W]`` in [0, 1] (augmented; this process's shard),
+        ``y [B]``; return each loss computed (0-d tensors, for progress and callbacks)."""
+        raise NotImplementedError
+
+    def epoch_metrics(self, tallies: Dict[str, Tally]) -> Dict[str, Any]:
+        """The epoch's metrics from the (process-summed) tallies; must include ``"loss"``,
+        ``"clean_acc"`` and ``"adv_acc"`` (``None`` where no adversarial batch was trained)."""
+        raise NotImplementedError
+
+    def summary(self, metrics: Dict[str, Any]) -> List[str]:
+        """Extra parts of the one-line epoch summary."""
+        return []
