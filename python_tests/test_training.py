@@ -151,6 +151,22 @@ def test_fused_and_unfused_training_agree(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, amp):
+    """Forward passes under autocast, losses in fp32: the step is finite and moves the weights
+    (fp16 through the gradient scaler), close to the fp32 step's loss."""
+    full = _trainer(_cfg(tmp_path / "fp32"), n=8)
+    half = _trainer(_cfg(tmp_path / amp, amp=amp), n=8)
+    assert half.scaler.is_enabled() == (amp == "fp16")
+    x, y = next(iter(half.batches()))
+    before = [p.detach().clone() for p in half.model.parameters()]
+    lh = half.train_step(x, y)["adversarial"]
+    lf = full.train_step(x, y)["adversarial"]
+    assert lh.dtype == torch.float32 and torch.isfinite(lh)
+    assert abs(float(lh) - float(lf)) < 0.1 * abs(float(lf))
+    assert any(not torch.equal(a, b) for a, b in zip(before, half.model.parameters()))
+
+
 def test_checkpoint_round_trip(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, eval_every=1)
     tr = _trainer(cfg)

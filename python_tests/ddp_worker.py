@@ -1,0 +1,39 @@
+"""Run by ``test_distributed.py``, alone or under ``torchrun``: a few training steps of a tiny
+collaboration on synthetic images, recording the global loss of each step (rank 0 writes JSON)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from cda2_ext.data import synthetic_images
+from cda2_ext.training import TrainConfig, Trainer
+from cda2_ext.training.distributed import from_environment
+
+
+def main(out: str, sync_bn: bool, steps: int = 3) -> None:
+    torch.set_num_threads(1)
+    dist = from_environment("gloo")
+    cfg = TrainConfig(dataset="synthetic", num_models=2, depth=8, batch_size=8, steps=2, epochs=1,
+                      lr=0.05, progress=False, eval_every=0, device="cpu", out_dir=out + ".run",
+                      sync_bn=sync_bn)
+    data = synthetic_images(32, seed=0, size=16)
+    trainer = Trainer(cfg, train_set=data, log=None, dist=dist)
+    losses = []
+    for step, (x, y) in enumerate(trainer.batches()):
+        if step == steps:
+            break
+        loss = trainer.train_step(x, y)["adversarial"].reshape(1).double()
+        losses.append(float(dist.sum(loss)) / dist.world_size)  # mean of equal shards = global mean
+    params = torch.cat([p.detach().flatten().double() for p in trainer.model.parameters()])
+    if dist.is_main:
+        with open(out, "w") as fh:
+            json.dump({"world_size": dist.world_size, "losses": losses,
+                       "param_norm": float(params.norm()), "param_sum": float(params.sum())}, fh)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "sync")
