@@ -10,7 +10,7 @@ from ..data import download_cifar10
 from ..errors import CLIError
 from ..run_dir import check_run_folder
 from ..runtime import resolve_device
-from ..training.config import AMP, NONFINITE, TrainConfig
+from ..training.config import AMP, NONFINITE, OPTIMIZERS, TrainConfig
 from ..training.distributed import DistContext, from_environment
 from ..training.methods import METHODS
 from ..training.trainer import RESUMABLE_CHANGES, Trainer
@@ -33,9 +33,10 @@ _TRAIN_OPTIONS = [
     ("--steps", "steps", int, "PGD steps"),
     ("--epochs", "epochs", int, "training epochs"),
     ("--batch-size", "batch_size", int, "batch size"),
-    ("--lr", "lr", float, "SGD learning rate"),
+    ("--optimizer", "optimizer", str, f"{' | '.join(OPTIMIZERS)}"),
+    ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "SGD weight decay"),
+    ("--weight-decay", "weight_decay", float, "weight decay"),
     ("--schedule", "schedule", str, "multistep (x gamma at 50%%/75%% of epochs) | cosine | constant"),
     ("--gamma", "gamma", float, "multistep decay factor"),
     ("--dataset", "dataset", str, "cifar10 | synthetic"),

@@ -39,13 +39,14 @@ from .methods import METHODS
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
 
-__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP"]
+__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS"]
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
 DATASETS = ("cifar10", "synthetic")
 #: What a non-finite loss does: stop the run (keeping the last finite checkpoint) or skip that update.
 NONFINITE = ("stop", "skip")
+OPTIMIZERS = ("sgd", "adam")
 #: Mixed precision of the forward passes (losses and the fused ops stay in fp32).
 AMP = ("none", "bf16", "fp16")
 
@@ -73,6 +74,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 100
     batch_size: int = 128
+    optimizer: str = "sgd"             # sgd | adam (momentum is SGD's)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -159,6 +161,7 @@ class TrainConfig:
         choice("on_nonfinite", NONFINITE)
         choice("method", tuple(METHODS))
         choice("amp", AMP)
+        choice("optimizer", OPTIMIZERS)
         if not isinstance(self.sync_bn, bool):
             bad("sync_bn", "must be true or false")
         return self

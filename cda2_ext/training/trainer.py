@@ -96,13 +96,14 @@ class Trainer:
             convert_sync_batchnorm(self.model)
         self.backend = self.model.backend
         self.method = method_class(cfg.method)(self)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = self.method.make_optimizer(self.model.parameters())
         self.train_forward: Callable[[Tensor], Any] = self.model
         if self.dist.enabled:  # gradients averaged across processes during the backward pass
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_forward = DistributedDataParallel(self.model, device_ids=ids)
+            self.train_forward = DistributedDataParallel(
+                self.model, device_ids=ids,
+                find_unused_parameters=not self.method.uses_every_parameter)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch = 0                                   # completed epochs

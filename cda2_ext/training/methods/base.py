@@ -12,10 +12,10 @@ A new method is a subclass with a ``name`` registered in :data:`cda2_ext.trainin
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, List
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:  # the trainer imports the methods, not the other way round
     from ..trainer import Trainer
@@ -56,9 +56,22 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    #: Every parameter gets a gradient from every update (CDA² trains both heads). A method that
+    #: leaves some unused (e.g. an ensemble ignores the PPD heads) says False, so that
+    #: DistributedDataParallel does not wait for their gradients.
+    uses_every_parameter: ClassVar[bool] = True
 
     def __init__(self, trainer: "Trainer") -> None:
         self.trainer = trainer
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimiser (default: ``config.optimizer`` with ``lr``, ``momentum``,
+        ``weight_decay``); the trainer sets each epoch's learning rate from the schedule."""
+        cfg = self.trainer.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
 
     def tally_keys(self) -> List[str]:
         """The tallies one epoch keeps (a fresh :class:`Tally` each)."""
