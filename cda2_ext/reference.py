@@ -8,7 +8,7 @@ This module is three things at once:
 
 Every function here has the same signature and semantics as its twin in :mod:`cda2_ext.ops`
 (argument checks included), written the way a careful PyTorch user would write it, with no
-attempt at speed beyond avoiding obviously wasted work. Shapes follow ``DESIGN.md``:
+attempt at speed beyond avoiding obviously wasted work. Shapes follow ``docs/design.md``:
 ``logits [M,B,K]``, ``ppd_logit [M,B]``, ``target [B]``.
 """
 from __future__ import annotations
