@@ -21,6 +21,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._records import from_record
 from ..runtime import FUSED, OpsBackend, ops_backend
 from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,
                      PackedResNetTrunk, valid_depth)
@@ -81,15 +82,7 @@ class CollaborationConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CollaborationConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo should not pass)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        for k in ("mean", "std"):
-            if k in d and d[k] is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return from_record(cls, d, "model config")
 
 
 class Predictions(NamedTuple):

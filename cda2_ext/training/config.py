@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .. import _checks
+from .._records import from_record
 from ..errors import CheckpointError, ConfigError
-from .methods import METHODS
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
+from .methods import METHODS
 
 __all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS"]
 
@@ -185,14 +186,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"train config: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        if "milestones" in d:
-            d["milestones"] = tuple(d["milestones"])
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        return from_record(cls, d, "train config", ConfigError)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], source: object) -> "TrainConfig":
