@@ -1,12 +1,21 @@
-"""Shared pytest fixtures for cda2_ext.
+"""Shared pytest fixtures and markers for cda2_ext (plain helpers are in ``helpers.py``).
 
 * ``gen`` -- a ``torch.Generator`` seeded per test: the seed mixes the test's node id with
   ``CDA2_TEST_SEED`` (default 0), so every test draws its own fresh inputs and a failure replays
   exactly; set ``CDA2_TEST_SEED`` to another integer to draw a different set.
+* ``device`` -- ``"cpu"`` and ``"cuda"`` (as pytorch/extension-cpp's tests do): a test that takes it
+  runs once per device, with the device in its id, so ``pytest -k cuda`` selects the CUDA cases.
+  The CUDA case is skipped without a GPU or without the extension's CUDA kernels; with
+  ``CDA2_REQUIRE_CUDA=1`` (the GPU job) it fails instead (as it does with
+  ``CDA2_REQUIRE_EXTENSION=1`` on a GPU machine whose build lacks the CUDA kernels), so a CPU-only
+  build or machine cannot pass as a green run of skips. ``cuda`` is the same for tests that only
+  exist on CUDA.
 * ``@pytest.mark.requires_extension`` -- for tests that only mean something against the compiled
   operators (fused vs reference comparisons, opcheck, torch.compile). Without the extension they
   are skipped, or FAIL when ``CDA2_REQUIRE_EXTENSION=1`` (CI sets it, so a broken build cannot pass
   as a green run of skips).
+* ``@pytest.mark.slow`` (registered in pyproject.toml) -- CNN training and subprocess runs; CI runs
+  them, ``-m "not slow"`` leaves them out of a quick local loop.
 * ``cifar_dir`` -- the CIFAR-10 folder in ``shared/data``; the test is skipped when it is absent.
 """
 from __future__ import annotations
@@ -19,9 +28,8 @@ import pytest
 import torch
 
 import cda2_ext
+from helpers import HAS_EXTENSION, REQUIRE_CUDA, REQUIRE_EXTENSION, cuda_missing
 
-HAS_EXTENSION = bool(cda2_ext.HAS_EXTENSION)
-REQUIRE_EXTENSION = os.environ.get("CDA2_REQUIRE_EXTENSION", "") not in ("", "0")
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar-10-batches-py"
 
 
@@ -39,6 +47,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if REQUIRE_EXTENSION:
         pytest.fail(f"CDA2_REQUIRE_EXTENSION=1 but {why}", pytrace=False)
     pytest.skip(why)
+
+
+def _use_cuda() -> str:
+    why = cuda_missing()
+    if not why:
+        return "cuda"
+    if REQUIRE_CUDA:
+        pytest.fail(f"CDA2_REQUIRE_CUDA=1 but {why}", pytrace=False)
+    if REQUIRE_EXTENSION and torch.cuda.is_available():  # a GPU, but the build left its kernels out
+        pytest.fail(f"CDA2_REQUIRE_EXTENSION=1 but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a test's tensors live on (see the module docstring)."""
+    return _use_cuda() if request.param == "cuda" else request.param
+
+
+@pytest.fixture
+def cuda() -> str:
+    """``"cuda"``, for tests that only exist on CUDA (CUDA vs CPU kernels, streams)."""
+    return _use_cuda()
 
 
 @pytest.fixture

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
-import torch
 
-warnings.filterwarnings("ignore", message="cda2_ext: the compiled extension", category=RuntimeWarning)
-
-from cda2_ext.xor import XorConfig, run_xor  # noqa: E402
+from cda2_ext.xor import XorConfig, run_xor
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 5, 7])  # 5 and 7 were failure modes before zero-bias init
@@ -34,4 +30,6 @@ def test_unfused_matches_fused():
     a = run_xor(XorConfig(seed=4, n_test=500))
     b = run_xor(XorConfig(seed=4, n_test=500, unfused=True))
     assert abs(a.collaboration_acc - b.collaboration_acc) <= 0.01
-    assert torch.isfinite(torch.tensor(b.ensemble_acc))
+    # the reference ops reproduce the result itself, not just a number: collaboration solves XOR
+    # (~97% in `cda2 xor`), the averaging ensemble stays near chance (~50%)
+    assert b.collaboration_acc >= 0.95 and b.ensemble_acc <= 0.75, b

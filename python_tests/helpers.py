@@ -1,0 +1,86 @@
+"""What the op tests share: the CI switches, dtype and reduction tables, and the input makers.
+
+Fixtures (``gen``, ``device``, ``cuda``) live in ``conftest.py``; plain values and functions live
+here, so a test module (or ``test_bad_inputs.py``'s child process) can import them by name.
+
+Inputs are drawn on the CPU from the test's ``gen`` in float64 and only then cast and moved, so a
+test draws the same numbers on every device and dtype, and no test touches the global RNG.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Sequence, Union
+
+import torch
+from torch import Tensor
+
+import cda2_ext
+from cda2_ext import ops
+from cda2_ext.reference import _stat_dtype as stat_dtype  # the dtype the ops report statistics in
+
+__all__ = ["HAS_EXTENSION", "HAS_CUDA_KERNELS", "REQUIRE_EXTENSION", "REQUIRE_CUDA", "OUTPUTS",
+           "REDUCTIONS", "RED_CODE", "HALF", "RAW_OPS", "FLOATS", "stat_dtype", "eps", "make_logits",
+           "make_target", "schema_args", "cuda_missing"]
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+HAS_EXTENSION: bool = bool(cda2_ext.HAS_EXTENSION)
+#: The extension was built with its CUDA kernels (says nothing about a GPU being present).
+HAS_CUDA_KERNELS: bool = ops.cuda_available()
+#: CI sets CDA2_REQUIRE_EXTENSION=1: a missing build then fails the tests that need it.
+REQUIRE_EXTENSION: bool = _flag("CDA2_REQUIRE_EXTENSION")
+#: The GPU job sets CDA2_REQUIRE_CUDA=1: no GPU or no CUDA kernels then fails instead of skipping.
+REQUIRE_CUDA: bool = _flag("CDA2_REQUIRE_CUDA")
+
+OUTPUTS = ("loss", "ce", "weights", "p_true")  # CollabLoss's fields, in order
+REDUCTIONS = ("none", "mean", "sum")
+#: The raw ops' integer ``reduction`` (the schema in csrc/ops.cpp; at::Reduction's numbering).
+RED_CODE = {"none": 0, "mean": 1, "sum": 2}
+HALF = (torch.float16, torch.bfloat16)
+#: Every operator csrc/ops.cpp defines, as torch.ops.cda2_ext.<name>.
+RAW_OPS = ("collab_loss", "collab_loss_backward", "ppd_bce", "ppd_bce_backward", "sign_step_",
+           "random_start_", "collab_select", "collab_select_backward")
+FLOATS = (torch.float32, torch.float64, *HALF)
+
+Device = Union[str, torch.device]
+
+
+def cuda_missing() -> str:
+    """Why the CUDA test cases cannot run here, or ``""`` when they can."""
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    if HAS_EXTENSION and not HAS_CUDA_KERNELS:
+        # With no build at all, requires_extension skips (or fails) the fused cases, and the
+        # reference cases can still run on the GPU.
+        return f"cda2_ext was built without its CUDA kernels ({ops.BUILD_INFO})"
+    return ""
+
+
+def eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the dtype the statistics are computed in (float32 for half inputs)."""
+    return torch.finfo(stat_dtype(dtype)).eps
+
+
+def make_logits(shape: Sequence[int], dtype: torch.dtype, gen: torch.Generator, scale: float = 3.0,
+                device: Device = "cpu") -> Tensor:
+    """``scale * N(0, 1)`` logits of ``shape``, drawn from ``gen``, then cast and moved."""
+    return (torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+
+
+def make_target(B: int, K: int, gen: torch.Generator, device: Device = "cpu") -> Tensor:
+    """``B`` int64 labels uniform in ``[0, K)``, drawn from ``gen``."""
+    return torch.randint(0, K, (B,), generator=gen).to(device)
+
+
+def schema_args(op: Any, values: Dict[str, Any]) -> tuple:
+    """A raw op's positional arguments, by name from its schema (``torch.ops.cda2_ext.<name>``):
+    every argument must be in ``values`` unless the schema gives it a default."""
+    args = []
+    for a in op.default._schema.arguments:
+        if a.name not in values and not a.has_default_value():
+            raise KeyError(f"{op}: no value for argument {a.name!r}")
+        args.append(values[a.name] if a.name in values else a.default_value)
+    return tuple(args)
