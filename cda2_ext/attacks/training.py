@@ -15,12 +15,18 @@ fused random start drawn from the trainer's generator:
   :func:`selected_ce_objective`); the gradient flows through ``collaborative_select`` into the
   chosen logits.
 
-The model runs in eval mode during the attack (see :func:`~cda2_ext.runtime.eval_mode`) and
-gradients are taken w.r.t. the input only, so no ``.grad`` is left on parameters.
+BatchNorm during the attack (``bn``, :func:`attack_mode`): ``"eval"`` (default) uses the running
+statistics, so the attack sees the model as inference does and neither depends on the other
+images of the batch nor moves the statistics; ``"train"`` is what the authors' code does (the
+whole step runs in train mode): batch statistics, and every attack step's forward pass also
+updates the running statistics. The paper says neither. Random start: on by default (Madry et
+al.'s PGD; the authors' default run starts at the clean image, ``random_start=False``).
+Gradients are taken w.r.t. the input only, so no ``.grad`` is left on parameters.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +35,36 @@ from ..models.collaboration import collaborate
 from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import Objective, ce_loss, sign_attack
 
-__all__ = ["per_model_ce_objective", "selected_ce_objective", "per_model_pgd", "collaboration_pgd"]
+__all__ = ["BN_MODES", "attack_mode", "per_model_ce_objective", "selected_ce_objective",
+           "per_model_pgd", "collaboration_pgd"]
+
+#: BatchNorm mode of the model during the training attack (see the module docstring).
+BN_MODES = ("eval", "train")
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn: str = "eval") -> Iterator[None]:
+    """The model's mode while the training PGD runs (``bn`` in :data:`BN_MODES`), restored after."""
+    if bn == "eval":
+        with eval_mode(model):
+            yield
+        return
+    if bn != "train":
+        raise ValueError(f"bn: expected one of {BN_MODES}, got {bn!r}")
+    was = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _attacked(model: nn.Module, bn: str) -> nn.Module:
+    """What the attack differentiates: in eval mode, ``model.frozen()`` where offered (the same
+    function and input gradient with less work: BatchNorm folded, zero-gradient samples skipped,
+    :mod:`cda2_ext.models.fast`), else the model itself."""
+    frozen = getattr(model, "frozen", None)
+    return frozen() if bn == "eval" and callable(frozen) else model
 
 
 def per_model_ce_objective(model: nn.Module, target: Tensor) -> Objective:
@@ -64,32 +99,35 @@ def _start(x_nat: Tensor, eps: float, copies: Optional[int], random_start: bool,
 def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                   steps: int, *, random_start: bool = True, lo: float = 0.0, hi: float = 1.0,
                   generator: Optional[torch.Generator] = None, x_init: Optional[Tensor] = None,
-                  backend: OpsBackend = FUSED) -> Tensor:
+                  backend: OpsBackend = FUSED, bn: str = "eval") -> Tensor:
     """M PGD variants at once, ``x_adv[m]`` attacking sub-model ``m`` (Alg. 1 lines 3-4).
 
     ``model`` must expose ``num_models`` and accept ``[M, B, C, H, W]``. ``x_init``: the start
     ``[M, B, ...]`` (e.g. this process's slice of a global random start), instead of drawing one.
+    ``bn``: BatchNorm mode during the attack (:func:`attack_mode`).
     Returns the detached ``[M, B, C, H, W]``.
     """
     x_nat = x_nat.detach()
     x0 = x_init if x_init is not None else _start(x_nat, eps, model.num_models, random_start, lo,
                                                   hi, generator, backend)
-    with eval_mode(model):
-        return sign_attack(per_model_ce_objective(model, target), x_nat, target, eps, alpha, steps,
+    with attack_mode(model, bn):
+        return sign_attack(per_model_ce_objective(_attacked(model, bn), target), x_nat, target,
+                           eps, alpha, steps,
                            x_init=x0, lo=lo, hi=hi, track_worst=False, backend=backend).x_adv
 
 
 def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                       steps: int, *, score: str = "ppd", random_start: bool = True,
                       lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
-                      x_init: Optional[Tensor] = None, backend: OpsBackend = FUSED) -> Tensor:
+                      x_init: Optional[Tensor] = None, backend: OpsBackend = FUSED,
+                      bn: str = "eval") -> Tensor:
     """PGD against the collaboration's own answer (Alg. 1 line 17). Returns ``[B, C, H, W]``.
 
-    ``x_init``: the start ``[B, ...]``, instead of drawing one."""
+    ``x_init``: the start ``[B, ...]``, instead of drawing one. ``bn``: see :func:`attack_mode`."""
     x_nat = x_nat.detach()
     x0 = (x_init.unsqueeze(0) if x_init is not None
           else _start(x_nat, eps, None, random_start, lo, hi, generator, backend))
-    with eval_mode(model):
-        objective = selected_ce_objective(model, target, score, backend)
+    with attack_mode(model, bn):
+        objective = selected_ce_objective(_attacked(model, bn), target, score, backend)
         return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,
                            track_worst=False, backend=backend).x_adv[0]

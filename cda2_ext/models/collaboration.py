@@ -1,9 +1,10 @@
 """The CDA² collaboration: M dual-head sub-models behind one call, and their predictions.
 
 :class:`Collaboration` maps ``[B, C, H, W]`` (one input shared by all sub-models) or
-``[M, B, C, H, W]`` (one variant per sub-model) to ``(logits [M, B, K], ppd_logit [M, B])`` in a
-single forward pass of packed layers (see :mod:`cda2_ext.models.resnet` for why there is no loop
-over sub-models). On top of that it offers the three ways to turn M answers into one:
+``[M, B, C, H, W]`` (one variant per sub-model) to ``(logits [M, B, K], ppd_logit [M, B])`` in
+one call, with the weights of all sub-models stored packed (:mod:`cda2_ext.models.resnet`) and run
+either as packed grouped layers or as a loop over sub-models (``layout``,
+:mod:`cda2_ext.models.fast`). On top of that it offers the three ways to turn M answers into one:
 
 * :meth:`Collaboration.collaborate` - Algorithm 2: the sub-model with the highest PPD answers
   (fused ``collaborative_select``). ``score="soe"`` ranks sub-models by
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .._records import from_record
 from ..runtime import FUSED, OpsBackend, ops_backend
+from .fast import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
 from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,
                      PackedResNetTrunk, valid_depth)
 
@@ -49,6 +51,10 @@ class CollaborationConfig:
             when ``detach_ppd``.
         detach_ppd: keep the BCE out of the trunk (Algorithm 1 trains the two heads separately).
         normalize: apply ``mean``/``std`` inside the model (inputs are in [0, 1]).
+        layout: how the ResNet trunk runs its packed weights - ``"packed"`` (grouped
+            convolutions), ``"loop"`` (a loop over sub-models, channels-last) or ``"auto"``
+            (loop on CPU, packed elsewhere); see :mod:`cda2_ext.models.fast`. Speed only: the
+            parameters, the state dict and the results do not depend on it.
     """
 
     num_models: int = 3
@@ -61,6 +67,7 @@ class CollaborationConfig:
     normalize: bool = True
     mean: Tuple[float, ...] = field(default=CIFAR10_MEAN)
     std: Tuple[float, ...] = field(default=CIFAR10_STD)
+    layout: str = "auto"
 
     def validate(self) -> "CollaborationConfig":
         """Raise ``ValueError`` with a one-line message for an unusable configuration."""
@@ -74,6 +81,8 @@ class CollaborationConfig:
             raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
         if self.ppd_input not in PPD_INPUTS:
             raise ValueError(f"ppd_input: expected one of {PPD_INPUTS}, got {self.ppd_input!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -176,7 +185,8 @@ class Collaboration(nn.Module):
         self.config = cfg
         self._backend = ops_backend(fused)
         if cfg.arch == "resnet":
-            trunk: nn.Module = PackedResNetTrunk(cfg.num_models, cfg.depth, cfg.in_channels)
+            trunk: nn.Module = PackedResNetTrunk(cfg.num_models, cfg.depth, cfg.in_channels,
+                                                 layout=cfg.layout)
             self.input_dims = 3
         else:
             trunk = PackedLinearTrunk(cfg.num_models, cfg.in_channels)
@@ -201,12 +211,45 @@ class Collaboration(nn.Module):
         """The operator module Algorithm 2 runs on (fixed at construction)."""
         return self._backend
 
+    @property
+    def layout(self) -> str:
+        """The trunk's layout (``config.layout`` at construction); may be set at any time."""
+        return getattr(self.net.trunk, "layout", self.config.layout)
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        resolve_layout(value, torch.device("cpu"))  # validates
+        self.config.layout = value
+        if hasattr(self.net.trunk, "layout"):
+            self.net.trunk.layout = value
+
+    def frozen(self) -> "_Checked":
+        """This collaboration's **eval-mode** function of its input, for attacks.
+
+        Same contract as ``forward`` (``x -> (logits [M, B, K], ppd_logit [M, B])``, checked),
+        differentiable w.r.t. ``x`` only. On the loop layout it is a :class:`FrozenNet` snapshot
+        (BatchNorm folded, zero-gradient samples skipped in the backward): build it again after
+        the parameters change. On the packed layout, or while a module hook is registered, it is
+        the module itself run in eval mode; so it is under autocast, whose dtype rules the
+        hand-written backward does not follow.
+        """
+        p = next(self.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        loop = (resolve_layout(self.layout, device) == "loop" and not has_hooks(self.net)
+                and not torch.is_autocast_enabled(device.type))
+        inner = FrozenNet(self.net) if loop else EvalNet(self.net)
+        return _Checked(self, inner)
+
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        self.check_input(x)
+        return self.net(x)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``[B, *input]`` or ``[M, B, *input]``."""
         d = x.dim() - self.input_dims
         if d not in (1, 2) or (d == 2 and x.shape[0] != self.num_models):
             raise ValueError(f"x: expected [B, *input] or [M={self.num_models}, B, *input] with "
                              f"{self.input_dims} input dims, got {list(x.shape)}")
-        return self.net(x)
 
     def collaborate(self, x: Tensor, score: str = "ppd") -> Tuple[Tensor, Tensor]:
         """Algorithm 2: ``(index [B], chosen_logits [B, K])``; differentiable w.r.t. ``x``."""
@@ -227,3 +270,15 @@ class Collaboration(nn.Module):
         """Hard predictions of the collaboration, the ensemble (both rules) and each sub-model."""
         logits, ppd = self(x)
         return predict_from_outputs(logits, ppd, score, self.backend)
+
+
+class _Checked:
+    """A :meth:`Collaboration.frozen` function with the collaboration's input check."""
+
+    def __init__(self, model: Collaboration, fn: Union[FrozenNet, EvalNet]) -> None:
+        self.model, self.fn, self.num_models = model, fn, model.num_models
+        self.backend = model.backend
+
+    def __call__(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        self.model.check_input(x)
+        return self.fn(x)

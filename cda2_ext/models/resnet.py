@@ -15,6 +15,11 @@ This is the same lowering ``torch.func.vmap`` applies to convolutions, written o
 state dict stays plain tensors, BatchNorm running statistics update in place, and nothing depends
 on functorch batching rules. A single model is simply ``num_models=1``.
 
+Storage and execution are separate: the weights are always stored packed, but the trunk can also
+*run* as a loop over sub-models on views of them (``layout="loop"``, the CPU default: oneDNN's
+grouped convolutions are slower there than M plain ones). See :mod:`cda2_ext.models.fast`, which
+also holds the frozen eval-mode snapshot the attacks differentiate.
+
 Architectures (``depth``):
 
 * ``6n+2`` (8, 14, 20, 32, 44, 56, ...): He et al. (2016) CIFAR ResNets with basic blocks,
@@ -38,9 +43,12 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from .fast import has_hooks, loop_trunk_forward, resolve_layout
+
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "PPD_INPUTS", "PackedConv2d", "PackedLinear", "PackedBatchNorm2d",
     "PackedBasicBlock", "PackedResNetTrunk", "PackedLinearTrunk", "DualHeadNet", "valid_depth",
+    "packed_linear",
 ]
 
 # Normalisation constants of the DVERGE / Synergy-of-Experts code (advertorch normaliser).
@@ -105,10 +113,15 @@ class PackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return packed_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"num_models={self.weight.shape[0]}, {self.in_features}, {self.out_features}"
+
+
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x [M, B, in] @ weight[m].T + bias[m]`` for every sub-model ``m``: ``[M, B, out]``."""
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
 class PackedBasicBlock(nn.Module):
@@ -140,14 +153,18 @@ class PackedResNetTrunk(nn.Module):
         depth: 2 or 6n+2 (see the module docstring).
         in_channels: image channels (3).
         widths: channels of the three stages (16, 32, 64 for the standard CIFAR ResNets).
+        layout: how the forward runs the packed weights (:data:`cda2_ext.models.fast.LAYOUTS`):
+            ``"packed"`` grouped convolutions, ``"loop"`` over sub-models, ``"auto"`` per device.
+            An attribute that may change at any time; the parameters do not depend on it.
     """
 
     def __init__(self, num_models: int, depth: int = 20, in_channels: int = 3,
-                 widths: Sequence[int] = (16, 32, 64)) -> None:
+                 widths: Sequence[int] = (16, 32, 64), layout: str = "auto") -> None:
         super().__init__()
         if not valid_depth(depth):
             raise ValueError(f"depth: expected 2 or 6n+2 (8, 14, 20, 32, ...), got {depth}")
-        self.num_models, self.depth = num_models, depth
+        resolve_layout(layout, torch.device("cpu"))  # validates the name
+        self.num_models, self.depth, self.layout = num_models, depth, layout
         self.stem = nn.Sequential(PackedConv2d(num_models, in_channels, widths[0], 3, 1, 1),
                                   PackedBatchNorm2d(num_models, widths[0]), nn.ReLU())
         blocks = []
@@ -170,6 +187,8 @@ class PackedResNetTrunk(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, C, H, W]`` shared or ``[M, B, C, H, W]``; returns ``[M, B, feature_dim]``."""
+        if resolve_layout(self.layout, x.device) == "loop" and not has_hooks(self):
+            return loop_trunk_forward(self, x)
         if x.dim() == 5:  # one image per sub-model: pack the M axis into channels
             M, B = x.shape[:2]
             x = x.transpose(0, 1).reshape(B, M * x.shape[2], *x.shape[3:])
@@ -226,11 +245,23 @@ class DualHeadNet(nn.Module):
             self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        if self.normalize:
-            x = (x - self.mean) / self.std
-        feats = self.trunk(x)
-        logits = self.label_head(feats)
+        return self.heads(self.trunk(self.normalise(x)))
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Pixels in [0, 1] -> the trunk's input (identity without ``mean``/``std``)."""
+        return (x - self.mean) / self.std if self.normalize else x
+
+    def heads(self, feats: Tensor, detach_weights: bool = False) -> Tuple[Tensor, Tensor]:
+        """Features ``[M, B, F]`` -> ``(logits [M, B, K], ppd_logit [M, B])``.
+
+        ``detach_weights``: no gradient to the heads' parameters (attacks differentiate w.r.t.
+        the input only).
+        """
+        params = (self.label_head.weight, self.label_head.bias, self.ppd_head.weight,
+                  self.ppd_head.bias)
+        lw, lb, pw, pb = (p.detach() for p in params) if detach_weights else params
+        logits = packed_linear(feats, lw, lb)
         ppd_in = feats if self.ppd_input == "features" else logits
         if self.detach_ppd:
             ppd_in = ppd_in.detach()
-        return logits, self.ppd_head(ppd_in).squeeze(-1)
+        return logits, packed_linear(ppd_in, pw, pb).squeeze(-1)

@@ -94,6 +94,8 @@ class Trainer:
         self.model = Collaboration(cfg.model_config(), fused=not cfg.unfused).to(self.device)
         if cfg.sync_bn and self.dist.enabled:
             convert_sync_batchnorm(self.model)
+            # the loop layout runs BatchNorm's arithmetic itself, past the synchronising modules
+            self.model.layout = "packed"
         self.backend = self.model.backend
         self.method = method_class(cfg.method)(self)
         self.optimizer = self.method.make_optimizer(self.model.parameters())

@@ -13,24 +13,69 @@ Per batch ``(x, y)``, depending on ``TrainConfig.phases``:
 * **both**: a natural-phase step, then an adversarial-phase step on the same batch.
 * **standard**: no attack; surrogate + BCE on the clean batch (Table 6's standard training).
 
-The PPD heads read detached features, so one backward of ``surrogate + bce_weight * bce`` gives
-Algorithm 1's two separate updates (BCE -> PPD heads only, surrogate -> everything else).
+With ``ppd_grad="head"`` (default) the PPD heads read detached features, so one backward of
+``surrogate + bce_weight * bce`` gives Algorithm 1's two separate updates (BCE -> PPD heads only,
+surrogate -> everything else).
+
+Choices the paper leaves open, each an option (defaults: the paper; see ``TrainConfig``):
+
+* ``clean_weight W``: every update also minimises ``W x (surrogate + bce_weight x BCE)`` on the
+  clean batch (its own forward pass), as the authors' code does with W = 1 (``loss_soft +
+  adv_loss_soft``); Algorithm 1 has no such term.
+* ``ppd_grad="trunk"``: the BCE also trains the shared layers (the model does not detach the
+  PPD head's input), as in the authors' code.
+* ``ppd_loss="soe"``: the authors' BCE, fitted by ``maxprob x sigmoid(s)`` - the score
+  ``select_score="soe"`` selects by - instead of by ``sigmoid(s)`` (:func:`soe_ppd_bce`).
+* ``pgd_bn``: BatchNorm mode during the training PGD (:func:`~cda2_ext.attacks.training.attack_mode`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import math
 
 import torch
+import torch.nn.functional as Fn
 from torch import Tensor
 
 from ...attacks.training import collaboration_pgd, per_model_pgd
 from ...models.collaboration import collaborate
-from ...runtime import eval_mode
 from .base import Method, Tally
 
-__all__ = ["CDA2"]
+__all__ = ["CDA2", "soe_ppd_bce"]
 
 _PHASES = ("natural", "adversarial", "standard")
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """``log(1 - exp(a))`` for ``a < 0``, accurate at both ends (Maechler's switch at -ln 2)."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def soe_ppd_bce(logits: Tensor, ppd_logit: Tensor, target_prob: Tensor, target: Tensor,
+                label_grad: bool) -> Tensor:
+    """The authors' (Synergy-of-Experts) PPD BCE, mean over ``[M, B]``.
+
+    The detector ``d = max_k softmax(z)_k x sigmoid(s)`` - the ``"soe"`` selection score - is fitted
+    to ``t = p_y`` (``target_prob``, detached) by ``-(t log d + (1 - t) log(1 - d))``, in log space
+    (``log d = log maxprob + logsigmoid(s)``) with the logs floored at -100 like ``nn.BCELoss``.
+    ``label_grad``: the max-prob factor passes gradients to the label path where the sub-model's
+    prediction is wrong (the authors' code detaches it where it is right); ``False`` detaches it
+    everywhere, so only the PPD path learns from this loss.
+
+    Args:
+        logits: ``[M, B, K]``; ppd_logit: ``[M, B]``; target_prob: ``[M, B]`` in [0, 1];
+            target: ``[B]`` labels.
+    """
+    log_max, pred = torch.log_softmax(logits.float(), -1).max(-1)      # [M, B]
+    if label_grad:
+        log_max = torch.where(pred == target, log_max.detach(), log_max)
+    else:
+        log_max = log_max.detach()
+    # d < 1 in exact arithmetic; keep log d off 0 so that log(1 - d) and its gradient stay finite
+    log_d = (log_max + Fn.logsigmoid(ppd_logit.float())).clamp_max(-1e-12)
+    t = target_prob.detach().to(log_d.dtype)
+    return -(t * log_d.clamp_min(-100.0) + (1 - t) * _log1mexp(log_d).clamp_min(-100.0)).mean()
 
 
 class CDA2(Method):
@@ -44,7 +89,10 @@ class CDA2(Method):
     def step(self, x: Tensor, y: Tensor, tallies: Dict[str, Tally]) -> Dict[str, Tensor]:
         t = self.trainer
         cfg, model, M = t.config, t.model, t.model.num_models
-        atk = dict(random_start=cfg.random_start, generator=t.generator, backend=t.backend)
+        atk = dict(random_start=cfg.random_start, generator=t.generator, backend=t.backend,
+                   bn=cfg.pgd_bn)
+        # the clean batch of the authors' clean term (None: Algorithm 1, no such term)
+        clean = (x, y) if cfg.clean_weight > 0 and cfg.phases != "standard" else None
         losses: Dict[str, Tensor] = {}
         if cfg.phases in ("natural", "both"):
             with t.autocast():
@@ -52,44 +100,64 @@ class CDA2(Method):
                                       x_init=t.random_start(x, M), **atk)  # [M, B, ...]
             # every sub-model x every variant
             losses["natural"] = self._update(x_adv.reshape(-1, *x.shape[1:]), y.repeat(M),
-                                             tallies["natural"], "natural")
+                                             tallies["natural"], "natural", clean)
         if cfg.phases in ("adversarial", "both"):
             with t.autocast():
                 x_adv = collaboration_pgd(model, x, y, cfg.eps, cfg.alpha, cfg.steps,
                                           score=cfg.select_score, x_init=t.random_start(x, None),
                                           **atk)
-            losses["adversarial"] = self._update(x_adv, y, tallies["adversarial"], "adversarial")
+            losses["adversarial"] = self._update(x_adv, y, tallies["adversarial"], "adversarial",
+                                                 clean)
         if cfg.phases == "standard":
             losses["standard"] = self._update(x, y, tallies["standard"], "standard")
         else:  # clean accuracy of the collaboration on this batch, as it will be evaluated
-            with torch.no_grad(), eval_mode(model), t.autocast():
-                logits, ppd = model(x)
+            with torch.no_grad(), t.autocast():
+                logits, ppd = model.frozen()(x)  # eval mode, BatchNorm folded
                 _, chosen = collaborate(logits.float(), ppd.float(), "ppd", t.backend)
             tallies["clean"].add("correct", (chosen.argmax(-1) == y).sum())
             tallies["clean"].add("n", y.shape[0])
         return losses
 
-    def _update(self, x: Tensor, y: Tensor, tally: Tally, phase: str) -> Tensor:
-        """One optimiser step on surrogate + weighted BCE of the training forward at ``x``."""
+    def _terms(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Any, Tensor, Tensor, Tensor]:
+        """``(surrogate + bce_weight x BCE, collaboration loss, BCE, logits, ppd)`` of the training
+        forward at ``x`` (logits and ppd detached)."""
+        t = self.trainer
+        cfg, backend = t.config, t.backend
+        logits, ppd = t.train_forward(x)
+        logits, ppd = logits.float(), ppd.float()  # the fused ops accumulate in fp32
+        out = backend.collaboration_loss(logits, y, cfg.sigma)
+        if cfg.ppd_loss == "soe":
+            bce = soe_ppd_bce(logits, ppd, out.p_true, y, label_grad=cfg.ppd_grad == "trunk")
+        else:
+            bce = backend.ppd_bce(ppd, out.p_true)
+        return out.loss + cfg.bce_weight * bce, out, bce, logits.detach(), ppd.detach()
+
+    def _update(self, x: Tensor, y: Tensor, tally: Tally, phase: str,
+                clean: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """One optimiser step on surrogate + weighted BCE of the training forward at ``x``, plus
+        ``clean_weight`` x the same on the clean batch ``clean = (x, y)`` when given."""
         t = self.trainer
         cfg, backend = t.config, t.backend
 
         def loss_fn() -> Tuple[Tensor, Any]:
-            logits, ppd = t.train_forward(x)
-            logits, ppd = logits.float(), ppd.float()  # the fused ops accumulate in fp32
-            out = backend.collaboration_loss(logits, y, cfg.sigma)
-            bce = backend.ppd_bce(ppd, out.p_true)
-            return out.loss + cfg.bce_weight * bce, (out, bce, logits.detach(), ppd.detach())
+            loss, out, bce, logits, ppd = self._terms(x, y)
+            clean_term = None
+            if clean is not None:
+                clean_term = self._terms(*clean)[0]
+                loss = loss + cfg.clean_weight * clean_term
+            return loss, (out, bce, logits, ppd, clean_term)
 
         loss, aux = t.update(loss_fn, phase, tally)
         if aux is not None:
-            out, bce, logits, ppd = aux
+            out, bce, logits, ppd, clean_term = aux
             with torch.no_grad():
                 index, chosen = collaborate(logits, ppd, "ppd", backend)
                 n, M = y.shape[0], logits.shape[0]
                 tally.add("n", n)
                 tally.add("surrogate", out.loss * n)
                 tally.add("bce", bce * n)
+                if clean_term is not None:
+                    tally.add("clean_term", clean_term.detach() * n)
                 tally.add("correct", (chosen.argmax(-1) == y).sum())
                 tally.add("ce", out.ce.sum(1))
                 tally.add("assign", torch.bincount(out.weights.argmax(0), minlength=M))
@@ -99,13 +167,17 @@ class CDA2(Method):
     def epoch_metrics(self, tallies: Dict[str, Tally]) -> Dict[str, Any]:
         cfg = self.trainer.config
         trained = {k: tallies[k] for k in _PHASES if float(tallies[k].get("n")) > 0}
-        phases = {k: {"surrogate": s.mean("surrogate"), "bce": s.mean("bce"), "acc": s.mean("correct"),
+        phases = {k: {"surrogate": s.mean("surrogate"), "bce": s.mean("bce"),
+                      "clean_term": s.mean("clean_term"), "acc": s.mean("correct"),
                       "ce": s.mean("ce"), "assign_hist": s.mean("assign"),
                       "select_hist": s.mean("select"), "samples": int(s.get("n"))}
                   for k, s in trained.items()}
         m: Dict[str, Any] = {"surrogate": sum(p["surrogate"] for p in phases.values()),
                              "bce": sum(p["bce"] for p in phases.values())}
         m["loss"] = m["surrogate"] + cfg.bce_weight * m["bce"]
+        if cfg.clean_weight > 0:  # the authors' clean term (issue 13)
+            m["clean_term"] = sum(p["clean_term"] for p in phases.values())
+            m["loss"] += cfg.clean_weight * m["clean_term"]
         if "standard" in phases:
             m["clean_acc"], m["adv_acc"] = phases["standard"]["acc"], None
         else:
