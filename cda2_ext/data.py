@@ -27,6 +27,7 @@ import os
 import pickle
 import pickletools
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -43,7 +44,7 @@ from .errors import ConfigError, DataError, one_line
 __all__ = [
     "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
     "resolve_cifar10_dir", "load_cifar10", "download_cifar10", "synthetic_images", "load_images",
-    "to_float", "random_crop_flip", "make_xor",
+    "to_float", "random_crop_flip", "make_xor", "CIFAR10_TRAIN_SIZE", "note_training_size",
 ]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -225,7 +226,10 @@ def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> ImageSet:
-    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``."""
+    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``.
+
+    A training split of fewer than 50,000 images (such as the shared subset) is noted once on
+    stderr (:func:`note_training_size`)."""
     if split not in ("train", "test"):
         raise ConfigError(f"split: expected 'train' or 'test', got {split!r}")
     folder = resolve_cifar10_dir(root)
@@ -233,7 +237,28 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Image
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    if split == "train":
+        note_training_size(len(labels))
     return ImageSet(images, torch.from_numpy(labels), CIFAR10_CLASSES)
+
+
+#: CIFAR-10's training images; the paper's numbers are for all of them.
+CIFAR10_TRAIN_SIZE = 50_000
+_size_noted = False  # the note below is printed once per process
+
+
+def note_training_size(n: int, full: int = CIFAR10_TRAIN_SIZE) -> bool:
+    """Print one line on stderr, once per process (rank 0 only under ``torchrun``), when a run
+    trains on ``n < full`` CIFAR-10 images: the paper's numbers need the full set, and nothing
+    else would say that the default data folder is a ~10% subset. Returns whether it printed."""
+    global _size_noted
+    if n >= full or _size_noted or os.environ.get("RANK", "0") != "0":
+        return False
+    _size_noted = True
+    print(f"cda2: note: training on {n:,} CIFAR-10 images, not the full {full:,}; the paper's "
+          "numbers need the full set (--download, or --data DIR with all of CIFAR-10)",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def _md5(path: Path) -> str:

@@ -8,6 +8,10 @@ Subcommands (``cda2 COMMAND --help`` for each):
   ensemble and sub-models, and how often each sub-model is chosen, as JSON.
 * ``cda2 eval`` - robustness under white-box, adaptive, transfer and query attacks
   (:mod:`cda2_ext.evaluation`): the paper's tables, CSV/JSON and a plot.
+* ``cda2 reproduce`` - one of the paper's experiments end to end at a budget (small: a CPU;
+  paper: the paper's setting), its table beside the paper's numbers (:mod:`cda2_ext.reproduce`).
+* ``cda2 compare`` - finished runs (any ``--method``) side by side in the paper's layout, with
+  their training cost, from their ``cda2 eval`` results.
 
 Each subcommand is a module of this package with a ``register(subparsers)`` function that adds
 its parser and sets ``func``; a new subcommand is a new module whose ``register`` is appended to
@@ -22,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .. import __version__
 from ..errors import Cda2Error
-from . import eval_clean, eval_robustness, train, xor
+from . import compare, eval_clean, eval_robustness, reproduce, train, xor
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -30,6 +34,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # ----- entry point ------------------------------------------------------------------------------
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     xor.register, train.register, eval_clean.register, eval_robustness.register,
+    reproduce.register,
+    compare.register,  # issue 12
 ]
 
 

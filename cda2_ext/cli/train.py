@@ -31,6 +31,16 @@ _TRAIN_OPTIONS = [
     ("--eps", "eps", float, "L-inf radius of the training PGD (images in [0, 1])"),
     ("--alpha", "alpha", float, "PGD step size"),
     ("--steps", "steps", int, "PGD steps"),
+    # ----- issue 13: choices the paper leaves open (paper default | authors' code) -----
+    ("--clean-weight", "clean_weight", float, "weight of soft-min + BCE on the clean batch added "
+     "to every update (paper: 0; the authors' code: 1)"),
+    ("--ppd-grad", "ppd_grad", str, "what the PPD BCE trains: head (paper, Alg. 1) | trunk (also "
+     "the shared layers, as in the authors' code)"),
+    ("--ppd-loss", "ppd_loss", str, "BCE of sigmoid(s) vs p_y (paper) | soe: of max-prob x "
+     "sigmoid(s), the authors' code; pair with --select-score soe"),
+    ("--pgd-bn", "pgd_bn", str, "BatchNorm during the training PGD: eval (here) | train (authors' "
+     "code; the attack's batches then also move the running statistics)"),
+    # ----- end of issue 13 -----
     ("--epochs", "epochs", int, "training epochs"),
     ("--batch-size", "batch_size", int, "batch size"),
     ("--optimizer", "optimizer", str, f"{' | '.join(OPTIMIZERS)}"),
@@ -52,6 +62,20 @@ _TRAIN_OPTIONS = [
      "run, keeping the last checkpoint, or skip that update and count it in the metrics)"),
     ("--amp", "amp", str, f"mixed precision of the forward passes: {' | '.join(AMP)} (losses and "
      "the fused ops stay in fp32)"),
+    # ----- baseline methods (issue 12): read only by the methods named; defaults per method -----
+    ("--adp-alpha", "adp_alpha", float, "adp: weight of the ensemble entropy"),
+    ("--adp-beta", "adp_beta", float, "adp: weight of the log-det of the non-true predictions"),
+    ("--gal-coeff", "gal_coeff", float, "gal: weight of the input-gradient coherence term"),
+    ("--gal-noise", "gal_noise", float, "gal: std of the Gaussian noise added to half the "
+     "training images (0: none)"),
+    ("--init-from", "init_from", str, "dverge: run folder of the trained `--method ensemble` run "
+     "to start from (unset: from scratch)"),
+    ("--distill-eps", "distill_eps", float, "dverge: L-inf radius of the feature distillation"),
+    ("--distill-alpha", "distill_alpha", float, "dverge: step of the feature distillation"),
+    ("--distill-steps", "distill_steps", int, "dverge: steps of the feature distillation"),
+    ("--distill-layer", "distill_layer", int, "dverge: distil at this layer (1..depth) every "
+     "epoch instead of a random one per epoch"),
+    ("--dverge-coeff", "dverge_coeff", float, "dverge --plus-adv: weight of the distillation loss"),
 ]
 
 
@@ -62,18 +86,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train M dual-head sub-models with Algorithm 1. Defaults follow the "
                        "paper (M=3, ResNet-20, eps=0.03, 100 epochs, adversarial phase only) and, where "
                        "it is silent, the authors' Synergy-of-Experts code (SGD 0.1/0.9/1e-4, batch 128, "
-                       "x0.1 at 50%/75%, PGD step 0.01, sigma 1). Writes a checkpoint after every epoch.")
+                       "x0.1 at 50%/75%, PGD step 0.01, sigma 1). Writes a checkpoint after every epoch. "
+                       "--method ensemble|adp|gal|dverge trains the ensemble defenses the paper compares "
+                       "with, each with its own defaults where an option is not given (the DVERGE "
+                       "authors' code: 200 epochs, x0.1 at 100/150; ensemble/dverge SGD 0.1, adp/gal "
+                       "Adam 1e-3); the defaults shown below are CDA²'s.")
     for flag, name, typ, help_ in _TRAIN_OPTIONS:
         p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
                        help=f"{help_} (default: {getattr(d, name)})")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
                    help="no random crop / flip")
-    p.add_argument("--no-random-start", dest="random_start", action="store_false",
-                   default=argparse.SUPPRESS, help="PGD starts at the clean image")
+    start = p.add_mutually_exclusive_group()  # issue 13: both spellings, the default stated
+    start.add_argument("--pgd-random-start", dest="random_start", action="store_true",
+                       default=argparse.SUPPRESS, help="training PGD starts uniformly in the "
+                       "eps-ball (default; Madry et al.)")
+    start.add_argument("--no-random-start", dest="random_start", action="store_false",
+                       default=argparse.SUPPRESS, help="training PGD starts at the clean image "
+                       "(the authors' default run)")
     p.add_argument("--unfused", dest="unfused", action="store_true", default=argparse.SUPPRESS,
                    help="use the plain-PyTorch reference ops instead of the fused ones")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bars")
+    # baseline methods (issue 12): one flag, the DVERGE code's name as an alias
+    p.add_argument("--adv", "--plus-adv", dest="adv", action="store_true", default=argparse.SUPPRESS,
+                   help="ensemble/adp/gal: also train on PGD (--eps/--alpha/--steps) of the averaged "
+                   "ensemble; dverge: DVERGE+AdvT (each sub-model also on PGD against itself)")
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=argparse.SUPPRESS,
                    help="under torchrun: BatchNorm statistics over the global batch, not each "
                    "process's shard (the run then matches a one-process run of the same batch)")
@@ -93,7 +130,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's options: the given ones, or the stored run's plus resumable changes."""
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_OPTIONS if hasattr(args, name)}
     given.update({k: getattr(args, k) for k in ("augment", "random_start", "unfused", "progress",
-                                                "sync_bn") if hasattr(args, k)})
+                                                "sync_bn", "adv") if hasattr(args, k)})
     out_dir = given.get("out_dir", TrainConfig.out_dir)
     st_path = checkpoint_files(out_dir)[0]
     if args.resume and st_path.is_file():
@@ -102,7 +139,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if bad:
             raise CLIError(f"--resume: cannot change {', '.join(bad)} of the run in {out_dir}")
         return stored.replace(**given).validate()
-    return TrainConfig(**given).validate()
+    return TrainConfig.for_method(**given).validate()  # the method's own defaults where not given
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -11,11 +12,13 @@ from torch import Tensor
 from ..attacks.adaptive import AdaptiveConfig
 from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
-from .families import ATTACK_GROUPS
+from .families import ATTACK_GROUPS, DEFAULT_ATTACKS
 
-__all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
+__all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
+#: How the evaluated test images are drawn (:func:`select_subset`; issue 13).
+SUBSETS = ("seeded", "dverge")
 
 
 @dataclass
@@ -23,7 +26,8 @@ class EvalConfig:
     """Everything that defines an evaluation run (stored in the JSON output).
 
     Attributes:
-        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS`.
+        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS` (default
+            :data:`DEFAULT_ATTACKS`: all but the optional AutoAttack).
         eps: the L-inf radii of the sweep. n_samples: size of the random test subset.
         seed: picks the subset and seeds every attack. batch_size: images per attack batch.
         pgd, adaptive, transfer: the attacks' configurations (paper budgets by default).
@@ -35,7 +39,7 @@ class EvalConfig:
         progress: tqdm progress bars (stderr).
     """
 
-    attacks: Tuple[str, ...] = ATTACK_GROUPS
+    attacks: Tuple[str, ...] = DEFAULT_ATTACKS
     eps: Tuple[float, ...] = DEFAULT_EPS
     n_samples: int = 1000
     seed: int = 0
@@ -51,6 +55,8 @@ class EvalConfig:
     score: str = "ppd"
     unfused: bool = False
     progress: bool = True
+    # ----- issue 13: which test images (select_subset) -----
+    subset: str = "seeded"   # "seeded": a torch permutation of `seed`; "dverge": DVERGE's scripts
 
     def validate(self) -> "EvalConfig":
         """Raise ``ValueError`` (naming the field) for a setting no evaluation can run; ``self``."""
@@ -68,6 +74,8 @@ class EvalConfig:
             raise ValueError("pgd: steps must be >= 0 and restarts >= 1")
         self.adaptive.validate()
         self.transfer.validate()
+        if self.subset not in SUBSETS:  # issue 13
+            raise ValueError(f"subset: expected one of {SUBSETS}, got {self.subset!r}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -78,7 +86,19 @@ class EvalConfig:
         return d
 
 
-def select_subset(n_total: int, n: int, seed: int) -> Tensor:
-    """``min(n, n_total)`` distinct test indices drawn with ``seed`` (sorted)."""
+def select_subset(n_total: int, n: int, seed: int, subset: str = "seeded") -> Tensor:
+    """``min(n, n_total)`` distinct test indices drawn with ``seed``.
+
+    ``subset="seeded"``: the first ``n`` of a torch permutation, sorted. ``"dverge"`` (issue 13):
+    Python's ``random.seed(seed); random.sample(range(n_total), n)``, in the order drawn - with
+    CIFAR-10's 10,000 test images, ``n=1000`` and ``seed=0`` exactly the images DVERGE's
+    evaluation scripts (and the paper's tables after them) use. A private ``random.Random`` draws
+    them, so the global ``random`` state is left alone.
+    """
+    k = min(n, n_total)
+    if subset == "dverge":
+        return torch.tensor(random.Random(int(seed)).sample(range(n_total), k), dtype=torch.int64)
+    if subset != "seeded":
+        raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n_total, generator=g)[:min(n, n_total)].sort().values
+    return torch.randperm(n_total, generator=g)[:k].sort().values

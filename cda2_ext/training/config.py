@@ -19,6 +19,11 @@ sigma              1.0             SoE ``--tempC 1.0`` (P leaves sigma open)
 bce_weight         1.0             SoE ``--adaptivetrainlambda 1.0``
 phases             adversarial     P, Sec. 3.2: "In our implementation, the natural data
                                    training of the collaboration is not necessary"
+random_start       on              Madry PGD (P: "the PGD method"); SoE's default run: off
+pgd_bn             eval            ours (the attack sees the model as inference does); SoE: train
+clean_weight       0               P, Alg. 1 (no clean term); SoE adds soft-min+BCE on clean: 1
+ppd_grad           head            P, Alg. 1 l. 7 ("update module g"); SoE: BCE trains the trunk
+ppd_loss           paper           P, Alg. 1 (BCE of g vs p_y); SoE: BCE of maxprob*sigmoid(s)
 =================  ==============  =====================================================
 
 ``phases``: ``adversarial`` (Alg. 1 lines 12-19), ``natural`` (lines 2-10), ``both`` (per batch:
@@ -40,7 +45,8 @@ from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
 from .methods import METHODS
 
-__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS"]
+__all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS",
+           "METHOD_OPTIONS"]
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -50,6 +56,20 @@ NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam")
 #: Mixed precision of the forward passes (losses and the fused ops stay in fp32).
 AMP = ("none", "bf16", "fp16")
+# ----- issue 13: what the PPD-head BCE trains, which score it fits, BatchNorm in training PGD -----
+PPD_GRADS = ("head", "trunk")
+PPD_LOSSES = ("paper", "soe")
+PGD_BN_MODES = ("eval", "train")
+# ----- baseline methods (issue 12) -----
+_ENSEMBLES = ("ensemble", "adp", "gal", "dverge")
+#: Method-specific options -> the methods that read them; any other method refuses a non-default value.
+METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "phases": ("cda2",), "sigma": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
+    "adv": _ENSEMBLES, "adp_alpha": ("adp",), "adp_beta": ("adp",), "gal_coeff": ("gal",),
+    "gal_noise": ("gal",), "init_from": ("dverge",), "distill_eps": ("dverge",),
+    "distill_alpha": ("dverge",), "distill_steps": ("dverge",), "distill_layer": ("dverge",),
+    "dverge_coeff": ("dverge",),
+}
 
 
 @dataclass
@@ -72,6 +92,13 @@ class TrainConfig:
     alpha: float = 0.01
     steps: int = 10
     random_start: bool = True
+    # ----- choices the paper leaves open (issue 13; README "Paper or authors' code") -----------
+    # Defaults follow the paper's Algorithm 1; the authors' Synergy-of-Experts code does otherwise.
+    clean_weight: float = 0.0        # + W x (surrogate + BCE) on the clean batch (authors' code: 1)
+    ppd_grad: str = "head"           # the BCE trains the PPD head only | also the "trunk" (authors)
+    ppd_loss: str = "paper"          # BCE of sigmoid(s) | of maxprob*sigmoid(s) ("soe", authors)
+    pgd_bn: str = "eval"             # BatchNorm mode during the training PGD: eval | train (authors)
+    # ----- end of the issue-13 block ------------------------------------------------------------
     # optimisation
     epochs: int = 100
     batch_size: int = 128
@@ -101,6 +128,19 @@ class TrainConfig:
     # speed and scale
     amp: str = "none"                  # mixed precision of the forward passes: none | bf16 | fp16
     sync_bn: bool = False              # BatchNorm over the global batch in a multi-process run
+    # ----- baseline methods (ensemble, adp, gal, dverge; issue 12) ------------------------------
+    # Read only by the methods named in METHOD_OPTIONS; each method's docstring cites its values.
+    adv: bool = False                  # ensemble/adp/gal: + PGD of the averaged ensemble; dverge: +AdvT
+    adp_alpha: float = 2.0             # ADP: weight of the ensemble entropy
+    adp_beta: float = 0.5              # ADP: weight of the log-det of non-true predictions
+    gal_coeff: float = 0.5             # GAL: weight of the gradient-coherence term
+    gal_noise: float = 0.045           # GAL: std of the Gaussian noise added to half the images
+    init_from: Optional[str] = None    # DVERGE: run folder of the trained ensemble to start from
+    distill_eps: float = 0.07          # DVERGE: feature-distillation radius
+    distill_alpha: float = 0.007       # DVERGE: feature-distillation step
+    distill_steps: int = 10            # DVERGE: feature-distillation steps
+    distill_layer: Optional[int] = None  # DVERGE: fixed layer (1..depth); None: random per epoch
+    dverge_coeff: float = 1.0          # DVERGE+AdvT: weight of the distillation loss
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` (one line, naming the option) for the first unusable option.
@@ -136,6 +176,12 @@ class TrainConfig:
         choice("select_score", SCORES)
         number("eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1] (images are in [0, 1])")
         number("alpha", lambda v: 0 <= v <= 1, "the PGD step must lie in [0, 1] (images are in [0, 1])")
+        number("clean_weight", lambda v: v >= 0 and (v == 0 or self.phases != "standard"),
+               "must be finite and >= 0 (and 0 with phases 'standard', which trains on the clean "
+               "batch already)")  # issue 13
+        choice("ppd_grad", PPD_GRADS)
+        choice("ppd_loss", PPD_LOSSES)
+        choice("pgd_bn", PGD_BN_MODES)
         number("steps", lambda v: v >= (0 if self.phases == "standard" else 1),
                "the attack phases need an integer >= 1 PGD steps (phases 'standard' trains "
                "without an attack)", integer=True)
@@ -165,12 +211,44 @@ class TrainConfig:
         choice("optimizer", OPTIMIZERS)
         if not isinstance(self.sync_bn, bool):
             bad("sync_bn", "must be true or false")
+        # ----- baseline methods (issue 12) -----
+        if not isinstance(self.adv, bool):
+            bad("adv", "must be true or false")
+        for name in ("adp_alpha", "adp_beta", "gal_coeff", "gal_noise", "dverge_coeff"):
+            number(name, lambda v: v >= 0, "must be finite and >= 0")
+        number("distill_eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1]")
+        number("distill_alpha", lambda v: 0 <= v <= 1, "the step must lie in [0, 1]")
+        number("distill_steps", lambda v: v >= 1, "must be an integer >= 1", integer=True)
+        number("distill_layer", lambda v: 1 <= v <= self.depth, f"must be an integer in "
+               f"[1, depth={self.depth}] (or unset: a random layer each epoch)", integer=True,
+               optional=True)
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            bad("init_from", "must be a run folder or checkpoint path")
+        need = getattr(METHODS[self.method], "min_models", 1)  # diversity terms need pairs
+        if self.num_models < need:
+            bad("num_models", f"method {self.method} needs at least {need} sub-models")
+        defaults = TrainConfig()
+        for name, readers in METHOD_OPTIONS.items():
+            if self.method not in readers and getattr(self, name) != getattr(defaults, name):
+                bad(name, f"only method(s) {', '.join(readers)} read it, and this run's method is "
+                    f"{self.method}")
         return self
+
+    @classmethod
+    def for_method(cls, method: str = "cda2", **given: Any) -> "TrainConfig":
+        """The config of a ``method`` run: ``given`` options, then the method's own defaults
+        (its class's ``defaults``, e.g. Adam 1e-3 for ADP/GAL, 200 epochs for the baselines; each
+        cited in the method's docstring), then this class's (CDA²'s). Not validated."""
+        if method not in METHODS:
+            raise ConfigError(f"method: must be one of {tuple(METHODS)}, got {method!r}")
+        own = dict(getattr(METHODS[method], "defaults", {}))
+        return cls(**{**own, **given, "method": method})
 
     def model_config(self) -> CollaborationConfig:
         """The :class:`CollaborationConfig` of the model this run trains."""
         return CollaborationConfig(num_models=self.num_models, depth=self.depth,
-                                   num_classes=self.num_classes, ppd_input=self.ppd_input)
+                                   num_classes=self.num_classes, ppd_input=self.ppd_input,
+                                   detach_ppd=self.ppd_grad == "head")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of (0-based) ``epoch``; a pure function, so resuming needs no state."""

@@ -30,9 +30,8 @@ Choices the paper leaves open, each an option (defaults: the paper; see ``TrainC
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
-
 import math
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as Fn

@@ -1,0 +1,58 @@
+"""``cda2 reproduce EXPERIMENT --budget small|paper``: one of the paper's experiments end to end.
+
+Trains what the experiment needs (reusing finished runs in ``--out``, resuming interrupted ones),
+evaluates, and writes ``reproduce_<experiment>_<budget>.{md,json,png}``: the table with the paper's
+numbers beside the measured ones, the exact commands and the budget (:mod:`cda2_ext.reproduce`).
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..reproduce import BUDGETS, EXPERIMENTS, describe_all, plan_experiment, run_experiment
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``cda2 reproduce``."""
+    p = sub.add_parser(
+        "reproduce", help="run one of the paper's experiments and tabulate it beside the paper",
+        description="Run an experiment of the paper as cda2 commands at a budget: 'small' fits a "
+        "2-core CPU on the shared CIFAR-10 subset in minutes, 'paper' is the paper's setting (a GPU, "
+        "full CIFAR-10 via --download or --data). Finished runs in --out are reused and interrupted "
+        "ones resumed. Writes reproduce_<experiment>_<budget>.md (table: paper beside measured, "
+        "notes, commands), .json (the same as data, with the budget) and .png (the figure, where the "
+        "paper has one) to --results. Experiments: " + "; ".join(describe_all()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", choices=tuple(EXPERIMENTS), help="which experiment")
+    p.add_argument("--budget", default="small", choices=BUDGETS, help="how much compute")
+    p.add_argument("--out", default="runs/reproduce",
+                   help="folder of the runs (OUT/<experiment>-<budget>/)")
+    p.add_argument("--results", default=None, help="folder of the table, record and figure "
+                   "(default: --out)")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder for every step (default: "
+                   "$CDA2_DATA, then the shared subset)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into --data (or ./data) first if missing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--force", action="store_true", help="rerun every step from scratch")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cda2 reproduce``: plan (``--dry-run``) or run the experiment; print its table."""
+    if args.dry_run:
+        for step in plan_experiment(args.experiment, args.budget, args.out, data=args.data,
+                                    download=args.download, device=args.device):
+            print(step.command)
+        return 0
+    rec = run_experiment(args.experiment, args.budget, args.out, args.results, data=args.data,
+                         download=args.download, device=args.device, force=args.force)
+    print(rec["table"])
+    print()
+    for note in rec["notes"]:
+        print(f"- {note}")
+    print(f"\n{len(rec['commands'])} commands, {rec['seconds']} s; wrote "
+          f"{', '.join(rec['files'].values())}")
+    return 0

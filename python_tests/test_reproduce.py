@@ -1,0 +1,186 @@
+"""``cda2 reproduce``: plans, reuse and resume of steps, and the written table / record / figure."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cda2_ext.checkpoint import checkpoint_files, load_checkpoint
+from cda2_ext.cli import main as cda2_main
+from cda2_ext.reproduce import (EXPERIMENTS, ReproduceError, StepRunner, plan_experiment,
+                                run_experiment)
+from cda2_ext.reproduce import paper
+from cda2_ext.reproduce.experiments import Budget
+from cda2_ext.reproduce.runner import output_step, train_step
+
+TINY = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--phases", "standard",
+        "--batch-size", "16", "--train-limit", "32", "--eval-every", "0", "--no-progress",
+        "--device", "cpu"]
+
+
+def _epoch(run: Path) -> int:
+    return load_checkpoint(checkpoint_files(run)[0])[1]["epoch"]
+
+
+def _with_budget(monkeypatch, name: str, **params) -> None:
+    """Shrink experiment ``name``'s small budget for a test."""
+    exp = EXPERIMENTS[name]
+    small = exp.budgets["small"]
+    budget = Budget({**small.params, **params}, small.shows, small.cannot_show)
+    monkeypatch.setitem(EXPERIMENTS, name, dataclasses.replace(
+        exp, budgets={**exp.budgets, "small": budget}))
+
+
+# ----- the registry ---------------------------------------------------------------------------------
+def test_every_experiment_has_both_budgets_saying_what_they_show():
+    assert {"xor", "depth"} <= set(EXPERIMENTS)
+    for exp in EXPERIMENTS.values():
+        assert set(exp.budgets) == {"small", "paper"}
+        for b in exp.budgets.values():
+            assert b.shows and b.cannot_show
+
+
+def test_table6_numbers_are_the_papers():
+    assert [paper.TABLE6[d]["single"] for d in (2, 8, 14, 20)] == [65.0, 88.3, 90.5, 91.9]
+    assert [paper.TABLE6[d]["collaboration"] for d in (2, 8, 14, 20)] == [67.0, 89.5, 91.6, 92.5]
+    # the gain column is the difference, except at depth 14 where the paper prints 0.9 for 1.1
+    for d, row in paper.TABLE6.items():
+        diff = row["collaboration"] - row["single"]
+        assert diff == pytest.approx(1.1 if d == 14 else row["gain"], abs=1e-9)
+    assert paper.TABLE6[14]["gain"] == 0.9
+
+
+def test_depth_plan_is_standard_training_of_single_models_and_collaborations(tmp_path):
+    steps = plan_experiment("depth", "paper", tmp_path, data="/d", device="cpu")
+    trains = [s for s in steps if s.kind == "train"]
+    assert len(trains) == 8 and len(steps) == 16
+    seen = set()
+    for s in trains:
+        a = s.argv
+        assert a[a.index("--phases") + 1] == "standard" and a[a.index("--epochs") + 1] == "100"
+        assert a[a.index("--data") + 1] == "/d" and a[a.index("--device") + 1] == "cpu"
+        assert s.out.parent == tmp_path / "depth-paper"
+        seen.add((a[a.index("--depth") + 1], a[a.index("--num-models") + 1]))
+    assert seen == {(d, m) for d in ("2", "8", "14", "20") for m in ("1", "3")}
+    evals = [s for s in steps if s.kind == "output"]
+    assert all(s.argv[0] == "eval-clean" and s.reads for s in evals)
+
+
+def test_time_plan_trains_each_method_as_table_4_does(tmp_path):
+    steps = plan_experiment("time", "small", tmp_path)
+    by_method = {s.argv[s.argv.index("--method") + 1]: s.argv for s in steps}
+    assert set(by_method) == set(paper.TABLE4)
+    for method, argv in by_method.items():  # PGD training for all but DVERGE (App. C)
+        assert ("--adv" in argv) is (method in ("gal", "adp"))
+        assert argv[argv.index("--depth") + 1] == "8"
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+    assert cda2_main(["reproduce", "depth", "--budget", "small", "--out", str(tmp_path),
+                      "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [s.command for s in plan_experiment("depth", "small", tmp_path)]
+    assert all(ln.startswith("cda2 ") for ln in lines)
+
+
+def test_missing_methods_and_bad_budget_fail_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(EXPERIMENTS, "xor", dataclasses.replace(EXPERIMENTS["xor"],
+                                                                methods=("no-such-method",)))
+    with pytest.raises(ReproduceError, match="no-such-method"):
+        run_experiment("xor", "small", tmp_path)
+    with pytest.raises(ReproduceError, match="budget"):
+        plan_experiment("depth", "huge", tmp_path)
+    with pytest.raises(ReproduceError, match="experiment"):
+        plan_experiment("table99", "small", tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ----- reuse, resume, refuse ------------------------------------------------------------------------
+def test_train_steps_run_then_reuse_then_resume_and_refuse_other_options(tmp_path):
+    run = tmp_path / "run"
+    runner = StepRunner(log=lambda s: None)
+    one = train_step(["train", *TINY, "--epochs", "1", "--out-dir", str(run)], run)
+    assert runner.run(one) == "ran" and _epoch(run) == 1
+    assert runner.run(one) == "reused"
+    # the same run asked for longer: the finished 1-epoch checkpoint is an interrupted 2-epoch run
+    two = train_step(["train", *TINY, "--epochs", "2", "--out-dir", str(run)], run)
+    assert StepRunner.train_state(two) == "interrupted"
+    assert runner.run(two) == "resumed" and _epoch(run) == 2
+    assert [r["status"] for r in runner.records] == ["ran", "reused", "resumed"]
+    other = train_step(["train", *TINY, "--epochs", "2", "--lr", "0.2", "--out-dir", str(run)], run)
+    with pytest.raises(ReproduceError, match="lr"):
+        runner.run(other)
+    assert StepRunner(force=True, log=lambda s: None).run(other) == "ran"
+
+
+def test_output_steps_rerun_when_their_command_or_their_run_changes(tmp_path):
+    out = tmp_path / "x.json"
+
+    def xor(steps):
+        return output_step(["xor", "--steps", str(steps), "--n-train", "8", "--n-test", "8",
+                            "--figure", "", "--json", str(out)], out, reads=[tmp_path / "r"])
+
+    runner = StepRunner(log=lambda s: None)
+    assert runner.run(xor(2)) == "ran" and out.is_file()
+    assert runner.run(xor(2)) == "reused"
+    assert runner.run(xor(3)) == "ran"  # another command
+    runner.changed.add(tmp_path / "r")  # the run it reads was trained again
+    assert runner.run(xor(3)) == "ran"
+
+
+def test_a_failing_step_names_its_command(tmp_path):
+    runner = StepRunner(log=lambda s: None, cli=lambda argv: 2)
+    out = tmp_path / "x.json"
+    with pytest.raises(ReproduceError, match="exit status 2: cda2 xor"):
+        runner.run(output_step(["xor", "--json", str(out)], out))
+
+
+# ----- whole experiments ----------------------------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    """XOR's 600 tiny steps only wait on a second thread (most of all on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_path, monkeypatch,
+                                                                          capsys, one_thread):
+    _with_budget(monkeypatch, "xor", seeds=(0, 1))
+    out, results = tmp_path / "runs", tmp_path / "results"
+    assert cda2_main(["reproduce", "xor", "--out", str(out), "--results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ensemble |" in printed and "| collaboration |" in printed
+    rec = json.loads((results / "reproduce_xor_small.json").read_text())
+    assert rec["commands"] == [s.command for s in plan_experiment("xor", "small", out)]
+    assert [s["status"] for s in rec["steps"]] == ["ran", "ran"]
+    assert rec["params"] == {"seeds": [0, 1]} and rec["budget"] == "small"
+    ens, col = rec["rows"]
+    assert ens[1] == paper.FIG4["ensemble"] and col[1] == paper.FIG4["collaboration"]
+    assert col[2] > 90 and ens[2] < 80  # collaboration solves XOR, the averaged ensemble cannot
+    md = (results / "reproduce_xor_small.md").read_text()
+    assert "cda2 xor --seed 0" in md and "reproduce_xor_small.png" in md
+    assert (results / "reproduce_xor_small.png").stat().st_size > 0
+    run_experiment("xor", "small", out, results, log=lambda s: None)
+    rec2 = json.loads((results / "reproduce_xor_small.json").read_text())
+    assert [s["status"] for s in rec2["steps"]] == ["reused", "reused"]
+    assert rec2["rows"] == rec["rows"]
+
+
+def test_reproduce_depth_tabulates_paper_beside_measured(tmp_path, monkeypatch, cifar_dir):
+    _with_budget(monkeypatch, "depth", depths=(2,), epochs=1, train_limit=64, test_limit=50)
+    rec = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
+                         log=lambda s: None)
+    assert rec["columns"][:7] == ["depth", "paper single %", "paper collab. %", "paper gain",
+                                  "single %", "collab. %", "gain"]
+    (row,) = rec["rows"]
+    assert row[:4] == [2, 65.0, 67.0, 2.0]
+    assert all(0 <= v <= 100 for v in row[4:6]) and row[6] == pytest.approx(row[5] - row[4])
+    assert rec["measured"]["2"]["single"]["n"] == 50
+    assert rec["figure"] is None  # Table 6 has no figure
+    trains = [c for c in rec["commands"] if c.startswith("cda2 train")]
+    assert len(trains) == 2 and all("--train-limit 64" in c for c in trains)
