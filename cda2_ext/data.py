@@ -226,10 +226,7 @@ def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> ImageSet:
-    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``.
-
-    A training split of fewer than 50,000 images (such as the shared subset) is noted once on
-    stderr (:func:`note_training_size`)."""
+    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``."""
     if split not in ("train", "test"):
         raise ConfigError(f"split: expected 'train' or 'test', got {split!r}")
     folder = resolve_cifar10_dir(root)
@@ -237,8 +234,6 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Image
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    if split == "train":
-        note_training_size(len(labels))
     return ImageSet(images, torch.from_numpy(labels), CIFAR10_CLASSES)
 
 

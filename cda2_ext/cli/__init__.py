@@ -35,7 +35,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
     xor.register, train.register, eval_clean.register, eval_robustness.register,
     reproduce.register,
-    compare.register,  # issue 12
+    compare.register,
 ]
 
 

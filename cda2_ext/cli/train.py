@@ -31,7 +31,7 @@ _TRAIN_OPTIONS = [
     ("--eps", "eps", float, "L-inf radius of the training PGD (images in [0, 1])"),
     ("--alpha", "alpha", float, "PGD step size"),
     ("--steps", "steps", int, "PGD steps"),
-    # ----- issue 13: choices the paper leaves open (paper default | authors' code) -----
+    # ----- choices the paper leaves open (paper default | authors' code) -----
     ("--clean-weight", "clean_weight", float, "weight of soft-min + BCE on the clean batch added "
      "to every update (paper: 0; the authors' code: 1)"),
     ("--ppd-grad", "ppd_grad", str, "what the PPD BCE trains: head (paper, Alg. 1) | trunk (also "
@@ -40,7 +40,6 @@ _TRAIN_OPTIONS = [
      "sigmoid(s), the authors' code; pair with --select-score soe"),
     ("--pgd-bn", "pgd_bn", str, "BatchNorm during the training PGD: eval (here) | train (authors' "
      "code; the attack's batches then also move the running statistics)"),
-    # ----- end of issue 13 -----
     ("--epochs", "epochs", int, "training epochs"),
     ("--batch-size", "batch_size", int, "batch size"),
     ("--optimizer", "optimizer", str, f"{' | '.join(OPTIMIZERS)}"),
@@ -62,7 +61,7 @@ _TRAIN_OPTIONS = [
      "run, keeping the last checkpoint, or skip that update and count it in the metrics)"),
     ("--amp", "amp", str, f"mixed precision of the forward passes: {' | '.join(AMP)} (losses and "
      "the fused ops stay in fp32)"),
-    # ----- baseline methods (issue 12): read only by the methods named; defaults per method -----
+    # ----- baseline methods: read only by the methods named; defaults per method -----
     ("--adp-alpha", "adp_alpha", float, "adp: weight of the ensemble entropy"),
     ("--adp-beta", "adp_beta", float, "adp: weight of the log-det of the non-true predictions"),
     ("--gal-coeff", "gal_coeff", float, "gal: weight of the input-gradient coherence term"),
@@ -96,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"{help_} (default: {getattr(d, name)})")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
                    help="no random crop / flip")
-    start = p.add_mutually_exclusive_group()  # issue 13: both spellings, the default stated
+    start = p.add_mutually_exclusive_group()  # both spellings, the default stated
     start.add_argument("--pgd-random-start", dest="random_start", action="store_true",
                        default=argparse.SUPPRESS, help="training PGD starts uniformly in the "
                        "eps-ball (default; Madry et al.)")
@@ -107,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use the plain-PyTorch reference ops instead of the fused ones")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bars")
-    # baseline methods (issue 12): one flag, the DVERGE code's name as an alias
+    # baseline methods: one flag, the DVERGE code's name as an alias
     p.add_argument("--adv", "--plus-adv", dest="adv", action="store_true", default=argparse.SUPPRESS,
                    help="ensemble/adp/gal: also train on PGD (--eps/--alpha/--steps) of the averaged "
                    "ensemble; dverge: DVERGE+AdvT (each sub-model also on PGD against itself)")

@@ -17,7 +17,7 @@ from .families import ATTACK_GROUPS, DEFAULT_ATTACKS
 __all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
-#: How the evaluated test images are drawn (:func:`select_subset`; issue 13).
+#: How the evaluated test images are drawn (:func:`select_subset`).
 SUBSETS = ("seeded", "dverge")
 
 
@@ -55,7 +55,7 @@ class EvalConfig:
     score: str = "ppd"
     unfused: bool = False
     progress: bool = True
-    # ----- issue 13: which test images (select_subset) -----
+    # ----- which test images (select_subset) -----
     subset: str = "seeded"   # "seeded": a torch permutation of `seed`; "dverge": DVERGE's scripts
 
     def validate(self) -> "EvalConfig":
@@ -74,7 +74,7 @@ class EvalConfig:
             raise ValueError("pgd: steps must be >= 0 and restarts >= 1")
         self.adaptive.validate()
         self.transfer.validate()
-        if self.subset not in SUBSETS:  # issue 13
+        if self.subset not in SUBSETS:
             raise ValueError(f"subset: expected one of {SUBSETS}, got {self.subset!r}")
         return self
 
@@ -89,7 +89,7 @@ class EvalConfig:
 def select_subset(n_total: int, n: int, seed: int, subset: str = "seeded") -> Tensor:
     """``min(n, n_total)`` distinct test indices drawn with ``seed``.
 
-    ``subset="seeded"``: the first ``n`` of a torch permutation, sorted. ``"dverge"`` (issue 13):
+    ``subset="seeded"``: the first ``n`` of a torch permutation, sorted. ``"dverge"``:
     Python's ``random.seed(seed); random.sample(range(n_total), n)``, in the order drawn - with
     CIFAR-10's 10,000 test images, ``n=1000`` and ``seed=0`` exactly the images DVERGE's
     evaluation scripts (and the paper's tables after them) use. A private ``random.Random`` draws

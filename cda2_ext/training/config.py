@@ -56,15 +56,16 @@ NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam")
 #: Mixed precision of the forward passes (losses and the fused ops stay in fp32).
 AMP = ("none", "bf16", "fp16")
-# ----- issue 13: what the PPD-head BCE trains, which score it fits, BatchNorm in training PGD -----
+# ----- CDA²'s choices the paper leaves open: what the BCE trains and fits, BN in training PGD -----
 PPD_GRADS = ("head", "trunk")
 PPD_LOSSES = ("paper", "soe")
 PGD_BN_MODES = ("eval", "train")
-# ----- baseline methods (issue 12) -----
+# ----- the baseline methods' options -----
 _ENSEMBLES = ("ensemble", "adp", "gal", "dverge")
 #: Method-specific options -> the methods that read them; any other method refuses a non-default value.
 METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "phases": ("cda2",), "sigma": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
+    "clean_weight": ("cda2",), "ppd_grad": ("cda2",), "ppd_loss": ("cda2",),
     "adv": _ENSEMBLES, "adp_alpha": ("adp",), "adp_beta": ("adp",), "gal_coeff": ("gal",),
     "gal_noise": ("gal",), "init_from": ("dverge",), "distill_eps": ("dverge",),
     "distill_alpha": ("dverge",), "distill_steps": ("dverge",), "distill_layer": ("dverge",),
@@ -92,7 +93,7 @@ class TrainConfig:
     alpha: float = 0.01
     steps: int = 10
     random_start: bool = True
-    # ----- choices the paper leaves open (issue 13; README "Paper or authors' code") -----------
+    # ----- choices the paper leaves open (README "Paper or authors' code") --------------------
     # Defaults follow the paper's Algorithm 1; the authors' Synergy-of-Experts code does otherwise.
     clean_weight: float = 0.0        # + W x (surrogate + BCE) on the clean batch (authors' code: 1)
     ppd_grad: str = "head"           # the BCE trains the PPD head only | also the "trunk" (authors)
@@ -128,7 +129,7 @@ class TrainConfig:
     # speed and scale
     amp: str = "none"                  # mixed precision of the forward passes: none | bf16 | fp16
     sync_bn: bool = False              # BatchNorm over the global batch in a multi-process run
-    # ----- baseline methods (ensemble, adp, gal, dverge; issue 12) ------------------------------
+    # ----- baseline methods (ensemble, adp, gal, dverge) -----------------------------------------
     # Read only by the methods named in METHOD_OPTIONS; each method's docstring cites its values.
     adv: bool = False                  # ensemble/adp/gal: + PGD of the averaged ensemble; dverge: +AdvT
     adp_alpha: float = 2.0             # ADP: weight of the ensemble entropy
@@ -178,7 +179,7 @@ class TrainConfig:
         number("alpha", lambda v: 0 <= v <= 1, "the PGD step must lie in [0, 1] (images are in [0, 1])")
         number("clean_weight", lambda v: v >= 0 and (v == 0 or self.phases != "standard"),
                "must be finite and >= 0 (and 0 with phases 'standard', which trains on the clean "
-               "batch already)")  # issue 13
+               "batch already)")
         choice("ppd_grad", PPD_GRADS)
         choice("ppd_loss", PPD_LOSSES)
         choice("pgd_bn", PGD_BN_MODES)
@@ -211,7 +212,7 @@ class TrainConfig:
         choice("optimizer", OPTIMIZERS)
         if not isinstance(self.sync_bn, bool):
             bad("sync_bn", "must be true or false")
-        # ----- baseline methods (issue 12) -----
+        # ----- the baseline methods' options -----
         if not isinstance(self.adv, bool):
             bad("adv", "must be true or false")
         for name in ("adp_alpha", "adp_beta", "gal_coeff", "gal_noise", "dverge_coeff"):

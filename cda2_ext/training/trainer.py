@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
-from ..data import ImageSet, load_images, random_crop_flip, to_float
+from ..data import ImageSet, load_images, note_training_size, random_crop_flip, to_float
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
 from ..models.collaboration import Collaboration
@@ -89,6 +89,8 @@ class Trainer:
             raise DataError(f"training set: needs at least 2 images, got {len(self.train_set)}")
         if self.test_set is not None and cfg.eval_every > 0 and len(self.test_set) == 0:
             raise DataError("test set: has no images (set eval_every to 0 to train without it)")
+        if cfg.dataset == "cifar10" and self.dist.is_main:  # after --train-limit, so it counts too
+            note_training_size(len(self.train_set))
 
         torch.manual_seed(cfg.seed)
         self.model = Collaboration(cfg.model_config(), fused=not cfg.unfused).to(self.device)

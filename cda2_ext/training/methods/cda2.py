@@ -174,7 +174,7 @@ class CDA2(Method):
         m: Dict[str, Any] = {"surrogate": sum(p["surrogate"] for p in phases.values()),
                              "bce": sum(p["bce"] for p in phases.values())}
         m["loss"] = m["surrogate"] + cfg.bce_weight * m["bce"]
-        if cfg.clean_weight > 0:  # the authors' clean term (issue 13)
+        if cfg.clean_weight > 0:  # the authors' clean term
             m["clean_term"] = sum(p["clean_term"] for p in phases.values())
             m["loss"] += cfg.clean_weight * m["clean_term"]
         if "standard" in phases:
