@@ -147,11 +147,17 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, option="--out", folder=True, force=args.force, results=results)
     device = resolve_device(args.device)
     models: Dict[str, Any] = {}
+    targets: Dict[str, str] = {}
     metas = []
     for name, path in zip(_names(args.checkpoint), args.checkpoint):
         model, meta = load_collaboration(path, device, fused=not args.unfused)
-        models[name] = model
-        metas.append(meta.get("config") if isinstance(meta.get("config"), dict) else {})
+        config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        # Only CDA² trains the PPD heads Algorithm 2 selects with: any other method's run is
+        # evaluated as the ensemble it is (mean probability), with APGD as its adaptive attack.
+        ensemble = config.get("method", "cda2") != "cda2"
+        models[name] = EnsembleLogits(model) if ensemble else model
+        targets[name] = "ensemble" if ensemble else "collaboration"
+        metas.append(config)
     surrogates: Dict[str, Any] = {}
     surrogate_paths: Dict[str, str] = {}
     for name, path in zip(_names(args.surrogate), args.surrogate):
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                      save_transfer_dir=out if args.save_transfer else None)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    report.config.update({"checkpoints": dict(zip(models, args.checkpoint)),
+    report.config.update({"checkpoints": dict(zip(models, args.checkpoint)), "targets": targets,
                           "surrogates": surrogate_paths, "transfer_sets": list(args.transfer_set),
                           "device": str(device)})
     print(report.format_table())
