@@ -389,6 +389,20 @@ def test_smoke_train_checkpoint_and_exact_resume(tmp_path, capsys, name):
         assert ppd and all(torch.equal(a[k], base[k]) for k in ppd)
 
 
+@pytest.mark.slow
+def test_eval_attacks_an_ensemble_run_as_the_ensemble(tmp_path, capsys):
+    """A baseline's PPD heads are never trained, so Algorithm 2 over them would evaluate a
+    random selection: cda2 eval evaluates such a run as its ensemble and says so."""
+    assert main(_argv("ensemble", "ens", tmp_path, 1)) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(tmp_path / "ens"), "--attack", "pgd", "--eps", "0.03",
+                 "--n-samples", "8", "--batch-size", "8", "--steps", "1", "--restarts", "1",
+                 "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["config"]["targets"] == {"ens": "ensemble"}
+
+
 # ----- cda2 compare --------------------------------------------------------------------------------
 def _fake_run(folder, method, seconds=(10.0, 12.0), adv=False, init_from=None):
     folder.mkdir(parents=True)
