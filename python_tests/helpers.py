@@ -84,3 +84,19 @@ def schema_args(op: Any, values: Dict[str, Any]) -> tuple:
             raise KeyError(f"{op}: no value for argument {a.name!r}")
         args.append(values[a.name] if a.name in values else a.default_value)
     return tuple(args)
+
+
+def pgd_oracle(loss_fn, x_nat: torch.Tensor, eps: float, alpha: float, steps: int,
+               num_models=None, generator=None, backend=None) -> torch.Tensor:
+    """The training PGD loop as it stood before it moved onto the attack engine, spelled out:
+    a fused random start, then ``steps`` x (input gradient of a summed loss, fused sign step).
+    The oracle that training PGD (whatever runs it) must reproduce bit for bit."""
+    from cda2_ext.runtime import REFERENCE
+    ops = backend if backend is not None else REFERENCE
+    x = ops.pgd_random_start(x_nat, eps, 0.0, 1.0, num_models=num_models, generator=generator)
+    for _ in range(steps):
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        x = x.detach()
+        ops.pgd_sign_step_(x, grad, x_nat, eps, alpha, 0.0, 1.0)
+    return x

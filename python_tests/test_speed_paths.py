@@ -11,6 +11,7 @@ from cda2_ext import ops
 from cda2_ext.attacks.training import collaboration_pgd, per_model_pgd
 from cda2_ext.models import Collaboration, CollaborationConfig, fast
 from cda2_ext.runtime import eval_mode
+from helpers import pgd_oracle
 
 IMG = 16
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -31,17 +32,6 @@ def per_model_loss(model, y):
         return Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(logits.shape[0]),
                                 reduction="sum")
     return loss
-
-
-def pgd(loss_fn, x_nat, eps, alpha, steps, num_models=None, generator=None):
-    """The training PGD loop before the speed work, spelled out (the oracle)."""
-    x = ops.pgd_random_start(x_nat, eps, 0.0, 1.0, num_models=num_models, generator=generator)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(x), x)
-        x = x.detach()
-        ops.pgd_sign_step_(x, grad, x_nat, eps, alpha, 0.0, 1.0)
-    return x
 
 
 def _pair(depth: int = 8, M: int = 3, **kw):
@@ -204,10 +194,10 @@ def test_adversarial_examples_unchanged(gen, kind, depth):
     kw = dict(eps=8 / 255, alpha=2 / 255, steps=4)
     with eval_mode(packed):  # the old path, spelled out: the module itself under autograd
         if kind == "collaboration":
-            before = pgd(collaboration_loss_fn(packed, y), x, **kw,
+            before = pgd_oracle(collaboration_loss_fn(packed, y), x, **kw, backend=ops,
                          generator=torch.Generator().manual_seed(seed))
         else:
-            before = pgd(per_model_loss(packed, y), x, **kw, num_models=3,
+            before = pgd_oracle(per_model_loss(packed, y), x, **kw, num_models=3, backend=ops,
                          generator=torch.Generator().manual_seed(seed))
     attack = collaboration_pgd if kind == "collaboration" else per_model_pgd
     for model in (packed, loop):  # packed: EvalNet; loop: FrozenNet

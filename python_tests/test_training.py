@@ -13,6 +13,7 @@ from cda2_ext.models import Collaboration
 from cda2_ext.errors import CheckpointError, ConfigError
 from cda2_ext.runtime import REFERENCE
 from cda2_ext.training import TrainConfig, Trainer
+from helpers import pgd_oracle
 
 IMG = 16
 EPS, ALPHA = 0.03, 0.01
@@ -57,18 +58,6 @@ def test_natural_phase_makes_m_different_variants_each_attacking_its_own_sub_mod
         assert (ref == x_adv[k]).float().mean() > 0.99  # sign flips only where a gradient is ~0
 
 
-def _pgd_loop(loss_fn, x_nat, steps, num_models=None, generator=None):
-    """The training PGD loop as it stood before it moved onto the engine (the oracle): random
-    start, then ``steps`` x (input gradient of a summed loss, fused sign step)."""
-    x = REFERENCE.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, generator=generator)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(x), x)
-        x = x.detach()
-        REFERENCE.pgd_sign_step_(x, grad, x_nat, EPS, ALPHA, 0.0, 1.0)
-    return x
-
-
 def test_training_pgd_on_the_engine_gives_the_same_adversarial_examples():
     """Algorithm 1's two attacks, now thin clients of the evaluation engine, reproduce the
     previous dedicated loop bit for bit (same starts from the generator, same steps)."""
@@ -87,11 +76,11 @@ def test_training_pgd_on_the_engine_gives_the_same_adversarial_examples():
     for seed in (0, 1):
         new = per_model_pgd(m, x, y, EPS, ALPHA, 3, backend=REFERENCE,
                             generator=torch.Generator().manual_seed(seed))
-        old = _pgd_loop(per_model, x, 3, 3, torch.Generator().manual_seed(seed))
+        old = pgd_oracle(per_model, x, EPS, ALPHA, 3, 3, torch.Generator().manual_seed(seed))
         assert torch.equal(new, old)
         new = collaboration_pgd(m, x, y, EPS, ALPHA, 3, backend=REFERENCE,
                                 generator=torch.Generator().manual_seed(seed))
-        old = _pgd_loop(collab, x, 3, None, torch.Generator().manual_seed(seed))
+        old = pgd_oracle(collab, x, EPS, ALPHA, 3, None, torch.Generator().manual_seed(seed))
         assert torch.equal(new, old)
 
 
