@@ -270,14 +270,16 @@ def test_subset_note_only_on_rank_0(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_subset_note_when_loading_the_shared_subset(cifar_dir, monkeypatch, capsys):
+def test_subset_note_when_training_on_the_shared_subset(cifar_dir, tmp_path, monkeypatch, capsys):
+    """The trainer notes the size it will train on (after --train-limit), once; images a caller
+    hands it are the caller's business."""
     monkeypatch.setattr(data_mod, "_size_noted", False)
     monkeypatch.delenv("RANK", raising=False)
-    a = data_mod.load_cifar10(cifar_dir, "train")
-    data_mod.load_cifar10(cifar_dir, "train")
-    data_mod.load_cifar10(cifar_dir, "test")
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(cifar_dir), num_models=2, depth=8,
+                      eval_every=0, device="cpu", out_dir=str(tmp_path / "r"), train_limit=300)
+    Trainer(cfg, train_set=synthetic_images(16, size=16), log=None)
+    assert "note:" not in capsys.readouterr().err
+    Trainer(cfg, log=None)
+    Trainer(cfg, log=None)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
-    if len(a) >= 50_000:
-        assert lines == []
-    else:
-        assert len(lines) == 1 and f"{len(a):,}" in lines[0]
+    assert len(lines) == 1 and "300" in lines[0] and "50,000" in lines[0]

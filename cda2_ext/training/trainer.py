@@ -79,7 +79,8 @@ class Trainer:
         self.dist.check_batch(cfg.batch_size)
         self.device = self.dist.device(resolve_device(cfg.device))
         self.log = log if (log is not None and self.dist.is_main) else (lambda s: None)
-        if train_set is None:
+        loaded = train_set is None  # a caller's own images are the caller's business
+        if loaded:
             train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed)
         if test_set is None and cfg.eval_every > 0:
             test_set = load_images(cfg.dataset, "test", cfg.data_dir, cfg.seed)
@@ -89,7 +90,7 @@ class Trainer:
             raise DataError(f"training set: needs at least 2 images, got {len(self.train_set)}")
         if self.test_set is not None and cfg.eval_every > 0 and len(self.test_set) == 0:
             raise DataError("test set: has no images (set eval_every to 0 to train without it)")
-        if cfg.dataset == "cifar10" and self.dist.is_main:  # after --train-limit, so it counts too
+        if loaded and cfg.dataset == "cifar10" and self.dist.is_main:  # after --train-limit too
             note_training_size(len(self.train_set))
 
         torch.manual_seed(cfg.seed)
