@@ -249,8 +249,8 @@ def sign_attack(objective: Objective, x_nat: Tensor, target: Tensor, eps: float,
         backend: the operator module (:data:`~cda2_ext.runtime.FUSED` or ``REFERENCE``).
 
     Returns:
-        With ``track_worst`` and an evaluated model: the per-copy worst case over *all* iterates (start and final
-        point included). Without one: the final iterate, ``margin``/``correct`` ``None``.
+        With ``track_worst`` and an evaluated model: the per-copy worst case over *all*
+        iterates (start and final point included). Without one: the final iterate, ``margin``/``correct`` ``None``.
     """
     x_nat = x_nat.detach()
     if x_init is None:
