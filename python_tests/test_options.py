@@ -20,7 +20,7 @@ from cda2_ext.attacks.training import attack_mode, collaboration_pgd, per_model_
 from cda2_ext.cli import build_parser
 from cda2_ext.cli import main as cda2_main
 from cda2_ext.cli.train import _train_config
-from cda2_ext.data import note_training_size, synthetic_images
+from cda2_ext.data import load_images, note_training_size, synthetic_images
 from cda2_ext.errors import ConfigError
 from cda2_ext.evaluation.config import EvalConfig, select_subset
 from cda2_ext.models import Collaboration
@@ -231,6 +231,8 @@ def test_eval_cli_records_the_subset(tmp_path):
                       "--no-progress", "--subset", "dverge", "--out", str(out)]) == 0
     res = json.loads((out / "robustness.json").read_text())
     assert res["config"]["subset"] == "dverge"
+    n_test = len(load_images("synthetic", "test", None, 0))
+    assert res["indices"] == random.Random(0).sample(range(n_test), 8)  # DVERGE's draw, its order
 
 
 # ----- last iterate vs worst iterate ------------------------------------------------------------------

@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="L-inf radii")
     p.add_argument("--n-samples", type=int, default=1000, help="size of the random test subset")
     p.add_argument("--seed", type=int, default=0, help="picks the subset and seeds every attack")
+    p.add_argument("--subset", default="seeded", choices=("seeded", "dverge"),
+                   help="which test images: 'seeded' (a permutation drawn with --seed) or 'dverge' "
+                   "(Python's random.seed(0); random.sample(range(10000), 1000), the images of "
+                   "DVERGE's scripts and the paper's tables, with --seed 0 --n-samples 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="images per attack batch")
     p.add_argument("--steps", type=int, default=50,
                    help="PGD steps (also the adaptive sign-gradient attacks' steps)")
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps),
             square_queries=args.queries, square_eps=tuple(args.square_eps),
             sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
+            subset=args.subset,
             progress=args.progress).validate()
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -85,7 +85,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     backend = ops_backend(fused=not cfg.unfused)
-    idx = select_subset(int(labels.shape[0]), cfg.n_samples, cfg.seed)
+    idx = select_subset(int(labels.shape[0]), cfg.n_samples, cfg.seed, cfg.subset)
     x, y = to_float(images[idx]).to(dev), labels[idx].to(dev)
     n = int(y.shape[0])
     ctx = EvalContext(
