@@ -55,8 +55,9 @@ def test_pgd_and_adaptive_stay_in_ball_and_box(tiny):
     assert_in_ball(r.x_adv, x, eps)
     res = adaptive_attacks(net, x, y, eps, AdaptiveConfig(steps=2, apgd_steps=4, temperatures=(1.0, 0.1)),
                            only_correct=False)
-    assert set(res) == {"soft(T=1)", "soft(T=0.1)", "submodels", "ppd-push", "bpda", "apgd-ce",
-                        "apgd-dlr", "worst"}
+    assert set(res) == {"soft(T=gap)", "soft(T=0.25*gap)", "soft(T=1)", "soft(T=0.1)", "submodels",
+                        "ppd-push", "bpda", "apgd-ce", "apgd-dlr", "decision", "decision-targeted",
+                        "apgd-decision", "apgd-decision-targeted", "worst"}
     for name, r in res.items():
         assert_in_ball(r.x_adv, x, eps)
         assert r.correct.shape == (6,), name
@@ -327,7 +328,7 @@ def test_adaptive_attacks_find_what_pgd_misses_on_a_masking_toy():
     assert pgd.correct.all(), "plain PGD should be fooled by the flipping selection"
     res = adaptive_attacks(net, x, y, TOY_EPS, AdaptiveConfig(steps=10, apgd_steps=10), seed=0)
     assert (~res["worst"].correct).all()
-    for name in ("soft(T=1)", "ppd-push", "bpda"):
+    for name in ("soft(T=gap)", "soft(T=0.25*gap)", "ppd-push", "bpda", "decision-targeted"):
         assert (~res[name].correct).all(), name
     assert net.detach_ppd  # restored
     # an adversarial example the worst case returns really is one, judged by the hard collaboration
@@ -357,7 +358,9 @@ def test_bpda_forward_value_is_the_hard_answer(tiny):
 def test_adaptive_config_rejects_unknown_attacks():
     with pytest.raises(ValueError, match="unknown"):
         AdaptiveConfig(attacks=("soft", "nope")).validate()
-    assert set(ADAPTIVE_ATTACKS) == {"soft", "submodels", "ppd-push", "bpda", "apgd-ce", "apgd-dlr"}
+    assert set(ADAPTIVE_ATTACKS) == {"soft", "submodels", "ppd-push", "bpda", "apgd-ce", "apgd-dlr",
+                                     "decision", "decision-targeted", "apgd-decision",
+                                     "apgd-decision-targeted"}
 
 
 # ----- a small undefended model on the CIFAR subset ------------------------------------------------

@@ -57,10 +57,14 @@ def test_eval_all_writes_table_json_csv_png_and_shares_transfer_sets(runs, tmp_p
     assert "attack" in text and "clean" in text and "0.03" in text and "0.06" in text
     res = json.loads((out / "robustness.json").read_text())
     rows = res["robust_accuracy"]["cda2"]
-    assert set(rows) >= {"PGD-2x1 (ce)", "adaptive: soft(T=1)", "adaptive: submodels",
-                         "adaptive: ppd-push", "adaptive: bpda", "adaptive: apgd-ce",
-                         "adaptive: apgd-dlr", "adaptive (worst)", "transfer (all 3 variants)",
-                         "Square-8", "worst case (all attacks)"}
+    assert set(rows) >= {"PGD-2x1 (ce)", "adaptive: soft(T=gap)", "adaptive: soft(T=0.25*gap)",
+                         "adaptive: submodels", "adaptive: ppd-push", "adaptive: bpda",
+                         "adaptive: apgd-ce", "adaptive: apgd-dlr", "adaptive: decision",
+                         "adaptive: decision-targeted", "adaptive: apgd-decision",
+                         "adaptive: apgd-decision-targeted", "adaptive (worst)",
+                         "transfer (all 3 variants)", "Square-8",
+                         "budget check (strongest, 2x steps+restarts)", "worst case (all attacks)"}
+    assert "AutoAttack (standard)" not in rows  # an optional extra: runs only when named
     assert set(rows["Square-8"]) == {"0.03"}  # Table 3's radius only
     assert set(rows["PGD-2x1 (ce)"]) == {"0.03", "0.06"}
     clean = res["clean"]["cda2"]
@@ -71,6 +75,8 @@ def test_eval_all_writes_table_json_csv_png_and_shares_transfer_sets(runs, tmp_p
     assert res["n"] == 12 and len(res["indices"]) == 12
     assert res["details"]["square"]["cda2"]["0.03"]["max_queries"] <= 8
     assert any("eps=0.3" in c for c in res["checks"])  # the sanity check ran and said so
+    assert sum("budget check at eps=" in c or "not converged at eps=" in c for c in res["checks"]) == 2
+    assert set(res["details"]["temperatures"]["cda2"]["soft"]) == {"soft(T=gap)", "soft(T=0.25*gap)"}
     assert res["config"]["pgd"]["steps"] == 2 and res["config"]["checkpoints"]["cda2"] == target
     csv_text = (out / "robustness.csv").read_text().splitlines()
     assert csv_text[0].startswith("model,attack,clean,0.03,0.06")

@@ -14,15 +14,15 @@ from torch import nn
 
 from cda2_ext.attacks.whitebox import PGDConfig
 from cda2_ext.attacks.adaptive import AdaptiveConfig
-from cda2_ext.evaluation import ATTACK_GROUPS, EvalConfig, evaluate_robustness
+from cda2_ext.evaluation import ATTACK_GROUPS, DEFAULT_ATTACKS, EvalConfig, evaluate_robustness
 from cda2_ext.evaluation import robustness
 from cda2_ext.evaluation.context import AttackFamily, EvalContext, Outcome
 from cda2_ext.evaluation.families import FAMILIES, PROBES, prepare_transfer, run_pgd
 from cda2_ext.evaluation.masking import (CHECKS, Evidence, check_adaptive_gain, check_black_box,
                                          check_monotone, check_sanity, check_square_budget,
                                          masking_checks)
-from cda2_ext.evaluation.rows import (ADAPTIVE_WORST, WORST, Role, Row, adaptive_row, pgd_row,
-                                      square_row, transfer_row)
+from cda2_ext.evaluation.rows import (ADAPTIVE_WORST, BUDGET_CHECK, WORST, Role, Row, adaptive_row,
+                                      pgd_row, square_row, transfer_row, worst_case)
 from cda2_ext.models import Collaboration
 
 
@@ -46,9 +46,10 @@ def evidence(rows, details=None, n=4) -> Evidence:
 
 # ----- registry and rows ---------------------------------------------------------------------------
 def test_the_registry_is_the_attack_groups():
-    assert ATTACK_GROUPS == ("pgd", "adaptive", "transfer", "square")  # the CLI's --attack choices
+    assert ATTACK_GROUPS == ("pgd", "adaptive", "transfer", "square", "autoattack")  # --attack choices
     assert ATTACK_GROUPS == tuple(f.name for f in FAMILIES)
-    assert [p.name for p in PROBES] == ["sanity"]
+    assert DEFAULT_ATTACKS == ("pgd", "adaptive", "transfer", "square")  # --attack all
+    assert [p.name for p in PROBES] == ["sanity", "budget"]
 
 
 def test_row_labels_are_built_in_one_place():
@@ -64,13 +65,13 @@ def test_row_labels_are_built_in_one_place():
 def test_worst_case_ands_every_row_but_the_parts_of_a_group():
     rows = {pgd_row(PGD2): {0.1: ok("1110")}, adaptive_row("bpda"): {0.1: ok("0000")},
             ADAPTIVE_WORST: {0.1: ok("1101")}, square_row(8): {0.2: ok("0111")}}
-    worst = robustness._worst_case(rows)
+    worst = worst_case(rows)
     assert {e: bits(t) for e, t in worst.items()} == {0.1: "1100", 0.2: "0111"}
 
 
 def test_schedule_runs_the_sweep_then_extra_radii_in_registry_order():
     ctx = SimpleNamespace(cfg=EvalConfig(eps=(0.02, 0.01), square_eps=(0.03, 0.01, 0.03)))
-    fams = [f for f in FAMILIES if f.name != "transfer"]
+    fams = [f for f in FAMILIES if f.name in ("pgd", "adaptive", "square")]
     plan = robustness._schedule(ctx, fams)
     assert list(plan) == [0.02, 0.01, 0.03]
     assert {e: [f.name for f in fs] for e, fs in plan.items()} == {
@@ -125,7 +126,7 @@ def test_masking_checks_go_model_by_model_in_check_order():
               lambda ev: calls.append(("b", ev.model)) or [f"b{ev.model}"]]
     evs = [dataclasses.replace(evidence({}), model=m) for m in ("x", "y")]
     assert masking_checks(evs, checks) == ["ax", "bx", "ay", "by"]
-    assert len(CHECKS) == 5
+    assert len(CHECKS) == 8
 
 
 # ----- the protocol end to end ---------------------------------------------------------------------
@@ -154,7 +155,8 @@ def test_protocol_rows_worst_case_details_and_independence(tiny):
     rep = evaluate_robustness(models, x, y, small_config(), log=lambda s: None)
     assert rep.clean["plain"] == 1.0
     assert list(rep.acc["plain"]) == ["PGD-2x1 (ce)", "adaptive: apgd-ce", "adaptive: apgd-dlr",
-                                      "adaptive (worst)", "Square-5", "worst case (all attacks)"]
+                                      "adaptive (worst)", "Square-5", BUDGET_CHECK.label,
+                                      "worst case (all attacks)"]
     assert "adaptive: submodels" in rep.acc["collab"]  # collaborations get every adaptive attack
     for model, rows in rep.per_sample.items():
         assert set(rows["PGD-2x1 (ce)"]) == {0.02, 0.05} and set(rows["Square-5"]) == {0.05, 0.1}
@@ -164,14 +166,15 @@ def test_protocol_rows_worst_case_details_and_independence(tiny):
             expect = "".join("1" if all(p[i] == "1" for p in parts) else "0" for i in range(len(worst)))
             assert worst == expect, (model, e)
     d = rep.to_dict()["details"]
-    assert list(d) == ["seconds", "transfer", "square", "sanity"]
-    assert set(d["seconds"]) == {"pgd", "adaptive", "square", "sanity"} and d["transfer"] == {}
+    assert list(d) == ["seconds", "transfer", "square", "autoattack", "temperatures", "sanity", "budget"]
+    assert set(d["seconds"]) == {"pgd", "adaptive", "square", "sanity", "budget"} and d["transfer"] == {}
+    assert set(d["temperatures"]) == {"collab"}  # chosen once per collaboration, reported
     assert set(d["square"]["plain"]) == {"0.05", "0.1"}
     assert rep.checks and not any(c.startswith("NOTE: transfer") for c in rep.checks)
     # a family's randomness does not depend on which other families ran
     alone = evaluate_robustness(models, x, y, small_config(attacks=("pgd",), sanity_eps=None))
     assert alone.per_sample["collab"]["PGD-2x1 (ce)"] == rep.per_sample["collab"]["PGD-2x1 (ce)"]
-    assert list(alone.acc["collab"]) == ["PGD-2x1 (ce)"]  # one row: no worst case of its own
+    assert list(alone.acc["collab"]) == ["PGD-2x1 (ce)", BUDGET_CHECK.label, "worst case (all attacks)"]
 
 
 def test_transfer_without_inputs_is_a_note(tiny):
@@ -179,7 +182,7 @@ def test_transfer_without_inputs_is_a_note(tiny):
     rep = evaluate_robustness({"plain": models["plain"]}, x, y,
                               small_config(attacks=("pgd", "transfer"), sanity_eps=None))
     assert rep.checks[0].startswith("NOTE: transfer attack not run: no surrogate and no transfer set")
-    assert list(rep.acc["plain"]) == ["PGD-2x1 (ce)"]
+    assert list(rep.acc["plain"]) == ["PGD-2x1 (ce)", BUDGET_CHECK.label, "worst case (all attacks)"]
 
 
 def test_a_new_family_is_one_runner_in_the_registry(tiny, monkeypatch):
@@ -197,9 +200,9 @@ def test_a_new_family_is_one_runner_in_the_registry(tiny, monkeypatch):
     rep = evaluate_robustness({"plain": models["plain"]}, x, y,
                               small_config(attacks=("pgd", "square"), sanity_eps=None))
     rows = rep.acc["plain"]
-    assert list(rows) == ["PGD-2x1 (ce)", "fake", "worst case (all attacks)"]
-    # the fake broke everything (and alone ran at 0.1); at 0.02 PGD is the only row
-    assert rows["worst case (all attacks)"] == {0.02: rows["PGD-2x1 (ce)"][0.02], 0.05: 0.0, 0.1: 0.0}
+    assert list(rows) == ["PGD-2x1 (ce)", "fake", BUDGET_CHECK.label, "worst case (all attacks)"]
+    # the fake broke everything (and alone ran at 0.1); at 0.02 PGD and its budget check are the rows
+    assert rows["worst case (all attacks)"] == {0.02: rows[BUDGET_CHECK.label][0.02], 0.05: 0.0, 0.1: 0.0}
     assert "square" not in rep.details  # a family without details leaves no key
     assert any("than Fake" in c or "the Fake attack" in c for c in rep.checks)
 

@@ -5,7 +5,10 @@
 * :mod:`.training` - Algorithm 1's PGD (per-sub-model variants, attacks on the collaboration).
 * :mod:`.whitebox` - the paper's PGD protocol; :class:`~.whitebox.CollaborationLogits` makes a
   collaboration an images -> logits function (hard / soft / BPDA selection).
-* :mod:`.adaptive` - attacks on the PPD selection and APGD (CE, DLR).
+* :mod:`.adaptive` - attacks on the PPD selection and APGD (CE, DLR, decision margin).
+* :mod:`.decision` - Algorithm 2's decision margin, its (sub-model, class) targets, and the
+  selection scale the adaptive attacks' temperatures follow.
+* :mod:`.autoattack` - AutoAttack "standard" through its reference implementation (optional extra).
 * :mod:`.transfer` - MI-PGD, M-DI2-FGSM and SGM from surrogate models; shareable transfer sets.
 * :mod:`.square` - the Square attack (queries outputs only).
 

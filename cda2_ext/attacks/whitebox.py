@@ -88,9 +88,15 @@ class CollaborationLogits(nn.Module):
         self.score = score
         self.backend = backend if backend is not None else backend_of(net)
 
-    def outputs(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(attack_logits [N, K], hard_logits [N, K], logits [M, N, K], score [M, N])``."""
-        ctx = ppd_gradients(self.net) if self.selection != "hard" else contextlib.nullcontext()
+    def outputs(self, x: Tensor, score_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(attack_logits [N, K], hard_logits [N, K], logits [M, N, K], score [M, N])``.
+
+        The selection scores carry gradients to the input (through the PPD heads) for the relaxed
+        selections and, with ``score_grad``, for the hard one too (the decision-margin attacks);
+        the hard logits never carry any through the argmax.
+        """
+        wants = score_grad or self.selection != "hard"
+        ctx = ppd_gradients(self.net) if wants else contextlib.nullcontext()
         with ctx:
             logits, ppd = self.net(x)
         s = selection_score(logits, ppd, self.score)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -28,7 +29,8 @@ from ..attacks.whitebox import EnsembleLogits, PGDConfig
 from ..checkpoint import load_collaboration
 from ..data import load_images
 from ..errors import CLIError
-from ..evaluation import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, evaluate_robustness
+from ..evaluation import (ATTACK_GROUPS, DEFAULT_ATTACKS, DEFAULT_EPS, EvalConfig,
+                          evaluate_robustness)
 from ..run_dir import check_output, save_or_rescue
 from ..runtime import resolve_device
 
@@ -45,16 +47,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="robust accuracy under PGD, adaptive, transfer and Square attacks",
         description="Evaluate checkpoints on a seeded random subset of the test set: clean accuracy "
         "and robust accuracy per eps under white-box PGD (paper protocol: 50 steps x 5 restarts, "
-        "step eps/5, CE), adaptive attacks on the PPD selection (soft selection, every sub-model, "
-        "PPD push, BPDA, APGD-CE/DLR), transfer attacks from hold-out surrogates (MI-PGD, "
-        "M-DI2-FGSM, SGM; robust only if every variant is classified correctly) and Square "
-        "(query-only). Prints the table (methods x eps) and gradient-masking checks; writes "
+        "step eps/5, CE), adaptive attacks on the PPD selection (soft selection at temperatures "
+        "that follow the model's selection-score gaps, every sub-model, PPD push, BPDA, APGD-CE/DLR, "
+        "the decision margin with sign steps and APGD, plain and multi-targeted), transfer attacks "
+        "from hold-out surrogates (MI-PGD, M-DI2-FGSM, SGM; robust only if every variant is "
+        "classified correctly), Square (query-only) and, when named and installed, AutoAttack "
+        "standard. Prints the table (methods x eps), the budget check (the strongest attack again "
+        "with twice the steps and restarts) and gradient-masking checks; writes "
         "robustness.{json,csv,png} to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
                    help="run folder(s) or checkpoint file(s) to evaluate (one table row group each)")
     p.add_argument("--attack", nargs="+", default=["all"], choices=(*ATTACK_GROUPS, "all"),
-                   help="attack groups to run")
+                   help="attack groups to run; all: every group but autoattack (AutoAttack standard, "
+                   "an optional extra: pip install 'cda2_ext[autoattack]'), which runs when named, "
+                   "e.g. --attack all autoattack")
     p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
                    help="hold-out checkpoints whose ensembles generate the transfer attacks")
     p.add_argument("--transfer-set", nargs="+", default=[], metavar="FILE",
@@ -80,8 +87,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=ADAPTIVE_ATTACKS, help="which adaptive attacks to run")
     p.add_argument("--adaptive-restarts", type=int, default=1,
                    help="random starts of each adaptive sign-gradient attack")
-    p.add_argument("--temperatures", nargs="+", type=float, default=[1.0],
-                   help="softmax temperatures of the soft-selection attack (one run each)")
+    p.add_argument("--temperature-fractions", nargs="*", type=float, default=[1.0, 0.25],
+                   help="soft-selection temperatures as multiples of the model's selection scale g "
+                   "(the median gap between its two highest selection scores on the evaluated "
+                   "samples; one run each)")
+    p.add_argument("--temperatures", nargs="*", type=float, default=[],
+                   help="fixed soft-selection temperatures, run besides the scale-relative ones")
+    p.add_argument("--bpda-temperature", type=float, default=None,
+                   help="temperature of BPDA's (and PPD push's) backward soft selection; "
+                   "None: the selection scale g")
+    p.add_argument("--decision-targets", default="3", metavar="T|all",
+                   help="wrong classes per sub-model of the multi-targeted decision-margin attacks "
+                   "(the highest-scoring ones at the clean point; all: every class)")
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations")
     p.add_argument("--transfer-steps", type=int, default=100, help="iterations of each transfer attack")
     p.add_argument("--queries", type=int, default=5000, help="Square attack query budget per sample")
@@ -117,7 +134,19 @@ def _names(paths: List[str]) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``cda2 eval``: evaluate, print the table and checks, write JSON/CSV/PNG."""
-    attacks = ATTACK_GROUPS if "all" in args.attack else tuple(dict.fromkeys(args.attack))
+    named = (*DEFAULT_ATTACKS, *args.attack) if "all" in args.attack else args.attack
+    attacks = tuple(a for a in dict.fromkeys(named) if a != "all")
+    try:
+        decision_targets = None if args.decision_targets == "all" else int(args.decision_targets)
+    except ValueError:
+        decision_targets = 0
+    if decision_targets is not None and decision_targets < 1:
+        raise CLIError(f"decision-targets: expected a number >= 1 or all, got {args.decision_targets!r}")
+    bpda = [] if args.bpda_temperature is None else [args.bpda_temperature]
+    for flag, values in (("temperature-fractions", args.temperature_fractions),
+                         ("temperatures", args.temperatures), ("bpda-temperature", bpda)):
+        if any(not (math.isfinite(v) and v > 0) for v in values):
+            raise CLIError(f"{flag}: every value must be a finite number > 0, got {values}")
     for flag, v, lo in (("n-samples", args.n_samples, 1), ("batch-size", args.batch_size, 1),
                         ("steps", args.steps, 0), ("restarts", args.restarts, 1),
                         ("adaptive-restarts", args.adaptive_restarts, 1), ("apgd-steps", args.apgd_steps, 0),
@@ -138,8 +167,12 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             pgd=PGDConfig(steps=args.steps, restarts=args.restarts),
             adaptive=AdaptiveConfig(attacks=tuple(args.adaptive_attacks), steps=args.steps,
-                                    restarts=args.adaptive_restarts, temperatures=tuple(args.temperatures),
-                                    apgd_steps=args.apgd_steps, score=args.score),
+                                    restarts=args.adaptive_restarts,
+                                    temperature_fractions=tuple(args.temperature_fractions),
+                                    temperatures=tuple(args.temperatures),
+                                    bpda_temperature=args.bpda_temperature,
+                                    decision_targets=decision_targets, apgd_steps=args.apgd_steps,
+                                    score=args.score),
             transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps),
             square_queries=args.queries, square_eps=tuple(args.square_eps),
             sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,

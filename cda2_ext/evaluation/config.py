@@ -12,9 +12,9 @@ from torch import Tensor
 from ..attacks.adaptive import AdaptiveConfig
 from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
-from .families import ATTACK_GROUPS
+from .families import ATTACK_GROUPS, DEFAULT_ATTACKS
 
-__all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
+__all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
 #: How the evaluated test images are drawn (:func:`select_subset`).
@@ -26,7 +26,8 @@ class EvalConfig:
     """Everything that defines an evaluation run (stored in the JSON output).
 
     Attributes:
-        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS`.
+        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS` (default
+            :data:`DEFAULT_ATTACKS`: all but the optional AutoAttack).
         eps: the L-inf radii of the sweep. n_samples: size of the random test subset.
         seed: picks the subset and seeds every attack. batch_size: images per attack batch.
         pgd, adaptive, transfer: the attacks' configurations (paper budgets by default).
@@ -38,7 +39,7 @@ class EvalConfig:
         progress: tqdm progress bars (stderr).
     """
 
-    attacks: Tuple[str, ...] = ATTACK_GROUPS
+    attacks: Tuple[str, ...] = DEFAULT_ATTACKS
     eps: Tuple[float, ...] = DEFAULT_EPS
     n_samples: int = 1000
     seed: int = 0

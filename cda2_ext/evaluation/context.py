@@ -15,8 +15,9 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional,
                     TypeVar)
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..attacks.decision import Temperatures, selection_gap
 from ..attacks.engine import derive_generator
 from ..attacks.transfer import TransferSet
 from ..attacks.whitebox import ModelFn
@@ -26,12 +27,19 @@ from .rows import Row
 if TYPE_CHECKING:  # config imports the registry, which imports this module
     from .config import EvalConfig
 
-__all__ = ["Progress", "Flags", "EvalContext", "Outcome", "Runner", "AttackFamily", "Probe"]
+__all__ = ["Progress", "Flags", "EvalContext", "Outcome", "Runner", "AttackFamily", "Probe",
+           "is_collaboration"]
 
 R = TypeVar("R")
 
 #: One model's per-sample robust flags: ``{row: {eps: Tensor[n] bool}}`` (CPU).
 Flags = Dict[Row, Dict[float, Tensor]]
+
+
+def is_collaboration(model: object) -> bool:
+    """A collaboration-like module (``x -> (logits [M, B, K], ppd_logit [M, B])``, ``num_models``):
+    attacked through its selection; anything else is a plain images -> logits function."""
+    return isinstance(model, nn.Module) and hasattr(model, "num_models")
 
 
 class Progress:
@@ -68,6 +76,8 @@ class EvalContext:
         surrogates, transfer_sets, save_transfer_dir: the transfer family's inputs.
         details: extras written by probes (e.g. ``details["sanity"]``); families return theirs.
         log: where one-line notes go. progress: the batch progress bar.
+        temperatures: each collaboration's :class:`~cda2_ext.attacks.decision.Temperatures`,
+            chosen once on the whole subset (:meth:`temperatures_for`).
     """
 
     cfg: "EvalConfig"
@@ -87,6 +97,7 @@ class EvalContext:
     details: Dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
     progress: Progress = field(default_factory=Progress)
+    temperatures: Dict[str, Temperatures] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -96,6 +107,16 @@ class EvalContext:
     def generator(self, *keys: object) -> torch.Generator:
         """The attack randomness for ``keys`` (e.g. attack name, eps, batch), from the run's seed."""
         return derive_generator(self.cfg.seed, *keys)
+
+    def temperatures_for(self, model: str) -> Temperatures:
+        """The adaptive attacks' temperatures for collaboration ``model``, chosen from its
+        selection scale on the whole evaluated subset (so every batch and radius uses the same
+        ones); the first call measures it and reports it in ``details["temperatures"]``."""
+        if model not in self.temperatures:
+            gap = selection_gap(self.models[model], self.x, self.cfg.score, self.cfg.batch_size)
+            t = self.temperatures[model] = self.cfg.adaptive.choose_temperatures(gap)
+            self.details.setdefault("temperatures", {})[model] = t.to_dict()
+        return self.temperatures[model]
 
     def record(self, family: str, eps: float, outcomes: Sequence["Outcome"]) -> None:
         """Keep ``outcomes`` at ``eps``: a sample counts as robust only if also clean-correct;

@@ -8,28 +8,28 @@ so results do not depend on which other families ran.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks.adaptive import adaptive_attacks, apgd_attack
-from ..attacks.engine import merge_worst
+from ..attacks.adaptive import AdaptiveConfig, adaptive_attacks, apgd_attack
+from ..attacks.decision import Temperatures
+from ..attacks.engine import AttackResult, merge_worst
 from ..attacks.square import square_attack
 from ..attacks.transfer import (TransferSet, all_variants_correct, generate_transfer_set,
                                 transfer_correct)
 from ..attacks.whitebox import PGDConfig, pgd_attack
-from .context import AttackFamily, EvalContext, Outcome, Probe
-from .rows import (ADAPTIVE, ADAPTIVE_WORST, PGD, SQUARE, TRANSFER, adaptive_row, pgd_row,
-                   square_row, transfer_row)
+from .autoattack import autoattack_units, prepare_autoattack, run_autoattack
+from .context import AttackFamily, EvalContext, Outcome, Probe, is_collaboration
+from .rows import (ADAPTIVE, ADAPTIVE_WORST, AUTOATTACK, BUDGET, BUDGET_CHECK, PGD, SQUARE, TRANSFER,
+                   Role, Row, adaptive_row, pgd_row, square_row, transfer_row, worst_case)
 
-__all__ = ["FAMILIES", "PROBES", "ATTACK_GROUPS", "run_pgd", "run_adaptive", "run_transfer",
-           "run_square", "run_sanity"]
-
-
-def _is_collaboration(model: object) -> bool:
-    return isinstance(model, nn.Module) and hasattr(model, "num_models")
+__all__ = ["FAMILIES", "PROBES", "ATTACK_GROUPS", "DEFAULT_ATTACKS", "run_pgd", "run_adaptive",
+           "run_transfer", "run_square", "run_sanity", "run_budget_check"]
 
 
 # ----- white-box PGD -------------------------------------------------------------------------------
@@ -46,22 +46,31 @@ def run_pgd(ctx: EvalContext, eps: float) -> List[Outcome]:
 
 
 # ----- adaptive attacks on the selection ------------------------------------------------------------
+def _adaptive_results(ctx: EvalContext, name: str, x: Tensor, y: Tensor, eps: float,
+                      cfg: AdaptiveConfig, tag: Tuple[object, ...],
+                      temperatures: Optional[Temperatures] = None) -> Dict[str, AttackResult]:
+    """``cfg``'s attacks on images ``x``: every adaptive attack on a collaboration (at the
+    temperatures chosen for it on the whole subset), APGD only on a plain model function;
+    ``"worst"`` is their per-sample worst case. ``tag`` (e.g. the batch index) keys the seeds."""
+    net = ctx.models[name]
+    if is_collaboration(net):
+        seed = ctx.generator(ADAPTIVE, *tag).initial_seed()
+        return adaptive_attacks(net, x, y, eps, cfg, seed=int(seed), backend=ctx.backend,
+                                temperatures=temperatures or ctx.temperatures_for(name))
+    res = {}
+    for loss in ("ce", "dlr"):
+        if f"apgd-{loss}" in cfg.attacks:
+            res[f"apgd-{loss}"] = apgd_attack(
+                ctx.targets[name], x, y, eps, cfg.apgd_steps, loss, cfg.apgd_restarts,
+                generator=ctx.generator(f"apgd-{loss}", eps, *tag), backend=ctx.backend)
+    if res:
+        res["worst"] = merge_worst(list(res.values()))
+    return res
+
+
 def _adaptive_batch(ctx: EvalContext, name: str, eps: float, b: int, s: slice) -> Dict[str, Tensor]:
-    """``{attack: correct}`` of one batch: every adaptive attack on a collaboration, APGD only on
-    a plain model function; ``"worst"`` is their per-sample worst case."""
-    net, cfg, x, y = ctx.models[name], ctx.cfg.adaptive, ctx.x[s], ctx.y[s]
-    if _is_collaboration(net):
-        seed = ctx.generator(ADAPTIVE, b).initial_seed()
-        res = adaptive_attacks(net, x, y, eps, cfg, seed=int(seed), backend=ctx.backend)
-    else:
-        res = {}
-        for loss in ("ce", "dlr"):
-            if f"apgd-{loss}" in cfg.attacks:
-                res[f"apgd-{loss}"] = apgd_attack(
-                    ctx.targets[name], x, y, eps, cfg.apgd_steps, loss, cfg.apgd_restarts,
-                    generator=ctx.generator(f"apgd-{loss}", eps, b), backend=ctx.backend)
-        if res:
-            res["worst"] = merge_worst(list(res.values()))
+    """``{attack: correct}`` of one batch (see :func:`_adaptive_results`)."""
+    res = _adaptive_results(ctx, name, ctx.x[s], ctx.y[s], eps, ctx.cfg.adaptive, (b,))
     return {k: r.correct.cpu() for k, r in res.items()}
 
 
@@ -170,18 +179,96 @@ def run_sanity(ctx: EvalContext) -> None:
     ctx.details["sanity"] = {"eps": cfg.sanity_eps, "steps": cfg.pgd.steps, "accuracy": acc}
 
 
+def _strongest(rows: Dict[Row, Dict[float, Tensor]], eps: float) -> Optional[Row]:
+    """The gradient attack with a budget to double (PGD or one adaptive attack) that left the
+    fewest samples robust at ``eps``; the first in row order on ties."""
+    candidates = [r for r, d in rows.items() if eps in d
+                  and (r.family == PGD or (r.family == ADAPTIVE and r.role is Role.PART))]
+    return min(candidates, key=lambda r: int(rows[r][eps].sum()), default=None)
+
+
+#: One attack run on a batch: ``(images, labels, batch index) -> AttackResult``.
+BatchAttack = Callable[[Tensor, Tensor, int], AttackResult]
+
+
+def _doubled(ctx: EvalContext, name: str, row: Row, eps: float) -> Tuple[Dict[str, int], BatchAttack]:
+    """``row``'s attack with twice the steps and restarts: ``(budget, attack)``, its random
+    starts drawn apart from the first run's."""
+    if row.family == PGD:
+        p = ctx.cfg.pgd
+        pc = dataclasses.replace(p, steps=2 * p.steps, restarts=2 * p.restarts)
+        return {"steps": pc.steps, "restarts": pc.restarts}, lambda x, y, b: pgd_attack(
+            ctx.targets[name], x, y, eps, pc, generator=ctx.generator(BUDGET, PGD, eps, b),
+            backend=ctx.backend)
+    a, attack, temps = ctx.cfg.adaptive, row.short, None
+    if is_collaboration(ctx.models[name]):
+        t = ctx.temperatures_for(name)
+        soft = tuple(st for st in t.soft if st[0] == attack)
+        if soft:  # one soft-selection run: the "soft" attack at that temperature only
+            attack, temps = "soft", dataclasses.replace(t, soft=soft)
+    ac = dataclasses.replace(a, attacks=(attack,), steps=2 * a.steps, restarts=2 * a.restarts,
+                             apgd_steps=2 * a.apgd_steps, apgd_restarts=2 * a.apgd_restarts)
+    apgd = attack.startswith("apgd-")
+    budget = {"steps": ac.apgd_steps if apgd else ac.steps,
+              "restarts": ac.apgd_restarts if apgd else ac.restarts}
+    return budget, lambda x, y, b: _adaptive_results(ctx, name, x, y, eps, ac, (BUDGET, eps, b),
+                                                     temps)[row.short]
+
+
+def _rerun(ctx: EvalContext, attack: BatchAttack, idx: Tensor) -> Tensor:
+    """``attack`` on samples ``idx``, batch by batch: their robust flags (CPU)."""
+    oks = []
+    for b, start in enumerate(range(0, int(idx.numel()), ctx.cfg.batch_size)):
+        sel = idx[start:start + ctx.cfg.batch_size].to(ctx.x.device)
+        oks.append(attack(ctx.x[sel], ctx.y[sel], b).correct.cpu())
+    return torch.cat(oks)
+
+
+def run_budget_check(ctx: EvalContext) -> None:
+    """The budget check (Carlini et al. 2019): per model and radius, the strongest gradient attack
+    re-run with twice the steps and restarts on the samples every row left standing. Its row
+    (:data:`~cda2_ext.evaluation.rows.BUDGET_CHECK`) joins the worst case; ``details["budget"]``
+    says which attack, its budget, how many stood and how many more fell."""
+    for name in ctx.targets:
+        rows = ctx.flags.get(name, {})
+        standing_at = worst_case(rows)
+        for eps in ctx.cfg.eps:
+            row = _strongest(rows, eps)
+            if row is None:
+                continue
+            t0 = time.perf_counter()
+            standing = standing_at[eps]
+            idx = standing.nonzero().squeeze(1)
+            budget, attack = _doubled(ctx, name, row, eps)
+            survived = standing.clone()
+            if idx.numel():
+                survived[idx] = _rerun(ctx, attack, idx)
+            ctx.progress.step(f"{name} budget check eps={eps:g}")
+            ctx.record(BUDGET, eps, [Outcome(name, BUDGET_CHECK, survived, {
+                "attack": row.label, **budget, "standing": int(idx.numel()),
+                "fell": int((standing & ~survived).sum()), "seconds": round(time.perf_counter() - t0, 2)})])
+
+
 #: The attack families, in the order they run at each radius (and their rows first appear).
 FAMILIES: Tuple[AttackFamily, ...] = (
     AttackFamily(PGD, run_pgd),
     AttackFamily(ADAPTIVE, run_adaptive),
     AttackFamily(TRANSFER, run_transfer, units=_transfer_units, prepare=prepare_transfer, details=True),
     AttackFamily(SQUARE, run_square, radii=_square_radii, details=True),
+    AttackFamily(AUTOATTACK, run_autoattack, units=autoattack_units, prepare=prepare_autoattack,
+                 details=True),
 )
 
-#: Measurements after the sweep, for the gradient-masking checks.
+#: Measurements after the sweep: the masking probe, then the budget check (whose row joins the
+#: worst case, so it runs on what every family left standing).
 PROBES: Tuple[Probe, ...] = (
     Probe("sanity", run_sanity, active=lambda ctx: bool(ctx.cfg.sanity_eps)),
+    Probe(BUDGET, run_budget_check, active=lambda ctx: bool({PGD, ADAPTIVE} & set(ctx.cfg.attacks)),
+          units=lambda ctx: len(ctx.targets) * len(ctx.cfg.eps)),
 )
 
 #: The ``--attack`` groups: the names of :data:`FAMILIES`.
 ATTACK_GROUPS: Tuple[str, ...] = tuple(f.name for f in FAMILIES)
+#: What ``--attack all`` (and the default configuration) runs: every group but AutoAttack, an
+#: optional extra that costs as much again and is run when named (``--attack all autoattack``).
+DEFAULT_ATTACKS: Tuple[str, ...] = tuple(g for g in ATTACK_GROUPS if g != AUTOATTACK)

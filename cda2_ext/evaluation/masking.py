@@ -14,10 +14,11 @@ from torch import Tensor
 
 from .config import EvalConfig
 from .families import ATTACK_GROUPS
-from .rows import ADAPTIVE_WORST, Role, Row, pgd_row
+from .rows import ADAPTIVE_WORST, WORST, Role, Row, pgd_row
 
-__all__ = ["Evidence", "Check", "CHECKS", "check_sanity", "check_monotone", "check_black_box",
-           "check_adaptive_gain", "check_square_budget", "masking_checks"]
+__all__ = ["Evidence", "Check", "CHECKS", "check_sanity", "check_budget", "check_monotone",
+           "check_black_box", "check_adaptive_gain", "check_square_budget", "check_autoattack",
+           "check_temperatures", "masking_checks"]
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,62 @@ def check_square_budget(ev: Evidence) -> List[str]:
             for e, d in ev.details.get("square", {}).get(ev.model, {}).items() if d["out_of_budget"]]
 
 
+def check_budget(ev: Evidence) -> List[str]:
+    """The budget check (Carlini et al. 2019, "On Evaluating Adversarial Robustness"): the
+    strongest gradient attack, re-run with twice the steps and restarts on the samples every
+    attack left standing, must break none of them; where it breaks any, the evaluation has not
+    converged (they count in the worst case, but a larger budget may break more)."""
+    out: List[str] = []
+    for e, d in ev.details.get("budget", {}).get(ev.model, {}).items():
+        if not d["standing"]:
+            out.append(f"OK [{ev.model}]: budget check at eps={e}: no sample left standing, nothing to re-run.")
+            continue
+        what = (f"{d['attack']} re-run with twice the steps and restarts ({d['steps']} steps x "
+                f"{d['restarts']} restarts) on the {d['standing']} samples still standing")
+        if d["fell"]:
+            out.append(f"WARNING [{ev.model}]: not converged at eps={e}: {what} broke {d['fell']} more; "
+                       "they count in the worst case, but a larger budget may break more still.")
+        else:
+            out.append(f"OK [{ev.model}]: budget check at eps={e}: {what} broke none of them.")
+    return out
+
+
+def _at(rows: Mapping[float, Tensor], e: str) -> Tensor:
+    """The flags of radius ``e`` as the details spell it (``f"{eps:g}"``)."""
+    return next(ok for eps, ok in rows.items() if f"{eps:g}" == e)
+
+
+def check_autoattack(ev: Evidence) -> List[str]:
+    """AutoAttack's accuracy on each attacked output, beside the worst case over all attacks,
+    and AutoAttack's own warnings."""
+    out: List[str] = []
+    worst = ev.rows.get(WORST)
+    for e, runs in ev.details.get("autoattack", {}).get(ev.model, {}).items():
+        leaves = " and ".join(f"{100 * r['accuracy']:.1f}% attacking the {w} output" for w, r in runs.items())
+        line = f"NOTE [{ev.model}]: AutoAttack (standard) at eps={e} leaves {leaves}"
+        if worst is not None:
+            line += f" (worst case over all attacks: {100 * _acc(_at(worst, e)):.1f}%)"
+        flags = list(dict.fromkeys(f for r in runs.values() for f in r["flags"]))
+        out.append(line + (f"; AutoAttack warned: {' | '.join(flags)}" if flags else "."))
+    return out
+
+
+def check_temperatures(ev: Evidence) -> List[str]:
+    """The temperatures the adaptive attacks used, and the selection scale they follow."""
+    t = ev.details.get("temperatures", {}).get(ev.model)
+    if not t:
+        return []
+    soft = ", ".join(f"{T:.3g} ({rule if 'gap' in rule else 'fixed'})"
+                     for rule, T in ((label[len("soft(T="):-1], T) for label, T in t["soft"].items()))
+    return [f"NOTE [{ev.model}]: selection scale g = {t['selection_gap']:.3g} (median gap between the "
+            f"two highest selection scores over the {ev.n} samples); temperatures used: soft selection "
+            f"{soft or 'none'}; BPDA {t['bpda']:.3g}."]
+
+
 #: The checks, in the order their sentences are printed for each model.
-CHECKS: Tuple[Check, ...] = (check_sanity, check_monotone, check_black_box, check_adaptive_gain,
-                             check_square_budget)
+CHECKS: Tuple[Check, ...] = (check_sanity, check_budget, check_monotone, check_black_box,
+                             check_adaptive_gain, check_square_budget, check_autoattack,
+                             check_temperatures)
 
 
 def masking_checks(evidence: Sequence[Evidence], checks: Sequence[Check] = CHECKS) -> List[str]:

@@ -6,9 +6,14 @@ Protocol (Section 4.3-4.4 of the paper, Yang et al. 2020):
 * a seeded random subset of the test set (default 1000 images), the same for every model;
 * an eps sweep (default 0.01 ... 0.07, images in [0, 1]) and clean accuracy;
 * per eps: white-box PGD (50 steps x 5 restarts, step eps/5, CE), the adaptive attacks on the
-  selection (each, and their worst case), transfer attacks from hold-out surrogates (robust only if
-  every variant is classified correctly), Square (5000 queries, by default at eps = 0.03 only as
-  in Table 3); and the per-sample worst case over everything that ran at that eps.
+  selection (each, and their worst case; temperatures chosen once per model from its selection
+  scale on the subset), transfer attacks from hold-out surrogates (robust only if every variant is
+  classified correctly), Square (5000 queries, by default at eps = 0.03 only as in Table 3),
+  AutoAttack "standard" where asked for and installed; and the per-sample worst case over
+  everything that ran at that eps;
+* after the sweep, the budget check (Carlini et al. 2019): the strongest gradient attack again
+  with twice the steps and restarts on the samples still standing; what falls joins the worst case
+  and the checks say "not converged".
 
 Every attack draws its randomness from ``derive_generator(seed, attack, eps, batch)``, so a run is
 reproducible from the seed and does not depend on which other attacks were selected. Samples the
@@ -32,25 +37,14 @@ from ..attacks.whitebox import as_model_fn, predict_correct
 from ..data import to_float
 from ..runtime import ops_backend
 from .config import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, select_subset
-from .context import AttackFamily, EvalContext, Flags, Progress
+from .context import AttackFamily, EvalContext, Progress
 from .families import FAMILIES, PROBES
 from .masking import Evidence, masking_checks
 from .report import EvalReport
-from .rows import WORST, Role
+from .rows import WORST, worst_case
 
 __all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "EvalReport", "select_subset",
            "evaluate_robustness"]
-
-def _worst_case(rows: Flags) -> Dict[float, Tensor]:
-    """Per radius, robust only where every row (but the parts of a group) says robust."""
-    by_eps: Dict[float, List[Tensor]] = {}
-    for row, d in rows.items():
-        if row.role is Role.PART:
-            continue  # contained in its group's worst-case row
-        for e, ok in d.items():
-            by_eps.setdefault(e, []).append(ok)
-    return {e: torch.stack(v).all(0) for e, v in by_eps.items()}
-
 
 def _schedule(ctx: EvalContext, families: List[AttackFamily]) -> Dict[float, List[AttackFamily]]:
     """``{eps: families that run there}``: the sweep's radii first, then any a family adds (Square)."""
@@ -138,7 +132,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
 
     for name, rows in ctx.flags.items():
         if len(rows) > 1:
-            rows[WORST] = _worst_case(rows)
+            rows[WORST] = worst_case(rows)
         report.add_model(name, rows)
     report.details = ctx.details
     report.checks += masking_checks([Evidence(name, rows, ctx.details, cfg, n)

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Dict, List, Mapping
+
+import torch
+from torch import Tensor
 
 from ..attacks.whitebox import PGDConfig
 
-__all__ = ["Role", "Row", "PGD", "ADAPTIVE", "TRANSFER", "SQUARE", "pgd_row", "adaptive_row",
-           "ADAPTIVE_WORST", "transfer_row", "square_row", "WORST"]
+__all__ = ["Role", "Row", "PGD", "ADAPTIVE", "TRANSFER", "SQUARE", "AUTOATTACK", "BUDGET", "pgd_row",
+           "adaptive_row", "ADAPTIVE_WORST", "transfer_row", "square_row", "autoattack_row",
+           "BUDGET_CHECK", "WORST", "worst_case"]
 
 #: Attack family names: the ``--attack`` groups and the keys of ``details`` and ``seconds``.
-PGD, ADAPTIVE, TRANSFER, SQUARE = "pgd", "adaptive", "transfer", "square"
+PGD, ADAPTIVE, TRANSFER, SQUARE, AUTOATTACK = "pgd", "adaptive", "transfer", "square", "autoattack"
+#: The budget check's probe (its row, details and seconds).
+BUDGET = "budget"
 
 
 class Role(enum.Enum):
@@ -72,5 +79,27 @@ def square_row(queries: int) -> Row:
     return Row(SQUARE, Role.BLACK_BOX, f"Square-{queries}", "Square")
 
 
+def autoattack_row(version: str = "standard") -> Row:
+    """``AutoAttack ({version})``: robust only if the sample survives AutoAttack on the hard
+    selection and on the ensemble output (both judged by the evaluated model)."""
+    return Row(AUTOATTACK, Role.WHITE_BOX, f"AutoAttack ({version})", "AutoAttack")
+
+
+#: The strongest gradient attack re-run with twice the steps and restarts on the samples every
+#: other row left standing: robust only if it survives that too (so its accuracy is the new worst).
+BUDGET_CHECK = Row(BUDGET, Role.WHITE_BOX, "budget check (strongest, 2x steps+restarts)", "budget check")
+
 #: The per-sample worst case over every attack that ran at a radius.
 WORST = Row("worst", Role.WORST, "worst case (all attacks)")
+
+
+def worst_case(rows: Mapping[Row, Mapping[float, Tensor]]) -> Dict[float, Tensor]:
+    """Per radius, robust only where every row (but the parts of a group, and a worst case
+    already there) says robust."""
+    by_eps: Dict[float, List[Tensor]] = {}
+    for row, d in rows.items():
+        if row.role in (Role.PART, Role.WORST):
+            continue  # a part is contained in its group's worst-case row
+        for e, ok in d.items():
+            by_eps.setdefault(e, []).append(ok)
+    return {e: torch.stack(v).all(0) for e, v in by_eps.items()}
