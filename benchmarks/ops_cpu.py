@@ -48,6 +48,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def write_results(path: Path, benchmark: str, fields: dict) -> None:
+    """Write ``benchmarks/results/*.json``: the benchmark's name, the command that ran, the time,
+    then ``fields`` (machine, settings, figures); say where."""
+    doc = {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+           "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def machine_info() -> dict:
     import cda2_ext
     return {
@@ -218,13 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  target {c['op']} {c['shape']}: >= {c['target_speedup']}x -> {c['speedup']}x "
               f"{'met' if c['met'] else 'NOT met'}")
     if out_path is not None:
-        doc = {"benchmark": "ops_cpu", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "machine": info, "quick": args.quick, "rounds": args.rounds,
-               "min_run_time_s": args.min_run_time, **res}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {out_path}")
+        write_results(out_path, "ops_cpu", {"machine": info, "quick": args.quick,
+                                            "rounds": args.rounds,
+                                            "min_run_time_s": args.min_run_time, **res})
     return 0
 
 

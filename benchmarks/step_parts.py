@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from ops_cpu import write_results  # noqa: E402
 from train_step import PlainCollaboration, device_slug, machine  # noqa: E402
 
 from cda2_ext import ops  # noqa: E402
@@ -250,13 +249,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'process CPU time' if args.cpu_time else 'wall'}, best of {args.repeats}")
     res = run(args, device)
     out = args.out or HERE / "results" / f"step_parts_{device_slug(device)}.json"
-    doc = {"benchmark": "step_parts", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": info, "clock": "process CPU time" if args.cpu_time else "wall",
-           "repeats": args.repeats, **res}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(out, "step_parts", {
+        "machine": info, "clock": "process CPU time" if args.cpu_time else "wall",
+        "repeats": args.repeats, **res})
     return 0
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
-import json
 import os
 import resource
 import sys
@@ -44,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from ops_cpu import machine_info as cpu_machine_info  # noqa: E402
+from ops_cpu import machine_info as cpu_machine_info, write_results  # noqa: E402
 
 from cda2_ext.data import ImageSet  # noqa: E402
 from cda2_ext.models import Collaboration, CollaborationConfig  # noqa: E402
@@ -415,18 +413,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  never slower than plain: {checks['never_slower']} "
               f"(lowest {min(r['speedup'] for r in rows)}x)")
     if out_path is not None:
-        doc = {"benchmark": "train_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        write_results(out_path, "train_step", {
                "machine": info, "device": str(device), "default_layout": layout,
                "method": {"clock": "CUDA events" if device.type == "cuda" else
                           ("process CPU time" if args.cpu_time else "wall (perf_counter)"),
                           "warmup": args.warmup, "timed": args.timed, "kept": "best step",
                           "order": "paths alternate step by step", "pgd_steps": args.pgd_steps,
                           "projection": f"{EPOCHS} epochs x {CIFAR_TRAIN_IMAGES} images / images_per_s"},
-               "rows": rows, "skipped": skipped, "checks": checks}
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {out_path}")
+               "rows": rows, "skipped": skipped, "checks": checks})
     return 0
 
 
