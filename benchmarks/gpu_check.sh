@@ -175,6 +175,13 @@ sanitize() {
 step_memcheck() { sanitize memcheck; }
 step_racecheck() { sanitize racecheck --quick; }
 
+# copy_new_results NAME: the benchmarks/results/NAME_*.json this step wrote (not the committed CPU
+# ones: the device returns at most 8 files, and a run here lost its GPU JSON to those).
+copy_new_results() {
+  find benchmarks/results -maxdepth 1 -name "$1_*.json" -newer "$WORK/step_started" \
+    -exec cp -f {} "$OUT/" \;
+}
+
 step_ops_cuda() {
   local t="$1"
   if [[ "$HAVE_CUDA" != 1 ]]; then
@@ -188,7 +195,7 @@ step_ops_cuda() {
   # shellcheck disable=SC2086
   "$PY" benchmarks/ops_cuda.py --runs 100 --warmup 10 --budget-s $(( t > 60 ? t - 40 : 20 )) ${OPS_CUDA_ARGS:-}
   local rc=$?
-  cp -f benchmarks/results/ops_cuda_*.json "$OUT/" 2>/dev/null
+  copy_new_results ops_cuda
   return $rc
 }
 
@@ -214,7 +221,7 @@ step_train_step() {
   # shellcheck disable=SC2086
   "$PY" benchmarks/train_step.py $args
   local rc=$?
-  cp -f benchmarks/results/train_step_*.json "$OUT/" 2>/dev/null
+  copy_new_results train_step
   return $rc
 }
 
@@ -252,7 +259,7 @@ EOF
   cda2_cli eval-clean "$run" --device cpu --limit 500 --out "$run/eval_clean_cpu.json" || return 1
 }
 
-export -f cda2_cli step_build step_registration step_tests find_sanitizer sanitize step_memcheck \
+export -f copy_new_results cda2_cli step_build step_registration step_tests find_sanitizer sanitize step_memcheck \
   step_racecheck step_ops_cuda step_train_step step_train
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -274,6 +281,7 @@ run_step() {
   (( t > left )) && t=$left
   echo; echo "===== [$name] timeout ${t}s, $(date -u +%T) ====="
   t0=$SECONDS
+  touch "$WORK/step_started"
   timeout -k 10 "$t" bash -c "step_$name $t" 2>&1 | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   case "$rc" in

@@ -1420,7 +1420,7 @@ def test_collab_loss_cuda_matches_cpu(K, dtype, cuda, gen):
         for g, c in zip(got[:4], cpu[:4]):  # loss, ce, weights, p_true
             assert g.dtype == c.dtype and g.shape == c.shape
             torch.testing.assert_close(g.cpu(), c, **tol)
-        torch.testing.assert_close(got[4].cpu(), cpu[4], rtol=2e-7, atol=1e-5)  # lse, float64
+        torch.testing.assert_close(got[4].cpu(), cpu[4], rtol=1e-6, atol=1e-5)  # lse: float64 out, float sums over K in another order
 
 
 @requires_extension

@@ -13,7 +13,7 @@ from cda2_ext.cli import main as cda2_main
 from cda2_ext.reproduce import (EXPERIMENTS, ReproduceError, StepRunner, plan_experiment,
                                 run_experiment)
 from cda2_ext.reproduce import paper
-from cda2_ext.reproduce.experiments import Budget
+from cda2_ext.reproduce.experiments import BUDGETS, Budget
 from cda2_ext.reproduce.runner import output_step, train_step
 
 TINY = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--phases", "standard",
@@ -38,9 +38,15 @@ def _with_budget(monkeypatch, name: str, **params) -> None:
 def test_every_experiment_has_both_budgets_saying_what_they_show():
     assert {"xor", "depth"} <= set(EXPERIMENTS)
     for exp in EXPERIMENTS.values():
-        assert set(exp.budgets) == {"small", "paper"}
+        assert {"small", "paper"} <= set(exp.budgets) <= set(BUDGETS)
         for b in exp.budgets.values():
             assert b.shows and b.cannot_show
+
+
+def test_a_budget_the_experiment_lacks_is_refused_naming_its_budgets(tmp_path):
+    assert "gpu" not in EXPERIMENTS["xor"].budgets
+    with pytest.raises(ReproduceError, match="budget: expected one of .*'small'.*'paper'"):
+        plan_experiment("xor", "gpu", tmp_path)
 
 
 def test_table6_numbers_are_the_papers():

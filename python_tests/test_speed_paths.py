@@ -105,7 +105,8 @@ def test_layout_is_validated():
     with pytest.raises(ValueError, match="layout"):
         m.layout = "vmap"
     assert fast.resolve_layout("auto", torch.device("cpu")) == "loop"
-    assert fast.resolve_layout("auto", torch.device("cuda")) == "packed"
+    assert fast.resolve_layout("auto", torch.device("cuda")) == "loop"
+    assert fast.resolve_layout("packed", torch.device("cuda")) == "packed"
 
 
 @pytest.mark.parametrize("depth", [2, 8])

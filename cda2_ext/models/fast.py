@@ -6,16 +6,17 @@ runs; only the order of the arithmetic changes.
 
 Layouts (``CollaborationConfig.layout``; :data:`LAYOUTS`):
 
-* ``"packed"``: one grouped convolution per layer over ``[B, M*C, H, W]`` (fewest kernel calls;
-  meant for GPUs, where one big launch beats M small ones).
+* ``"packed"``: one grouped convolution per layer over ``[B, M*C, H, W]`` (fewest kernel calls).
+  On an H200 it lost to a loop over M nets wherever the step attacks (2.7x slower adversarial
+  steps at B=512, ``benchmarks/results/gpu_check_nvidia-h200.md``) and tied without attacks.
 * ``"loop"``: a Python loop over sub-models, each running ordinary ``groups=1`` convolutions with
   its slice of the packed weights (``weight.split`` gives views, so gradients land in the packed
   parameter and BatchNorm running statistics update in place), on ``channels_last`` activations.
   oneDNN's grouped convolutions with 16-64 channels per group are slower on CPU than M plain ones,
   and channels-last spares oneDNN a layout reorder on every call (measured in
   ``benchmarks/train_step.py``).
-* ``"auto"`` (default): ``"loop"`` on CPU, ``"packed"`` elsewhere, decided per call from the
-  input's device.
+* ``"auto"`` (default): ``"loop"`` on every device (kept as a name so that a later measurement
+  can pick per device without changing configs or checkpoints).
 
 Module hooks: the loop layout and the snapshot do not call the packed sub-modules, so while any
 hook is registered on the trunk (or globally) they step aside and the packed forward runs.
@@ -53,8 +54,8 @@ LAYOUTS = ("auto", "packed", "loop")
 
 def resolve_layout(layout: str, device: torch.device) -> str:
     """The concrete layout (``"packed"`` or ``"loop"``) that ``layout`` means on ``device``."""
-    if layout == "auto":
-        return "loop" if device.type == "cpu" else "packed"
+    if layout == "auto":  # measured: loop on CPU (oneDNN) and on an H200 (see the module docstring)
+        return "loop"
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     return layout
