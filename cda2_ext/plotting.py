@@ -21,9 +21,16 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: Tuple[float, float] = (8
 
 
 def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
-    """Lay out and write ``fig`` as a PNG at ``path`` (parent folders created); returns the path."""
+    """Lay out and write ``fig`` as a PNG at ``path`` (parent folders created); returns the path.
+
+    Written atomically (rendered in memory, then a temporary file renamed over ``path``), so an
+    interrupted run never leaves half a figure where an earlier one was."""
+    import io
+
+    from .checkpoint import atomic_write
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    atomic_write(path, buf.getvalue())
     return path

@@ -117,8 +117,8 @@ def run_xor(cfg: Optional[XorConfig] = None, figure: Optional[str | Path] = None
         plot_xor(collab, ens, xt, yt, pred.selected, res, figure)
     res.seconds = time.perf_counter() - t0
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        from .checkpoint import atomic_write
+        atomic_write(json_path, (json.dumps(res.to_dict(), indent=2) + "\n").encode())
     return res
 
 

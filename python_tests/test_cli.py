@@ -43,6 +43,20 @@ def test_xor(tmp_path, capsys):
     assert fig.stat().st_size > 10_000
 
 
+def test_xor_keeps_existing_files_unless_forced(tmp_path, capsys):
+    fig, js = tmp_path / "mine.png", tmp_path / "mine.json"
+    fig.write_bytes(b"a user's figure")
+    js.write_text("a user's notes")
+    tiny = ["xor", "--steps", "2", "--n-train", "8", "--n-test", "8"]
+    assert main([*tiny, "--figure", str(fig)]) == 2
+    assert "--figure" in capsys.readouterr().err and fig.read_bytes() == b"a user's figure"
+    assert main([*tiny, "--figure", "", "--json", str(js)]) == 2
+    assert "--json" in capsys.readouterr().err and js.read_text() == "a user's notes"
+    assert main([*tiny, "--figure", str(fig), "--json", str(js), "--force"]) == 0
+    assert fig.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["config"]["steps"] == 2
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left behind
+
+
 @pytest.mark.slow
 def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")

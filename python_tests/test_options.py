@@ -17,12 +17,14 @@ import torch.nn.functional as Fn
 from cda2_ext import data as data_mod
 from cda2_ext.attacks.engine import sign_attack
 from cda2_ext.attacks.training import attack_mode, collaboration_pgd, per_model_pgd
+from cda2_ext.attacks.whitebox import PGDConfig, pgd_attack
 from cda2_ext.cli import build_parser
 from cda2_ext.cli import main as cda2_main
 from cda2_ext.cli.train import _train_config
 from cda2_ext.data import load_images, note_training_size, synthetic_images
 from cda2_ext.errors import ConfigError
 from cda2_ext.evaluation.config import EvalConfig, select_subset
+from cda2_ext.evaluation.rows import pgd_row
 from cda2_ext.models import Collaboration
 from cda2_ext.runtime import REFERENCE
 from cda2_ext.training import TrainConfig, Trainer
@@ -219,12 +221,17 @@ def test_subset_dverge_is_exactly_pythons_random_sample_with_seed_0():
         EvalConfig(subset="random").validate()
 
 
-def test_eval_cli_records_the_subset(tmp_path):
+def _tiny_run(tmp_path) -> str:
+    """A one-epoch synthetic run to evaluate (seconds)."""
     run = str(tmp_path / "run")
-    tiny = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--steps", "1",
-            "--batch-size", "16", "--train-limit", "32", "--no-progress", "--device", "cpu",
-            "--epochs", "1", "--eval-every", "0"]
-    assert cda2_main(["train", *tiny, "--out-dir", run]) == 0
+    assert cda2_main(["train", "--dataset", "synthetic", "--depth", "2", "--num-models", "2",
+                      "--steps", "1", "--batch-size", "16", "--train-limit", "32", "--no-progress",
+                      "--device", "cpu", "--epochs", "1", "--eval-every", "0", "--out-dir", run]) == 0
+    return run
+
+
+def test_eval_cli_records_the_subset(tmp_path):
+    run = _tiny_run(tmp_path)
     out = tmp_path / "eval"
     assert cda2_main(["eval", "--checkpoint", run, "--attack", "pgd", "--eps", "0.03",
                       "--n-samples", "8", "--steps", "1", "--restarts", "1", "--sanity-eps", "0",
@@ -252,6 +259,40 @@ def test_last_iterate_judges_the_final_point_and_worst_iterate_any_point():
     last = sign_attack(objective, x_nat, y, 0.3, 0.1, 3, last_iterate=True, **kw)
     assert not bool(worst.correct.all()) and worst.x_adv.flatten().item() == pytest.approx(0.6)
     assert bool(last.correct.all()) and last.x_adv.flatten().item() == pytest.approx(0.8)
+
+
+class _PassesThroughAWrongBand(torch.nn.Module):
+    """Two classes; the logit gap d(x) = wrong - right is a bump peaking at x = 0.72: negative at
+    0.5 and 0.8 (right), positive at 0.7 (wrong), rising at 0.5 and 0.7, so PGD with step 0.2 and
+    eps 0.3 goes 0.5 -> 0.7 -> 0.8 through the wrong band and out of it."""
+
+    def forward(self, x):
+        d = -1 + 2 * torch.exp(-((x.flatten(1).mean(1) - 0.72) / 0.03) ** 2)
+        return torch.stack([torch.zeros_like(d), d], -1)
+
+
+def test_pgd_config_last_iterate_reaches_the_attack_and_its_row():
+    x, y = torch.full((1, 1, 1, 1), 0.5), torch.zeros(1, dtype=torch.long)
+    base = dict(steps=2, restarts=1, alpha_factor=2 / 3, random_start=False)
+    worst = pgd_attack(_PassesThroughAWrongBand(), x, y, 0.3, PGDConfig(**base), backend=REFERENCE)
+    last = pgd_attack(_PassesThroughAWrongBand(), x, y, 0.3, PGDConfig(**base, last_iterate=True),
+                      backend=REFERENCE)
+    assert worst.x_adv.item() == pytest.approx(0.7) and not bool(worst.correct.any())
+    assert last.x_adv.item() == pytest.approx(0.8) and bool(last.correct.all())
+    assert pgd_row(PGDConfig(last_iterate=True)).label == "PGD-50x5 (ce, last iterate)"
+    assert pgd_row(PGDConfig()).label == "PGD-50x5 (ce)"
+
+
+def test_eval_cli_last_iterate_flag(tmp_path):
+    run = _tiny_run(tmp_path)
+    common = ["eval", "--checkpoint", run, "--attack", "pgd", "--eps", "0.03", "--n-samples", "8",
+              "--steps", "2", "--restarts", "1", "--sanity-eps", "0", "--no-progress"]
+    for flag, name in (([], "worst"), (["--last-iterate"], "last")):
+        assert cda2_main([*common, *flag, "--out", str(tmp_path / name)]) == 0
+    worst, last = (json.loads((tmp_path / n / "robustness.json").read_text()) for n in ("worst", "last"))
+    assert worst["config"]["pgd"]["last_iterate"] is False and last["config"]["pgd"]["last_iterate"]
+    assert list(last["robust_accuracy"]["run"])[0] == "PGD-2x1 (ce, last iterate)"
+    assert list(worst["robust_accuracy"]["run"])[0] == "PGD-2x1 (ce)"
 
 
 # ----- the subset note ---------------------------------------------------------------------------------

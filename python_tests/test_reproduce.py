@@ -190,3 +190,65 @@ def test_reproduce_depth_tabulates_paper_beside_measured(tmp_path, monkeypatch, 
     assert rec["figure"] is None  # Table 6 has no figure
     trains = [c for c in rec["commands"] if c.startswith("cda2 train")]
     assert len(trains) == 2 and all("--train-limit 64" in c for c in trains)
+
+
+# ----- the compared defenses: whitebox (Table 1), transfer (Tables 2, 5), square (Table 3) -------------
+DEFENSE_EXPERIMENTS = ("whitebox", "transfer", "square")
+
+
+def _trains(steps):
+    return {s.out.name: s.argv for s in steps if s.kind == "train"}
+
+
+def test_defense_experiments_share_their_training_runs(tmp_path):
+    plans = {e: plan_experiment(e, "small", tmp_path) for e in DEFENSE_EXPERIMENTS}
+    runs = {e: _trains(p) for e, p in plans.items()}
+    # the same commands for the same folders: whichever runs first trains, the others reuse
+    for method in ("ensemble", "gal", "dverge", "adp", "cda2"):
+        assert runs["whitebox"][method] == runs["square"][method] == runs["transfer"][method]
+    dverge = runs["whitebox"]["dverge"]
+    assert dverge[dverge.index("--init-from") + 1] == str(tmp_path / "defenses-small" / "ensemble")
+    # the training PGD's steps go to the adversarially trained methods only
+    assert all(("--steps" in runs["whitebox"][m]) == (m in ("gal", "adp", "cda2"))
+               for m in ("ensemble", "gal", "dverge", "adp", "cda2"))
+    assert all("--adv" in runs["whitebox"][m] for m in ("gal", "adp"))
+    assert set(runs["transfer"]) - set(runs["whitebox"]) == {"surrogate_m3_seed1"}
+    surrogate = runs["transfer"]["surrogate_m3_seed1"]
+    assert surrogate[surrogate.index("--seed") + 1] == "1"  # a hold-out model, not a defense's twin
+
+
+def test_defense_experiments_at_the_paper_budget_use_the_published_protocol(tmp_path):
+    (ev,) = [s for s in plan_experiment("whitebox", "paper", tmp_path) if s.kind == "output"]
+    cmd = " ".join(ev.argv)
+    assert "--steps 50 --restarts 5" in cmd and "--last-iterate" in cmd
+    assert "--subset dverge" in cmd and "--n-samples 1000" in cmd
+    assert "--eps " + " ".join(f"{e:g}" for e in paper.EPS) in cmd
+    trains = _trains(plan_experiment("whitebox", "paper", tmp_path))
+    assert all("--epochs" not in a and "--train-limit" not in a for a in trains.values())
+    assert all(a[a.index("--depth") + 1] == "20" for a in trains.values())
+    evals = [s for s in plan_experiment("transfer", "paper", tmp_path) if s.kind == "output"]
+    t2, t5 = (e.argv for e in evals)
+    n_surrogates = lambda a: a.index("--transfer-preset") - a.index("--surrogate") - 1  # noqa: E731
+    assert "table2" in t2 and n_surrogates(t2) == 1 and "table5" in t5 and n_surrogates(t5) == 3
+    (sq,) = [s for s in plan_experiment("square", "paper", tmp_path) if s.kind == "output"]
+    assert "--queries 5000" in " ".join(sq.argv) and "--square-eps 0.03" in " ".join(sq.argv)
+
+
+@pytest.mark.slow
+def test_whitebox_then_square_reuse_the_runs_and_tabulate_paper_beside_measured(
+        tmp_path, monkeypatch, cifar_dir):
+    tiny = dict(depth=2, epochs=1, train_limit=32, train_steps=1, n_samples=8)
+    _with_budget(monkeypatch, "whitebox", eps=(0.03,), steps=1, restarts=1, **tiny)
+    _with_budget(monkeypatch, "square", queries=5, **tiny)
+    kw = dict(data=str(cifar_dir), device="cpu", log=lambda s: None)
+    wb = run_experiment("whitebox", "small", tmp_path, **kw)
+    assert wb["columns"] == ["method", "paper clean %", "clean %", "paper 0.03 %", "0.03 %"]
+    assert [r[0] for r in wb["rows"]] == ["gal", "dverge", "adp", "cda2"]
+    for method, p_clean, clean, p_03, got in wb["rows"]:
+        assert p_clean == paper.TABLE1[method]["clean"] and p_03 == paper.TABLE1[method]["0.03"]
+        assert 0 <= got <= clean <= 100  # PGD never raises accuracy above clean
+    sq = run_experiment("square", "small", tmp_path, **kw)
+    statuses = [s["status"] for s in sq["steps"]]
+    assert statuses[:5] == ["reused"] * 5 and statuses[5] == "ran"
+    assert [r[1] for r in sq["rows"]] == [paper.TABLE3[m] for m in ("gal", "dverge", "adp", "cda2")]
+    assert all(0 <= r[3] <= r[2] for r in sq["rows"])

@@ -83,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50,
                    help="PGD steps (also the adaptive sign-gradient attacks' steps)")
     p.add_argument("--restarts", type=int, default=5, help="PGD random starts (worst case kept)")
+    p.add_argument("--last-iterate", action="store_true",
+                   help="judge each PGD restart by its final iterate only, as the published "
+                   "protocol does (DVERGE's scripts); the default also counts a sample as broken "
+                   "when an earlier iterate broke it, which can only be stronger")
     p.add_argument("--adaptive-attacks", nargs="+", default=list(ADAPTIVE_ATTACKS),
                    choices=ADAPTIVE_ATTACKS, help="which adaptive attacks to run")
     p.add_argument("--adaptive-restarts", type=int, default=1,
@@ -165,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = EvalConfig(
             attacks=attacks, eps=tuple(args.eps), n_samples=args.n_samples, seed=args.seed,
             batch_size=args.batch_size,
-            pgd=PGDConfig(steps=args.steps, restarts=args.restarts),
+            pgd=PGDConfig(steps=args.steps, restarts=args.restarts, last_iterate=args.last_iterate),
             adaptive=AdaptiveConfig(attacks=tuple(args.adaptive_attacks), steps=args.steps,
                                     restarts=args.adaptive_restarts,
                                     temperature_fractions=tuple(args.temperature_fractions),

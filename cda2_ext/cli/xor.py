@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import CLIError
+from ..run_dir import check_output
 from ..xor import XorConfig, run_xor
 
 __all__ = ["register", "run"]
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figure", default="xor.png", help="PNG to write ('' for none)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --figure / --json file (else refused before training)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("n-train and n-test must be >= 4 and steps >= 0")
     cfg = XorConfig(n_train=args.n_train, n_test=args.n_test, steps=args.steps, lr=args.lr,
                     sigma=args.sigma, seed=args.seed, unfused=args.unfused)
-    res = run_xor(cfg, figure=args.figure or None, json_path=args.json)
+    # Refuse to overwrite a user's files before any work starts (nothing is lost, nothing wasted).
+    figure = check_output(args.figure, option="--figure", force=args.force) if args.figure else None
+    json_path = check_output(args.json, option="--json", force=args.force) if args.json else None
+    res = run_xor(cfg, figure=figure, json_path=json_path)
     print(f"XOR test accuracy: collaboration {100 * res.collaboration_acc:.1f}%  "
           f"ensemble {100 * res.ensemble_acc:.1f}%  "
           f"(sub-models {', '.join(f'{100 * a:.1f}%' for a in res.submodel_acc)}; "

@@ -56,8 +56,9 @@ class Row:
 
 
 def pgd_row(cfg: PGDConfig) -> Row:
-    """``PGD-{steps}x{restarts} ({loss})``."""
-    return Row(PGD, Role.WHITE_BOX, f"PGD-{cfg.steps}x{cfg.restarts} ({cfg.loss})", "PGD")
+    """``PGD-{steps}x{restarts} ({loss})``, with ``, last iterate`` under that protocol."""
+    judged = ", last iterate" if cfg.last_iterate else ""
+    return Row(PGD, Role.WHITE_BOX, f"PGD-{cfg.steps}x{cfg.restarts} ({cfg.loss}{judged})", "PGD")
 
 
 def adaptive_row(attack: str) -> Row:

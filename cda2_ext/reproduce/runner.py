@@ -67,9 +67,10 @@ def train_step(argv: Sequence[str], out_dir: Path) -> Step:
 
 
 def output_step(argv: Sequence[str], out_file: Path, reads: Sequence[Path] = ()) -> Step:
-    """A step whose result is the file ``out_file`` (named somewhere in ``argv``)."""
+    """A step whose result is the file ``out_file``, named in ``argv`` itself or through the
+    output folder it is written into (``cda2 eval --out DIR`` writes ``DIR/robustness.json``)."""
     argv = [str(a) for a in argv]
-    if str(out_file) not in argv:
+    if str(out_file) not in argv and str(Path(out_file).parent) not in argv:
         raise ValueError(f"output step: {out_file} does not appear in {argv}")
     return Step(argv, "output", Path(out_file), [Path(r) for r in reads])
 
