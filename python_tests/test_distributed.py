@@ -50,6 +50,24 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(tmp_path):
     assert local["losses"][0] != pytest.approx(one["losses"][0], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_cda2_train_under_torchrun_ends_cleanly(tmp_path):
+    # The CLI path: from_environment() picks the backend, Trainer.close() ends the job. Every
+    # rank must exit 0 (a process group left to interpreter shutdown can abort with SIGABRT).
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "cda2_ext.cli", "train",
+         "--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
+         "--batch-size", "8", "--train-limit", "32", "--epochs", "1", "--eval-every", "0",
+         "--no-progress", "--device", "cpu", "--sync-bn", "--out-dir", str(run)],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["epochs"] == 1  # rank 0 alone prints
+    assert (run / "metrics.json").is_file()
+
+
 def test_sync_batchnorm_conversion_keeps_parameters_and_statistics():
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(6)

@@ -159,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, dist=dist)
     history = trainer.fit(resume=args.resume, force=args.force)
+    # Every rank leaves the job together and destroys the process group before Python shuts
+    # down; a group left to the interpreter's exit can abort a finished run with SIGABRT (see
+    # DistContext.close). Not on an error: a failed rank never reaches close()'s barrier, and
+    # torchrun ends the others.
+    trainer.close()
     final = history[-1] if history else {}
     if not dist.is_main:
         return 0

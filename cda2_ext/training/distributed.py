@@ -12,13 +12,18 @@ The contract is *one process = one shard of every global batch*:
   normalises over the global batch on any device (torch's own ``nn.SyncBatchNorm`` refuses CPU
   tensors, and the CPU + gloo path is what CI can run). With ``sync_bn`` a run on W processes
   follows the same trajectory as one process with the same global batch, up to float rounding;
-* rank 0 alone writes checkpoints, metrics and logs; the others wait at a barrier.
+* rank 0 alone writes checkpoints, metrics and logs; the others wait at a barrier;
+* a job ends with :meth:`DistContext.close` on every rank (:meth:`Trainer.close
+  <cda2_ext.training.trainer.Trainer.close>` when a trainer holds the model): a barrier, then the
+  process group is destroyed while the interpreter is still whole (see ``close`` for why this
+  matters).
 
 :func:`from_environment` reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); a
 plain ``python``/``cda2`` start is world size 1 and touches nothing of ``torch.distributed``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -81,6 +86,29 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the job: wait for every rank, then destroy the process group (a no-op alone, or
+        when the group is already gone). Call it on every rank once the last collective is done,
+        and only after dropping whatever else holds the group (a ``DistributedDataParallel``
+        wrapper: its reducer keeps a reference; :meth:`Trainer.close
+        <cda2_ext.training.trainer.Trainer.close>` drops the trainer's, then calls this).
+
+        Why both steps: the gloo backend runs every collective on its own worker threads, and a
+        worker may release the tensors of a finished collective after the caller's ``wait()`` has
+        returned; in torch 2.13 releasing a tensor that has a Python object takes the GIL. A
+        group still alive when the interpreter shuts down therefore has threads that may ask for
+        the GIL during finalisation; Python ends such a thread with ``pthread_exit`` inside a
+        C++ destructor, and the process aborts ("terminate called without an active exception",
+        SIGABRT) - at random, depending on how the threads were scheduled. Destroying the group
+        here joins those threads (torch releases the GIL while it does) before any of that. The
+        barrier first makes every rank finish its last collective before any rank tears its
+        connections down, so no process leaves while a peer still needs it.
+        """
+        if not (self.enabled and dist.is_available() and dist.is_initialized()):
+            return
+        dist.barrier()
+        dist.destroy_process_group()
+
     def device(self, requested: torch.device) -> torch.device:
         """One GPU per process: ``cuda:local_rank`` when the run is on CUDA."""
         if self.enabled and requested.type == "cuda":
@@ -102,6 +130,12 @@ def from_environment(backend: Optional[str] = None) -> DistContext:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
+        # Before the group exists: DistributedDataParallel's constructor imports
+        # torch.distributed.nn, whose functions take ``group=group.WORLD`` as a default argument.
+        # Imported after init_process_group, those defaults hold the default group for the rest
+        # of the process, so DistContext.close() could not free it (nor join its threads).
+        # Imported now, they hold None (= the default group when called).
+        importlib.import_module("torch.distributed.nn")
         dist.init_process_group(backend=backend)
     return DistContext(rank, world, local)
 

@@ -283,6 +283,18 @@ class Trainer:
                 self.log(self._summary_line(m))
         return self.history
 
+    def close(self) -> None:
+        """End this process's part in a multi-process job (a no-op alone): drop the
+        ``DistributedDataParallel`` wrapper, whose reducer holds the process group, then
+        :meth:`DistContext.close` (a barrier, then the group destroyed, so that no gloo thread is
+        left to abort the process at exit; see there). Call it on every rank after the last
+        step or :meth:`fit`, not after an error (a rank that failed never reaches the barrier).
+        The trainer cannot train afterwards; its model, history and checkpoints stay usable.
+        """
+        if self.dist.enabled:
+            self.train_forward = self.model
+        self.dist.close()
+
     def _kept(self, epoch: Optional[int] = None) -> str:
         """What the run folder still holds, for messages about a run that stops."""
         epoch = self.epoch if epoch is None else epoch
