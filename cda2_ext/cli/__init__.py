@@ -21,6 +21,7 @@ data or checkpoints) exit with status 2 and one ``cda2: error: ...`` line, no tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -62,4 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("cda2: interrupted (the last completed epoch's checkpoint is kept)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read our output left (`cda2 reproduce ... --dry-run | head`): stop quietly like
+        # other command-line tools, and point stdout at /dev/null so that Python's own flush at
+        # exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 

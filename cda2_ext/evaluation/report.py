@@ -110,6 +110,10 @@ class EvalReport:
         from ..plotting import new_figure, save_figure
 
         fig, ax = new_figure(figsize=(8, 5.5))
+        several = len(self.acc) > 1
+        # One colour per model when several are compared (their worst case thick, the attack
+        # rows thin and dashed), else one per attack with the worst case in black.
+        colour = {m: f"C{i % 10}" for i, m in enumerate(self.acc)}
         for m, a, c, r in self.rows():
             xs = sorted(r)
             ys = [100 * r[e] for e in xs]
@@ -119,9 +123,15 @@ class EvalReport:
                 style: Dict[str, Any] = dict(marker="o", markersize=4, linewidth=1.2)
             else:  # an attack run at one radius only (Square at 0.03): a lone marker
                 style = dict(marker="*", markersize=12, linestyle="none")
-            if a == WORST.label:
+            if several:
+                style.update(color=colour[m])
+                if a == WORST.label:
+                    style.update(linewidth=2.6)
+                elif len(r) > 1:
+                    style.update(linestyle="--", linewidth=0.9, alpha=0.7)
+            elif a == WORST.label:
                 style.update(color="black", linewidth=2.4)
-            label = a if len(self.acc) == 1 else f"{m}: {a}"
+            label = a if not several else f"{m}: {a}"
             ax.plot(xs, ys, label=label, **style)
         ax.set_xlabel("L-inf radius eps (images in [0, 1]; 0 = clean)")
         ax.set_ylabel("robust accuracy (%)")
