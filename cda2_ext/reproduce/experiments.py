@@ -441,10 +441,20 @@ def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
                   {"robustness": res["robust_accuracy"], "clean": res["clean"]})
 
 
+#: The transfer tables: ``(preset, paper table, its name)``; Table 2 attacks from the first
+#: hold-out ensemble, Table 5 from all of them.
+_TRANSFER_TABLES = (("table2", paper.TABLE2, "Table 2"), ("table5", paper.TABLE5, "Table 5"))
+
+
+def _used_surrogates(preset: str, items: Sequence[Any]) -> Sequence[Any]:
+    return items[:1] if preset == "table2" else items
+
+
 def _transfer_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     surrogates = _surrogate_runs(params, ctx)
     steps = _defense_steps(params, ctx) + _surrogate_steps(params, ctx)
-    for preset, used in (("table2", surrogates[:1]), ("table5", surrogates)):
+    for preset, _, _ in _TRANSFER_TABLES:
+        used = _used_surrogates(preset, surrogates)
         attack = ["--attack", "transfer", "--surrogate", *map(str, used), "--transfer-preset", preset,
                   "--transfer-steps", str(params["transfer_steps"]), "--eps", *_eps_keys(params)]
         steps.append(_eval_step(params, ctx, f"transfer_{preset}", attack, extra_reads=used))
@@ -454,24 +464,20 @@ def _transfer_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
 def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
     keys = _eps_keys(params)
     columns, rows, measured, notes = [], [], {}, []
-    for preset, table, ref in (("table2", paper.TABLE2, "Table 2"), ("table5", paper.TABLE5, "Table 5")):
+    for preset, table, ref in _TRANSFER_TABLES:
         res = _read_json(ctx.folder / f"transfer_{preset}" / "robustness.json")
         cols, part = _defense_table(res, "transfer (", keys, table, with_clean=False)
         columns = ["table"] + cols
         rows += [[ref] + r for r in part]
         measured[preset] = res["robust_accuracy"]
-        variants = next(iter(_row(res["robust_accuracy"][m], "transfer (") and m
-                             for m in res["robust_accuracy"]), None)
-        label = next((lbl for lbl in res["robust_accuracy"].get(variants, {})
+        label = next((lbl for by_row in res["robust_accuracy"].values() for lbl in by_row
                       if lbl.startswith("transfer (")), "transfer")
+        sizes = [m for m, _ in _used_surrogates(preset, params["surrogates"])]
         notes.append(f"{ref}: `--transfer-preset {preset}`, {label}, {params['transfer_steps']} "
-                     f"iterations each, from {1 if preset == 'table2' else len(params['surrogates'])} "
-                     "hold-out ensemble(s) of "
-                     + ", ".join(str(m) for m, _ in (params["surrogates"][:1] if preset == "table2"
-                                                     else params["surrogates"]))
-                     + f" ResNet-{params['depth']}s; a sample is robust only if every variant is "
-                     "classified correctly.")
-    for ref, table in (("Table 2", paper.TABLE2), ("Table 5", paper.TABLE5)):
+                     f"iterations each, from {len(sizes)} hold-out ensemble(s) of "
+                     f"{', '.join(map(str, sizes))} ResNet-{params['depth']}s; a sample is robust "
+                     "only if every variant is classified correctly.")
+    for _, table, ref in _TRANSFER_TABLES:
         got = {r[1]: dict(zip(keys, r[3::2])) for r in rows if r[0] == ref}
         notes += _ranking_notes(f"{ref} transfer", keys[-1:], table, got)
     notes.insert(0, _protocol_note(params, res))
