@@ -21,7 +21,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: Tuple[float, float] = (8
 
 
 def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
-    """Lay out and write ``fig`` as a PNG at ``path`` (parent folders created); returns the path.
+    """Lay out and write ``fig`` at ``path`` (parent folders created); returns the path.
 
     Written atomically (rendered in memory, then a temporary file renamed over ``path``), so an
     interrupted run never leaves half a figure where an earlier one was."""
@@ -29,8 +29,8 @@ def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
 
     from .checkpoint import atomic_write
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
     path = Path(path)
+    buf = io.BytesIO()  # the format the name asks for (fig.pdf, fig.svg), PNG without a suffix
+    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     atomic_write(path, buf.getvalue())
     return path
