@@ -55,6 +55,8 @@ def test_xor_keeps_existing_files_unless_forced(tmp_path, capsys):
     assert main([*tiny, "--figure", str(fig), "--json", str(js), "--force"]) == 0
     assert fig.read_bytes()[:4] == b"\x89PNG" and json.loads(js.read_text())["config"]["steps"] == 2
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left behind
+    pdf = tmp_path / "fig.pdf"  # the format the name asks for
+    assert main([*tiny, "--figure", str(pdf)]) == 0 and pdf.read_bytes()[:5] == b"%PDF-"
 
 
 @pytest.mark.slow
