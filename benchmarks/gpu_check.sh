@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 15): build, verify, sanitize and time the CUDA kernels, time the
+# The prepared GPU check: build, verify, sanitize and time the CUDA kernels, time the
 # training step, and run a short real training, in ONE call on a lent GPU machine (about 6 min).
 #
 #   bash benchmarks/gpu_check.sh             # from anywhere; it works in the repository root
@@ -14,6 +14,9 @@
 #   train_step   benchmarks/train_step.py (if present) -> benchmarks/results/train_step_<gpu>.json
 #   train        cda2 train (ResNet-20, M=3, 2 epochs) on CIFAR; loss must fall; reload on the CPU
 #   racecheck    compute-sanitizer --tool racecheck on sanitize_ops.py --quick (last: least needed)
+# and, named in GPU_CHECK_STEPS only (benchmarks/gpu_speed.sh does), the parts of
+# benchmarks/gpu_speed.py: speed_syncdebug, speed_profile, speed_paths, speed_concurrency and
+# speed_report (gpu_speed_<gpu>.json/.md into $OUT and, on a GPU, benchmarks/results/).
 # Without CUDA it says so in one line and runs what means something on a CPU: the build, the
 # registration check (CPU), the tests minus CUDA, the sanitizer workload and ops_cuda.py as smoke
 # tests of those scripts (no sanitizer, no timings), and a tiny training run + CPU reload.
@@ -41,6 +44,7 @@
 #   GPU_CHECK_TEST_PATHS   what pytest collects (default: python_tests)
 #   OPS_CUDA_ARGS          extra arguments for ops_cuda.py (e.g. "--dtypes float32 bfloat16")
 #   GPU_CHECK_KEEP_FILES=1 leave the step logs and run folder unpacked under $OUT
+#   GPU_SPEED_ARGS         extra arguments for every gpu_speed.py part (e.g. "--batch 128")
 set -uo pipefail  # no -e: every step runs, and the summary says which failed
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -259,12 +263,38 @@ EOF
   cda2_cli eval-clean "$run" --device cpu --limit 500 --out "$run/eval_clean_cpu.json" || return 1
 }
 
+# The parts of benchmarks/gpu_speed.py: on a GPU at full size into benchmarks/results/,
+# without one at tiny sizes into $WORK only (a test of the script); the report also into $OUT.
+speed_part() {
+  local dev=cpu results="$WORK" quick=--quick
+  [[ "$HAVE_CUDA" == 1 ]] && dev=cuda results="$ROOT/benchmarks/results" quick=
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/gpu_speed.py "$@" --device "$dev" $quick --parts "$WORK/speed_parts" \
+    --results-dir "$results" --out-dir "$OUT" ${GPU_SPEED_ARGS:-}
+}
+step_speed_syncdebug() { speed_part syncdebug; }
+step_speed_profile() { speed_part profile; }
+step_speed_paths() { speed_part paths; }
+step_speed_concurrency() {  # per level (1, 2, 4, 8 processes; quick: 1, 2): start up, then train
+  local duration=10 levels=4 settle
+  [[ "$HAVE_CUDA" == 1 ]] || { duration=2; levels=2; }
+  settle=$(( $1 / levels - duration - 5 ))
+  (( settle < 10 )) && settle=10
+  speed_part concurrency --duration "$duration" --settle "$settle"
+}
+step_speed_report() { speed_part report; }
+
 export -f copy_new_results cda2_cli step_build step_registration step_tests find_sanitizer sanitize step_memcheck \
-  step_racecheck step_ops_cuda step_train_step step_train
+  step_racecheck step_ops_cuda step_train_step step_train speed_part step_speed_syncdebug step_speed_profile \
+  step_speed_paths step_speed_concurrency step_speed_report
 
 # ---- the driver --------------------------------------------------------------------------------
 declare -A DEFAULT_T=([build]=200 [registration]=30 [tests]=120 [memcheck]=90 [ops_cuda]=140
-                      [train_step]=120 [train]=100 [racecheck]=60)
+                      [train_step]=120 [train]=100 [racecheck]=60 [speed_syncdebug]=60
+                      [speed_profile]=60 [speed_paths]=150 [speed_concurrency]=160 [speed_report]=20)
+# Steps that still run, for up to their own timeout, once the deadline is reached (they fold what
+# the others measured: cheap, and without them the call returns nothing readable).
+AFTER_DEADLINE=" speed_report "
 NAMES=() STATUS=() SECS=()
 FAILED=0
 
@@ -273,6 +303,7 @@ run_step() {
   var="GPU_CHECK_T_${name^^}"
   t="${!var:-${DEFAULT_T[$name]}}"
   left=$(( DEADLINE - SECONDS ))
+  [[ "$AFTER_DEADLINE" == *" $name "* ]] && left=$(( left > 0 ? left + t : t ))
   NAMES+=("$name")
   if (( left < 15 )); then
     echo; echo "===== [$name] not started: the ${DEADLINE}s deadline is reached ====="
@@ -316,8 +347,8 @@ done
 {
   echo
   echo "===== gpu_check summary ($([[ "$HAVE_CUDA" == 1 ]] && echo "GPU" || echo "NO GPU: CPU path"), ${SECONDS}s total) ====="
-  printf '%-13s %-26s %6s\n' step status seconds
-  for i in "${!NAMES[@]}"; do printf '%-13s %-26s %6s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
+  printf '%-17s %-26s %6s\n' step status seconds
+  for i in "${!NAMES[@]}"; do printf '%-17s %-26s %6s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
   echo "failed steps: $FAILED"
 } | tee "$OUT/summary.txt"
 pack

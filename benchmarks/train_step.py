@@ -90,16 +90,19 @@ def _data(B: int, gen: torch.Generator) -> ImageSet:
     return ImageSet(images, torch.randint(0, 10, (B,), generator=gen), tuple(str(k) for k in range(10)))
 
 
-def make_trainer(path: str, M: int, B: int, phase: str, pgd_steps: int, device: str) -> Trainer:
-    """A ``Trainer`` for one row and one of :data:`PATHS`."""
+def make_trainer(path: str, M: int, B: int, phase: str, pgd_steps: int, device: str,
+                 **options: object) -> Trainer:
+    """A ``Trainer`` for one row and one of :data:`PATHS` (``options``: more ``TrainConfig``
+    fields, e.g. ``amp``)."""
     cfg = TrainConfig(num_models=M, batch_size=B, phases=phase, steps=pgd_steps, device=device,
-                      progress=False, eval_every=0, out_dir="/nonexistent", unfused=path == "plain")
+                      progress=False, eval_every=0, out_dir="/nonexistent", unfused=path == "plain",
+                      **options)
     tr = Trainer(cfg, train_set=_data(B, torch.Generator().manual_seed(0)), log=None)
     if path == "packed":
         tr.model.layout = "packed"
     elif path == "plain":
         torch.manual_seed(cfg.seed)
-        tr.model = PlainCollaboration(cfg.model_config()).to(tr.device)
+        tr.model = tr.train_forward = PlainCollaboration(cfg.model_config()).to(tr.device)
         tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                        weight_decay=cfg.weight_decay)
     return tr

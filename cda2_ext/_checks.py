@@ -6,14 +6,19 @@ work on fake tensors under ``torch.compile``. The one data-dependent check, labe
 the reference path calls it. The C++ side repeats the metadata checks (``csrc/checks.h``)
 because ``torch.ops.cda2_ext.*`` can be called directly; the messages are kept alike.
 
+Reading labels is a host read of device data (a device synchronisation on a GPU), so a caller
+that checked its labels once may run its ops inside :func:`labels_checked`: the trainer does, for
+its data set, so that a training step never waits for the device. Outside it every call checks.
+
 Errors: wrong dtype -> ``TypeError``; wrong shape, value, device or reduction -> ``ValueError``.
 Every message starts with the argument's name.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -88,11 +93,38 @@ def collab_loss_args(logits: Tensor, target: Tensor, sigma: float, red: str = "m
     reduction(red)
 
 
-def labels_in_range(target: Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` if any label is outside ``[0, num_classes)`` (reads the data)."""
+# A plain module global, not a ContextVar: torch.compile traces reads of globals (and guards on
+# them) but not ContextVar.get. Training runs one step at a time per process.
+_LABELS_CHECKED = False
+
+
+@contextlib.contextmanager
+def labels_checked() -> Iterator[None]:
+    """Inside: every label passed to the ops was range-checked by the caller already (the trainer
+    checks its data set once, :meth:`~cda2_ext.data.ImageSet`'s labels at start), so the per-call
+    label checks - :func:`labels_in_range` and the fused loss's CUDA check, each a host read of
+    device data - are skipped. Internal to the package; the public ops check by default."""
+    global _LABELS_CHECKED
+    outer, _LABELS_CHECKED = _LABELS_CHECKED, True
+    try:
+        yield
+    finally:
+        _LABELS_CHECKED = outer
+
+
+def labels_trusted() -> bool:
+    """True inside :func:`labels_checked`."""
+    return _LABELS_CHECKED
+
+
+def labels_in_range(target: Tensor, num_classes: int, name: str = "target") -> None:
+    """Raise ``ValueError`` (naming ``name``) if any label is outside ``[0, num_classes)`` (reads
+    the data; skipped inside :func:`labels_checked`)."""
+    if _LABELS_CHECKED:
+        return
     if target.numel() and bool(((target < 0) | (target >= num_classes)).any()):
         bad = target[(target < 0) | (target >= num_classes)][0].item()
-        raise ValueError(f"target: labels must lie in [0, {num_classes}), found {bad}")
+        raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found {bad}")
 
 
 def ppd_bce_args(ppd_logit: Tensor, target_prob: Tensor, red: str = "mean") -> None:
@@ -153,12 +185,18 @@ def random_start_args(x_nat: Tensor, eps: float, lo: float, hi: float,
 SEED_LIMIT = 2 ** 63
 
 
+def exact_int(v: object) -> int:
+    """``v`` as an ``int`` if it is one (numpy and torch integers too), else ``TypeError``:
+    booleans and floats are not counts, even ``2.0``."""
+    if isinstance(v, bool):
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    return operator.index(v)
+
+
 def seed(v: object, name: str = "seed") -> int:
     """An RNG seed as an ``int`` in ``[0, 2**63)``; ``TypeError``/``ValueError`` naming ``name``."""
     try:
-        if isinstance(v, bool):
-            raise TypeError
-        v = operator.index(v)
+        v = exact_int(v)
     except TypeError:
         raise TypeError(f"{name}: expected an integer in [0, 2**63), got {type(v).__name__}") from None
     if not 0 <= v < SEED_LIMIT:

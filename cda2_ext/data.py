@@ -1,11 +1,23 @@
-"""Data: CIFAR-10 from a local folder, on-device augmentation, and synthetic sets.
+"""Data: CIFAR-10 from a local folder or zip, on-device augmentation, and synthetic sets.
 
-CIFAR-10 is read from the standard ``cifar-10-batches-py`` folder (``data_batch_1..5``,
-``test_batch``; a folder with fewer images per batch, such as the shared 5x1017 subset, works
-too). Where to look, in order: the ``root`` argument, the ``CDA2_DATA`` environment variable, then
-``../shared/data`` beside the repository if present. ``root`` may be the ``cifar-10-batches-py``
-folder itself or the folder that contains it. Nothing is downloaded unless asked
-(:func:`download_cifar10`, which verifies the official MD5).
+CIFAR-10 is read from either of:
+
+* the standard ``cifar-10-batches-py`` folder (``data_batch_1..5``, ``test_batch``; a folder
+  with fewer images per batch, such as a 5x1017 subset, works too), given as itself or as the
+  folder that contains it;
+* an image folder (``train/<class>/*``, ``test/<class>/*``; sorted class folder names are the
+  labels) or a zip of one, such as ``cifar-10-jpeg.zip`` (all of CIFAR-10 re-encoded as JPEG q75),
+  read by :mod:`cda2_ext.image_folder` and decoded once into a cache (:func:`cache_dir`). A folder
+  that holds ``cifar-10-jpeg.zip`` also works.
+
+Where to look (:func:`data_locations`): the ``root`` argument (``--data``), else ``$CDA2_DATA``,
+else ``./data`` if that folder exists, then ``data/`` in the user's cache folder
+(``~/.cache/cda2_ext/data``), which is also where ``--download`` puts CIFAR-10 when neither
+``--data`` nor ``$CDA2_DATA`` names a folder and ``./data`` does not exist
+(:func:`download_dir`). A location that is named (``root``, ``$CDA2_DATA``) and holds no CIFAR-10
+is an error, not a hint to look elsewhere. Nothing is downloaded unless asked
+(:func:`download_cifar10`, which verifies the official MD5). Data that are not the official files
+carry a note (:attr:`ImageSet.note`, :func:`data_note`) that reports should repeat.
 
 The batch files are pickles, and a damaged or hostile one must fail as one :class:`DataError`
 line, never run code or exhaust memory. So a file is read whole (at most 256 MiB), its opcodes
@@ -21,6 +33,7 @@ floats in [0, 1] with tensor ops on that device (no torchvision).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -33,18 +46,22 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import ConfigError, DataError, one_line
+from .image_folder import CACHE_ENV, cache_dir, is_image_folder, read_image_folder
 
 __all__ = [
-    "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV",
-    "resolve_cifar10_dir", "load_cifar10", "download_cifar10", "synthetic_images", "load_images",
-    "to_float", "random_crop_flip", "make_xor", "CIFAR10_TRAIN_SIZE", "note_training_size",
+    "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV", "CACHE_ENV",
+    "JPEG_ZIP_NAME", "DataSource", "cache_dir", "default_data_dir", "download_dir",
+    "data_locations", "resolve_data", "resolve_cifar10_dir", "load_cifar10", "load_image_folder",
+    "data_note", "note_data_source", "download_cifar10", "ensure_cifar10", "synthetic_images",
+    "load_images", "to_float", "random_crop_flip", "make_xor", "CIFAR10_TRAIN_SIZE",
+    "note_training_size",
 ]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -55,8 +72,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 _FOLDER = "cifar-10-batches-py"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_FILES = ("test_batch",)
-# The repository's sibling "shared/data" folder (the project's shared CIFAR-10 subset).
-_DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: The public JPEG re-encoding of all of CIFAR-10 (an image-folder zip), found by this name in a
+#: data folder and recognised (name and size, or SHA-256) to say what it is.
+JPEG_ZIP_NAME = "cifar-10-jpeg.zip"
+_JPEG_ZIP_SIZE = 62_190_935
+_JPEG_ZIP_SHA256 = "af4cafd889cd0b58f1b1ad2755fd6cb2bbef385c0f85508f1443e90c8f890438"
+_JPEG_NOTE = "CIFAR-10 re-encoded as JPEG (q75, ≈5/255 from the official pixels)"
 
 PathLike = Union[str, os.PathLike]
 
@@ -70,11 +91,17 @@ class ImageSet:
         images: ``uint8 [N, C, H, W]``.
         labels: ``int64 [N]``.
         classes: class names.
+        source: the file or folder the images were read from (``None``: made in memory).
+        note: what a report should say about the data, when they are not the official files
+            (e.g. ``"CIFAR-10 re-encoded as JPEG (...): PATH"``); ``None`` for the official
+            CIFAR-10 batches and for synthetic sets.
     """
 
     images: Tensor
     labels: Tensor
     classes: Tuple[str, ...]
+    source: Optional[str] = None
+    note: Optional[str] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -83,10 +110,10 @@ class ImageSet:
         """The first ``limit`` samples (all when ``None``)."""
         if limit is None or limit >= len(self):
             return self
-        return ImageSet(self.images[:limit], self.labels[:limit], self.classes)
+        return dataclasses.replace(self, images=self.images[:limit], labels=self.labels[:limit])
 
     def to(self, device: Union[str, torch.device]) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,29 +183,124 @@ def _scan_pickle(blob: bytes) -> None:
             raise pickle.UnpicklingError(f"memo index {arg} out of range")
 
 
-def _candidates(root: Optional[PathLike]) -> List[Tuple[str, Path]]:
+# ---------------------------------------------------------------------------------------------
+# Where the data are
+
+def default_data_dir() -> Path:
+    """The conventional data folder: ``./data`` if it exists, else ``data`` in :func:`cache_dir`
+    (absolute, not created here)."""
+    local = Path.cwd() / "data"
+    return local if local.is_dir() else cache_dir() / "data"
+
+
+def download_dir() -> Path:
+    """Where ``--download`` puts CIFAR-10 when ``--data`` is not given: ``$CDA2_DATA``, else
+    :func:`default_data_dir`."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else default_data_dir()
+
+
+def data_locations(root: Optional[PathLike] = None) -> List[Tuple[str, Path]]:
+    """``(origin, path)`` of every place looked in for CIFAR-10, in order: ``root`` alone when
+    given, else ``$CDA2_DATA`` alone when set, else ``./data`` (if it exists) and the cache
+    folder's ``data``."""
     if root is not None:
-        return [("argument", Path(root))]
-    out = []
+        return [("given", Path(root))]
     env = os.environ.get(DATA_ENV)
     if env:
-        out.append((f"${DATA_ENV}", Path(env)))
-    out.append(("default", _DEFAULT_ROOT))
-    return out
+        return [(f"${DATA_ENV}", Path(env))]
+    local = Path.cwd() / "data"
+    return ([("./data", local)] if local.is_dir() else []) + [("cache", cache_dir() / "data")]
+
+
+class DataSource(NamedTuple):
+    """Where CIFAR-10 was found: ``kind`` is ``"batches"`` (a ``cifar-10-batches-py`` folder),
+    ``"folder"`` (an image folder) or ``"zip"`` (a zip of one); ``origin`` says which location of
+    :func:`data_locations` held it."""
+
+    kind: str
+    path: Path
+    origin: str
+
+
+def _has_batches(folder: Path) -> bool:
+    return (folder / _TEST_FILES[0]).is_file() or (folder / _TRAIN_FILES[0]).is_file()
+
+
+def _source_in(path: Path) -> Optional[Tuple[str, Path]]:
+    """What CIFAR-10 ``path`` holds, in order of preference (the official files first)."""
+    if path.is_file():
+        return "zip", path  # a named file can only be a zip here; opening it says if it is not
+    for folder in (path, path / _FOLDER):
+        if _has_batches(folder):
+            return "batches", folder
+    if is_image_folder(path):
+        return "folder", path
+    if (path / JPEG_ZIP_NAME).is_file():
+        return "zip", path / JPEG_ZIP_NAME
+    return None
+
+
+def resolve_data(root: Optional[PathLike] = None) -> DataSource:
+    """The CIFAR-10 to read (see :func:`data_locations` for the order), or a :class:`DataError`
+    that lists every place looked in."""
+    tried = []
+    for origin, path in data_locations(root):
+        found = _source_in(path)
+        if found is not None:
+            return DataSource(found[0], found[1], origin)
+        tried.append(f"{path} ({origin}{'' if path.exists() else ', does not exist'})")
+    raise DataError(f"CIFAR-10 not found: looked in {', '.join(tried)} for a '{_FOLDER}' folder, "
+                    f"an image folder (train/, test/) or {JPEG_ZIP_NAME}; pass --data DIR or ZIP, "
+                    f"set {DATA_ENV}, or run with --download")
 
 
 def resolve_cifar10_dir(root: Optional[PathLike] = None) -> Path:
-    """The ``cifar-10-batches-py`` folder to read, or :class:`DataError` saying where it looked."""
-    tried = []
-    for origin, path in _candidates(root):
-        for p in (path, path / _FOLDER):
-            if (p / _TEST_FILES[0]).is_file() or (p / _TRAIN_FILES[0]).is_file():
-                return p
-        tried.append(f"{path} ({origin})")
-        if origin == "argument" or origin.startswith("$"):
-            break  # an explicit location that is wrong is an error, not a hint to look elsewhere
-    raise DataError(f"CIFAR-10 not found: no '{_FOLDER}' batch files in {', '.join(tried)}; "
-                    f"pass --data DIR, set {DATA_ENV}, or run with --download")
+    """The ``cifar-10-batches-py`` folder to read, or :class:`DataError` saying where it looked
+    (or that the data found there are an image folder or zip: see :func:`resolve_data`)."""
+    src = resolve_data(root)
+    if src.kind != "batches":
+        raise DataError(f"{src.path} is an image {'folder' if src.kind == 'folder' else 'zip'}, "
+                        f"not a '{_FOLDER}' folder")
+    return src.path
+
+
+def _is_jpeg_cifar10(path: Path) -> bool:
+    """Whether ``path`` is the shared JPEG re-encoding: its size and name, or (renamed) its
+    SHA-256, computed only for a file of exactly its size."""
+    try:
+        if not path.is_file() or path.stat().st_size != _JPEG_ZIP_SIZE:
+            return False
+        if path.name == JPEG_ZIP_NAME:
+            return True
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest() == _JPEG_ZIP_SHA256
+    except OSError:
+        return False
+
+
+def _source_note(kind: str, path: Path) -> Optional[str]:
+    if kind == "batches":
+        return None
+    if _is_jpeg_cifar10(path):
+        return f"{_JPEG_NOTE}: {path}"
+    what = "image folder" if kind == "folder" else "zip of an image folder"
+    return f"images from the {what} {path}, not the official CIFAR-10 files"
+
+
+def data_note(data_dir: Optional[PathLike] = None) -> Optional[str]:
+    """What a report should say about the CIFAR-10 that ``data_dir`` (``--data``; ``None``: the
+    default locations) resolves to: e.g. ``"CIFAR-10 re-encoded as JPEG (q75, ≈5/255 from the
+    official pixels): PATH"`` for ``cifar-10-jpeg.zip``, a line naming the image folder or zip
+    for others, and ``None`` for the official batch files or when no data are found."""
+    try:
+        src = resolve_data(data_dir)
+    except DataError:
+        return None
+    return _source_note(src.kind, src.path)
 
 
 def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -226,15 +348,32 @@ def _read_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> ImageSet:
-    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, 32, 32]`` + ``int64 [N]``."""
+    """Load the ``"train"`` or ``"test"`` split as ``uint8 [N, 3, H, W]`` + ``int64 [N]``, from
+    wherever :func:`resolve_data` finds CIFAR-10 (an image folder or zip must have 10 classes)."""
     if split not in ("train", "test"):
         raise ConfigError(f"split: expected 'train' or 'test', got {split!r}")
-    folder = resolve_cifar10_dir(root)
-    parts = [_read_batch(folder / f) for f in (_TRAIN_FILES if split == "train" else _TEST_FILES)]
+    src = resolve_data(root)
+    if src.kind != "batches":
+        data = load_image_folder(src.path, split)
+        if len(data.classes) != len(CIFAR10_CLASSES):
+            raise DataError(f"{src.path}: {len(data.classes)} class folders "
+                            f"({', '.join(data.classes[:12])}), CIFAR-10 has {len(CIFAR10_CLASSES)}")
+        return data
+    parts = [_read_batch(src.path / f) for f in (_TRAIN_FILES if split == "train" else _TEST_FILES)]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return ImageSet(images, torch.from_numpy(labels), CIFAR10_CLASSES)
+    return ImageSet(images, torch.from_numpy(labels), CIFAR10_CLASSES, source=str(src.path))
+
+
+def load_image_folder(path: PathLike, split: str, *, use_cache: bool = True) -> ImageSet:
+    """One split of an image folder or a zip of one, any number of classes (see
+    :func:`cda2_ext.image_folder.read_image_folder`: layout, order, cache, errors), with its
+    :attr:`ImageSet.note`."""
+    images, labels, classes = read_image_folder(path, split, use_cache=use_cache)
+    kind = "zip" if Path(path).is_file() else "folder"
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes,
+                    source=str(path), note=_source_note(kind, Path(path)))
 
 
 #: CIFAR-10's training images; the paper's numbers are for all of them.
@@ -256,6 +395,25 @@ def note_training_size(n: int, full: int = CIFAR10_TRAIN_SIZE) -> bool:
     return True
 
 
+_data_noted = False  # like _size_noted
+
+
+def note_data_source(data: ImageSet) -> bool:
+    """Print ``data.note`` on stderr, once per process (rank 0 only under ``torchrun``), so that
+    whoever reads a run's log knows it did not use the official CIFAR-10 pixels. Returns whether
+    it printed."""
+    global _data_noted
+    if data.note is None or _data_noted or os.environ.get("RANK", "0") != "0":
+        return False
+    _data_noted = True
+    text = f"cda2: note: data: {data.note}"
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except UnicodeEncodeError:  # a stderr that cannot write "≈" (an ASCII-only locale)
+        print(text.replace("≈", "~"), file=sys.stderr, flush=True)
+    return True
+
+
 def _md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as fh:
@@ -268,12 +426,15 @@ def download_cifar10(root: PathLike, url: str = CIFAR10_URL, md5: str = CIFAR10_
     """Download and unpack CIFAR-10 into ``root`` (opt-in; never called implicitly).
 
     The archive's MD5 must equal the official ``c58f3010...`` or nothing is unpacked. Returns the
-    ``cifar-10-batches-py`` folder. Existing complete folders are left alone.
+    ``cifar-10-batches-py`` folder. Existing complete folders (``root`` itself or its
+    ``cifar-10-batches-py``) are left alone.
     """
     root = Path(root)
-    folder = root / _FOLDER
-    if all((folder / f).is_file() for f in _TRAIN_FILES + _TEST_FILES):
-        return folder
+    for folder in (root, root / _FOLDER):
+        if all((folder / f).is_file() for f in _TRAIN_FILES + _TEST_FILES):
+            return folder
+    if root.is_file():
+        raise DataError(f"cannot download CIFAR-10 into {root}: it is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "cifar-10-python.tar.gz"
@@ -295,6 +456,19 @@ def download_cifar10(root: PathLike, url: str = CIFAR10_URL, md5: str = CIFAR10_
     return folder
 
 
+def ensure_cifar10(root: Optional[PathLike] = None) -> Path:
+    """``--download``: the CIFAR-10 to train from, downloaded first if missing.
+
+    ``root`` (``--data``; ``None``: :func:`download_dir`) is returned as found when it already
+    holds an image folder or zip (there is nothing to download); otherwise the official batches
+    are downloaded into it unless complete there (:func:`download_cifar10`)."""
+    target = Path(root) if root is not None else download_dir()
+    found = _source_in(target)
+    if found is not None and found[0] != "batches":
+        return found[1]
+    return download_cifar10(target)
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic images (tests, smoke runs, machines without CIFAR-10)
 
@@ -313,14 +487,25 @@ def synthetic_images(n: int, num_classes: int = 10, seed: int = 0, size: int = 3
 
 
 def load_images(dataset: str, split: str, root: Optional[PathLike] = None, seed: int = 0,
-                synthetic_size: Optional[Dict[str, int]] = None) -> ImageSet:
-    """``dataset="cifar10"`` (from disk) or ``"synthetic"`` (:func:`synthetic_images`)."""
+                synthetic_size: Optional[Dict[str, int]] = None,
+                num_classes: Optional[int] = None) -> ImageSet:
+    """``dataset="cifar10"`` (from disk, see :func:`load_cifar10`; its note, if any, is printed
+    once: :func:`note_data_source`) or ``"synthetic"`` (:func:`synthetic_images`).
+
+    ``num_classes`` (a run's): when given, the data must have that many classes."""
     if dataset == "cifar10":
-        return load_cifar10(root, split)
-    if dataset == "synthetic":
+        data = load_cifar10(root, split)
+        note_data_source(data)
+    elif dataset == "synthetic":
         sizes = {"train": 512, "test": 256, **(synthetic_size or {})}
-        return synthetic_images(sizes[split], seed=seed * 2 + (split == "test"))
-    raise ConfigError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
+        data = synthetic_images(sizes[split], num_classes=num_classes or 10,
+                                seed=seed * 2 + (split == "test"))
+    else:
+        raise ConfigError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
+    if num_classes is not None and len(data.classes) != num_classes:
+        raise DataError(f"{data.source}: {len(data.classes)} classes, but the run has "
+                        f"num_classes={num_classes}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ derives from the built-in exception a Python caller would expect (``ValueError``
 from __future__ import annotations
 
 __all__ = ["Cda2Error", "ConfigError", "DataError", "CheckpointError", "CLIError",
-           "NonFiniteLossError", "one_line"]
+           "NonFiniteLossError", "LostPeerError", "one_line", "os_reason"]
 
 
 class Cda2Error(Exception):
@@ -35,8 +35,20 @@ class NonFiniteLossError(Cda2Error, FloatingPointError):
     """Training met a non-finite loss (or parameters) and stopped before saving anything from it."""
 
 
+class LostPeerError(Cda2Error, RuntimeError):
+    """Another process of a multi-process (``torchrun``) job ended or stopped answering."""
+
+
 def one_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, shortened: error messages here are one line
     (used where a lower library's multi-line message is wrapped into one of ours)."""
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def os_reason(err: OSError) -> str:
+    """An ``OSError`` as one line naming the path(s) it concerns and the system's reason
+    (``"x/y: File name too long"``); the reason alone when it names no path."""
+    why = err.strerror or one_line(err)
+    paths = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(paths)}: {why}" if paths else why

@@ -62,7 +62,7 @@ if HAS_EXTENSION:
     # Each runs the same metadata checks as the C++ kernels, so bad input fails the same way under
     # torch.compile and on meta tensors.
     @torch.library.register_fake("cda2_ext::collab_loss")
-    def _collab_loss_fake(logits, target, sigma, reduction, save_prob=False):
+    def _collab_loss_fake(logits, target, sigma, reduction, save_prob=False, check_target=True):
         _checks.collab_loss_args(logits, target, sigma, _REDUCTION_NAME.get(reduction, reduction))
         M, B, K = logits.shape
         dt = _stat_dtype(logits.dtype)
@@ -113,7 +113,7 @@ if HAS_EXTENSION:
                 logits.new_empty((B, K)))
 
     @torch.library.register_fake("cda2_ext::collab_select_backward")
-    def _collab_select_backward_fake(grad_chosen, index, num_models):
+    def _collab_select_backward_fake(grad_chosen, index, num_models, check_index=True):
         _checks.same_device(grad_chosen=grad_chosen, index=index)
         B, K = grad_chosen.shape
         return grad_chosen.new_empty((num_models, B, K))
@@ -125,7 +125,9 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
 
     One pass over ``logits [M, B, K]`` forward and one backward; see
     :func:`cda2_ext.reference.collaboration_loss` for the math and the arguments.
-    Labels outside ``[0, K)`` raise ``ValueError`` before the logits are read.
+    Labels outside ``[0, K)`` raise ``ValueError`` before the logits are read, except inside
+    :func:`~cda2_ext._checks.labels_checked` (the trainer, whose data set was checked once): there
+    the CUDA kernel skips the check, which would synchronise the host on every call.
     """
     if not HAS_EXTENSION:
         return reference.collaboration_loss(logits, target, sigma, reduction)
@@ -136,7 +138,8 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
             and reduction in _REDUCTION):
         _checks.collab_loss_args(logits, target, sigma, reduction)
     # lse and prob exist only to be saved for the backward pass (autograd asks for prob itself).
-    loss, ce, weights, p_true, _, _ = _collab_loss(logits, target, float(sigma), _REDUCTION[reduction])
+    loss, ce, weights, p_true, _, _ = _collab_loss(logits, target, float(sigma), _REDUCTION[reduction],
+                                                   False, not _checks.labels_trusted())
     return CollabLoss(loss, ce, weights, p_true)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Tuple, Union
 
-__all__ = ["new_figure", "save_figure"]
+__all__ = ["new_figure", "save_figure", "figure_format"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: Tuple[float, float] = (8, 5.5)) -> Tuple[Any, Any]:
@@ -18,6 +18,21 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: Tuple[float, float] = (8
 
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(nrows, ncols)
+
+
+def figure_format(path: Union[str, Path], option: str = "figure") -> str:
+    """The image format a figure file's name asks for (``fig.pdf``: pdf; PNG without a suffix),
+    or a :class:`~cda2_ext.errors.ConfigError` naming ``option`` when matplotlib cannot write it
+    (checked before the work whose figure it is, not after)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from .errors import ConfigError
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise ConfigError(f"{option}: cannot write a .{fmt} figure ({path}); use one of "
+                          f"{', '.join(sorted(known))}")
+    return fmt
 
 
 def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
@@ -31,6 +46,6 @@ def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
     fig.tight_layout()
     path = Path(path)
     buf = io.BytesIO()  # the format the name asks for (fig.pdf, fig.svg), PNG without a suffix
-    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    fig.savefig(buf, dpi=dpi, format=figure_format(path))
     atomic_write(path, buf.getvalue())
     return path

@@ -15,6 +15,11 @@
   - an exclusive ``flock`` on ``<folder>/.cda2.lock`` (which records the holder's PID) refuses a
     second run at once, naming the holder; the kernel drops the lock when the process dies, even
     on ``kill -9``, so no stale lock can block the next run;
+  - the run's own files there (the lock, the checkpoint pair, ``metrics.json``) must be regular
+    files: the lock is opened without following links (``O_NOFOLLOW``) and results are replaced,
+    never written through, so a link planted under one of those names cannot make the run
+    truncate or overwrite a file elsewhere; a folder, link or device under such a name is refused
+    before any work (with ``force`` too: it is not ours to remove);
   - stale temporary files of an interrupted save (``.checkpoint.*.tmp``, ``.metrics.json.*.tmp``)
     are removed when the next run takes the folder.
 """
@@ -22,15 +27,16 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Callable, List, Optional, Sequence, Type, TypeVar, Union
 
 from .checkpoint import CHECKPOINT_NAME, fsync_dir
-from .errors import ConfigError, one_line
+from .errors import ConfigError, one_line, os_reason
 
-try:  # POSIX; elsewhere runs are not locked (documented in the README)
+try:  # POSIX; elsewhere runs are not locked (documented in docs/run-folder.md)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
@@ -92,8 +98,9 @@ def check_output(path: PathLike, *, option: str, folder: bool = False, force: bo
         fd, probe = tempfile.mkstemp(prefix=".cda2-probe-", dir=where)
         os.close(fd)
         os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(f"{option}: cannot write to {where}: {err.strerror or one_line(err)}") from None
+    except OSError as err:  # the path the system refused (the output's, or a folder above it)
+        raise ConfigError(f"{option}: cannot write to {err.filename or where}: "
+                          f"{err.strerror or one_line(err)}") from None
     return p
 
 
@@ -120,9 +127,38 @@ def check_run_folder(path: PathLike, *, resume: bool = False, force: bool = Fals
     loading data, so a wrong ``--out-dir`` fails in a second)."""
     if resume and force:
         raise ConfigError("out_dir: resume and force exclude each other (force starts over)")
-    return check_output(path, option="out_dir", folder=True, force=force,
-                        results=() if resume else RUN_RESULTS, owned_if=(LOCK_NAME, *RUN_RESULTS),
-                        hint="pass --resume to continue it or --force to start over")
+    p = check_output(path, option="out_dir", folder=True, force=force,
+                     results=() if resume else RUN_RESULTS, owned_if=(LOCK_NAME, *RUN_RESULTS),
+                     hint="pass --resume to continue it or --force to start over")
+    for name in (LOCK_NAME, *RUN_RESULTS):
+        _check_regular(p / name)
+    return p
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse ``path`` (a run folder's own file) unless it is absent or a regular file, not
+    following a link: the run writes there, and must never write through it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ConfigError(f"out_dir: cannot use {os_reason(err)}") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+
+
+def _not_regular(path: Path, mode: int) -> ConfigError:
+    return ConfigError(f"out_dir: {path} is {_kind(mode)}, not a regular file; cda2 keeps its own "
+                       f"{path.name} there: move it away or choose another --out-dir")
 
 
 class RunFolder:
@@ -168,7 +204,20 @@ class RunFolder:
         self._unlock()
 
     def _lock(self) -> None:
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link (O_NOFOLLOW), never blocking on a pipe (O_NONBLOCK), and only a
+        # regular file: the PID below truncates what it opens.
+        lock = self.path / LOCK_NAME
+        flags = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(lock, flags, 0o644)
+        except OSError as err:
+            _check_regular(lock)  # ELOOP: a link, EISDIR: a folder - said as such
+            raise ConfigError(f"out_dir: cannot lock {os_reason(err)}") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a pipe or device made there since the check
+            os.close(fd)
+            raise _not_regular(lock, mode)
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,14 +18,14 @@ using OptT = std::optional<at::Tensor>;
 using CollabLossOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The C++ signatures of the schemas in ops.cpp that this file calls.
-using CollabLossSig = CollabLossOut(const at::Tensor&, const at::Tensor&, double, int64_t, bool);
+using CollabLossSig = CollabLossOut(const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool);
 using CollabLossBackwardSig = at::Tensor(const OptT&, const OptT&, const OptT&, const OptT&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double, int64_t);
 using PpdBceSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
 using PpdBceBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
 using SelectSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
-using SelectBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t);
+using SelectBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool);
 using SignStepSig = void(at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double, double);
 using RandomStartSig = void(at::Tensor&, const at::Tensor&, double, double, double, int64_t);
 
@@ -49,10 +49,10 @@ OptT maybe(const at::Tensor& t) { return t.defined() ? OptT(t) : std::nullopt; }
 class CollabLossFn : public torch::autograd::Function<CollabLossFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               double sigma, int64_t reduction, bool save_prob) {
+                               double sigma, int64_t reduction, bool save_prob, bool check_target) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = typed_op<CollabLossSig>("cda2_ext::collab_loss");
-    auto [loss, ce, w, p, lse, prob] = op.call(logits, target, sigma, reduction, save_prob);
+    auto [loss, ce, w, p, lse, prob] = op.call(logits, target, sigma, reduction, save_prob, check_target);
     ctx->save_for_backward({logits, target, lse, prob, w, p});
     ctx->saved_data["sigma"] = sigma;
     ctx->saved_data["reduction"] = reduction;
@@ -65,7 +65,7 @@ class CollabLossFn : public torch::autograd::Function<CollabLossFn> {
     static const auto op = typed_op<CollabLossBackwardSig>("cda2_ext::collab_loss_backward");
     auto dz = op.call(maybe(g[0]), maybe(g[1]), maybe(g[2]), maybe(g[3]), s[0], s[1], s[2], s[3], s[4], s[5],
                       ctx->saved_data["sigma"].toDouble(), ctx->saved_data["reduction"].toInt());
-    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -102,19 +102,20 @@ class SelectFn : public torch::autograd::Function<SelectFn> {
   static variable_list backward(AutogradContext* ctx, variable_list g) {
     static const auto op = typed_op<SelectBackwardSig>("cda2_ext::collab_select_backward");
     auto index = ctx->get_saved_variables()[0];
-    // The argmax has no gradient w.r.t. the scores; only the chosen logits receive one.
-    return {at::Tensor(), op.call(g[1], index, ctx->saved_data["num_models"].toInt())};
+    // The argmax has no gradient w.r.t. the scores; only the chosen logits receive one. The index
+    // is the forward's argmax, in range by construction: no check (on CUDA, no host sync).
+    return {at::Tensor(), op.call(g[1], index, ctx->saved_data["num_models"].toInt(), false)};
   }
 };
 
 CollabLossOut collab_loss_ag(const at::Tensor& logits, const at::Tensor& target, double sigma, int64_t reduction,
-                             bool save_prob) {
+                             bool save_prob, bool check_target) {
   // Ask the kernel to keep the softmax only when a backward pass can follow: then backward is a
   // multiply instead of a second exp per logit. No-grad callers (attacks, eval) pay nothing.
   // (Checked here: Function::apply runs forward with grad mode off.)
   check_inputs_defined({{&logits, "logits"}, {&target, "target"}});
   const bool need = save_prob || (at::GradMode::is_enabled() && logits.requires_grad());
-  auto r = CollabLossFn::apply(logits, target, sigma, reduction, need);
+  auto r = CollabLossFn::apply(logits, target, sigma, reduction, need, check_target);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 

@@ -8,7 +8,11 @@ TORCH_LIBRARY(cda2_ext, m) {
   // logits [M,B,K], target [B] -> loss ([B] or scalar by reduction 0 none / 1 mean / 2 sum),
   // ce, weights, p_true [M,B] (float32 for half inputs); for the backward pass: lse [M,B] float64
   // and, where save_prob asks and the backend finds it pays, the softmax prob [M,B,K] (else empty).
-  m.def("collab_loss(Tensor logits, Tensor target, float sigma, int reduction, bool save_prob=False)"
+  // check_target=False: the caller has range-checked the labels already (the trainer checks its
+  // data set once), so the CUDA kernel skips its per-call check, which synchronises the host; the
+  // CPU kernel always checks (it indexes memory with labels, and reading them there is free).
+  m.def("collab_loss(Tensor logits, Tensor target, float sigma, int reduction, bool save_prob=False,"
+        " bool check_target=True)"
         " -> (Tensor loss, Tensor ce, Tensor weights, Tensor p_true, Tensor lse, Tensor prob)");
   m.def("collab_loss_backward(Tensor? grad_loss, Tensor? grad_ce, Tensor? grad_weights, Tensor? grad_p_true,"
         " Tensor logits, Tensor target, Tensor lse, Tensor prob, Tensor weights, Tensor p_true, float sigma,"
@@ -22,7 +26,10 @@ TORCH_LIBRARY(cda2_ext, m) {
   m.def("random_start_(Tensor(a!) x_adv, Tensor x_nat, float eps, float lo, float hi, int seed) -> ()");
   // ppd_logit [M,B], logits [M,B,K] -> index [B] int64, chosen [B,K].
   m.def("collab_select(Tensor ppd_logit, Tensor logits) -> (Tensor index, Tensor chosen)");
-  m.def("collab_select_backward(Tensor grad_chosen, Tensor index, int num_models) -> Tensor");
+  // check_index=False: the index is collab_select's own output (autograd's call), so always in
+  // range; the CUDA kernel then skips the per-call check that synchronises the host.
+  m.def("collab_select_backward(Tensor grad_chosen, Tensor index, int num_models, bool check_index=True)"
+        " -> Tensor");
 }
 
 namespace {

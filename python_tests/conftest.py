@@ -17,6 +17,9 @@
 * ``@pytest.mark.slow`` (registered in pyproject.toml) -- CNN training and subprocess runs; CI runs
   them, ``-m "not slow"`` leaves them out of a quick local loop.
 * ``cifar_dir`` -- the CIFAR-10 folder in ``shared/data``; the test is skipped when it is absent.
+  When it is there, ``CDA2_DATA`` points at it for the whole session (subprocesses included): the
+  library itself no longer looks beside the repository, only in ``--data``, ``$CDA2_DATA``,
+  ``./data`` and the user's cache folder.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import cda2_ext
 from helpers import HAS_EXTENSION, REQUIRE_CUDA, REQUIRE_EXTENSION, cuda_missing
 
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar-10-batches-py"
+if (CIFAR_DIR / "data_batch_1").is_file():
+    os.environ["CDA2_DATA"] = str(CIFAR_DIR)  # what the tests that load CIFAR-10 by default read
 
 
 def pytest_configure(config: pytest.Config) -> None:

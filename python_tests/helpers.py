@@ -100,3 +100,22 @@ def pgd_oracle(loss_fn, x_nat: torch.Tensor, eps: float, alpha: float, steps: in
         x = x.detach()
         ops.pgd_sign_step_(x, grad, x_nat, eps, alpha, 0.0, 1.0)
     return x
+
+
+# ----- command-line runs (test_hostile_inputs.py, test_checkpoint_integrity.py) ------------------
+#: ``cda2 train`` options of a run of about a second on a CPU: synthetic images, depth 2, M=2.
+TINY_TRAIN = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--steps", "1",
+              "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
+              "--device", "cpu", "--epochs", "1", "--eval-every", "0"]
+
+
+def one_line_error(err: str, *needles: str) -> str:
+    """Assert that ``err`` (a command's stderr) ends in exactly one ``cda2: error:`` line, with
+    no traceback, holding every needle; returns that line."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and "Traceback" not in err, err
+    last = lines[-1]
+    assert last.startswith("cda2: error:") and sum("error:" in ln for ln in lines) == 1, err
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last

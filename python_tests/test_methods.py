@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from cda2_ext.checkpoint import load_checkpoint
+from cda2_ext.checkpoint import DOCUMENT_KEY, FORMAT, document_digest, load_checkpoint
 from cda2_ext.cli import main
 from cda2_ext.errors import ConfigError
 from cda2_ext.models import Collaboration
@@ -407,7 +407,9 @@ def test_eval_attacks_an_ensemble_run_as_the_ensemble(tmp_path, capsys):
 def _fake_run(folder, method, seconds=(10.0, 12.0), adv=False, init_from=None):
     folder.mkdir(parents=True)
     cfg = TrainConfig.for_method(method, adv=adv, init_from=init_from, depth=8).to_dict()
-    (folder / "checkpoint.json").write_text(json.dumps({"epoch": len(seconds), "config": cfg}))
+    doc = {"format": FORMAT, "epoch": len(seconds), "config": cfg}
+    doc[DOCUMENT_KEY] = document_digest(doc)  # compare trusts only a digested document
+    (folder / "checkpoint.json").write_text(json.dumps(doc))
     (folder / "metrics.json").write_text(json.dumps(
         [{"epoch": i + 1, "seconds": s, "images_per_s": 100.0 / s} for i, s in enumerate(seconds)]))
     return str(folder)

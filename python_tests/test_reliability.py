@@ -1,4 +1,4 @@
-"""Never lose a user's work (issue 10): one test (or group) per defect, numbered as in the issue.
+"""Never lose a user's work: one test (or group) per defect, numbered as in the issue.
 
 1 run-folder ownership, 2 the run lock (a real second process) and the checkpoint pair,
 3 evaluation outputs checked first and rescued when writing fails, 4 stale temporary files and
@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from cda2_ext import ops, reference
-from cda2_ext.checkpoint import (DIGEST_KEY, FORMAT, checkpoint_files, load_checkpoint,
+from cda2_ext.checkpoint import (ALLOW_UNDIGESTED_ENV, DIGEST_KEY, DOCUMENT_KEY, FORMAT,
+                                 checkpoint_files, document_digest, load_checkpoint,
                                  load_collaboration, save_checkpoint, tensors_digest)
 from cda2_ext.cli import main
 from cda2_ext.cli import eval_clean as cli_eval_clean
@@ -304,13 +305,19 @@ def test_6_one_flipped_bit_in_the_tensors_is_reported(run_copy, capsys):
     _one_line_error(capsys, "damaged")
 
 
-def test_6_a_checkpoint_without_digest_still_loads_with_a_note(run_copy):
+def test_6_a_checkpoint_without_digests_loads_only_when_allowed(run_copy, monkeypatch):
+    # An undigested (old) checkpoint is refused unless the user opts in; then it loads
+    # with a warning.
     from safetensors.torch import save_file
     tensors, meta = load_checkpoint(run_copy)
-    del meta[DIGEST_KEY]
+    del meta[DIGEST_KEY], meta[DOCUMENT_KEY]
     st_path = checkpoint_files(run_copy)[0]
     save_file(tensors, str(st_path), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-    with pytest.warns(UserWarning, match="no tensor digest"):
+    monkeypatch.delenv(ALLOW_UNDIGESTED_ENV, raising=False)
+    with pytest.raises(CheckpointError, match=f"no tensors_sha256.*{ALLOW_UNDIGESTED_ENV}=1"):
+        load_collaboration(run_copy)
+    monkeypatch.setenv(ALLOW_UNDIGESTED_ENV, "1")
+    with pytest.warns(UserWarning, match=f"no {DOCUMENT_KEY}"):
         model, _ = load_collaboration(run_copy)
     assert model.num_models == 2
 
@@ -423,6 +430,7 @@ def _rewrite(run: Path, tensors=None, meta=None, header=None) -> Path:
     if header is None:
         if isinstance(meta, dict):
             meta = {**meta, DIGEST_KEY: tensors_digest(tensors)}
+            meta[DOCUMENT_KEY] = document_digest(meta)
         header = {"format": FORMAT, "meta": json.dumps(meta)}
     save_file(tensors, str(st_path), metadata=header)
     return st_path

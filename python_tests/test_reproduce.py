@@ -59,20 +59,34 @@ def test_table6_numbers_are_the_papers():
     assert paper.TABLE6[14]["gain"] == 0.9
 
 
-def test_depth_plan_is_standard_training_of_single_models_and_collaborations(tmp_path):
+def test_depth_plan_trains_four_arms_per_depth_and_seed(tmp_path):
     steps = plan_experiment("depth", "paper", tmp_path, data="/d", device="cpu")
     trains = [s for s in steps if s.kind == "train"]
-    assert len(trains) == 8 and len(steps) == 16
+    assert len(trains) == 4 * 4 * 3 and len(steps) == 2 * len(trains)
+    assert steps[:len(trains)] == trains  # every train step first: a runner may run them at once
     seen = set()
     for s in trains:
         a = s.argv
-        assert a[a.index("--phases") + 1] == "standard" and a[a.index("--epochs") + 1] == "100"
+        assert a[a.index("--epochs") + 1] == "100" and "--adv" not in a
         assert a[a.index("--data") + 1] == "/d" and a[a.index("--device") + 1] == "cpu"
         assert s.out.parent == tmp_path / "depth-paper"
-        seen.add((a[a.index("--depth") + 1], a[a.index("--num-models") + 1]))
-    assert seen == {(d, m) for d in ("2", "8", "14", "20") for m in ("1", "3")}
-    evals = [s for s in steps if s.kind == "output"]
-    assert all(s.argv[0] == "eval-clean" and s.reads for s in evals)
+        arm = s.out.name.split("_")[1]
+        m = a[a.index("--num-models") + 1]
+        if arm == "control":  # independently trained: each sub-model on its own cross-entropy
+            assert a[a.index("--method") + 1] == "ensemble" and m == "3"
+        else:
+            assert a[a.index("--phases") + 1] == "standard" and m == ("1" if arm == "single" else "3")
+        assert ("--weights" in a) is (arm == "authors")
+        if arm == "authors":
+            assert " ".join(a).count("--weights detector --ppd-grad trunk --ppd-loss soe "
+                                     "--select-score soe") == 1
+        seen.add((a[a.index("--depth") + 1], arm, a[a.index("--seed") + 1]))
+    assert seen == {(d, arm, seed) for d in ("2", "8", "14", "20")
+                    for arm in ("single", "paper", "authors", "control") for seed in "012"}
+    scores = {s.out.name.split("_")[1]: s.argv[s.argv.index("--score") + 1]
+              for s in steps if s.kind == "output"}
+    assert scores == {"single": "ppd", "paper": "ppd", "authors": "soe", "control": "maxprob"}
+    assert all(s.argv[0] == "eval-clean" and s.reads for s in steps if s.kind == "output")
 
 
 def test_time_plan_trains_each_method_as_table_4_does(tmp_path):
@@ -162,7 +176,10 @@ def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_pa
     printed = capsys.readouterr().out
     assert "| ensemble |" in printed and "| collaboration |" in printed
     rec = json.loads((results / "reproduce_xor_small.json").read_text())
-    assert rec["commands"] == [s.command for s in plan_experiment("xor", "small", out)]
+    # the record names no local folder: --out is written as $OUT
+    assert rec["commands"] == [s.command.replace(str(out), "$OUT")
+                               for s in plan_experiment("xor", "small", out)]
+    assert str(tmp_path) not in json.dumps(rec["commands"]) + json.dumps(rec["steps"])
     assert [s["status"] for s in rec["steps"]] == ["ran", "ran"]
     assert rec["params"] == {"seeds": [0, 1]} and rec["budget"] == "small"
     ens, col = rec["rows"]
@@ -177,19 +194,33 @@ def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_pa
     assert rec2["rows"] == rec["rows"]
 
 
-def test_reproduce_depth_tabulates_paper_beside_measured(tmp_path, monkeypatch, cifar_dir):
-    _with_budget(monkeypatch, "depth", depths=(2,), epochs=1, train_limit=64, test_limit=50)
+@pytest.mark.slow
+def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, monkeypatch,
+                                                                      cifar_dir):
+    _with_budget(monkeypatch, "depth", depths=(2,), epochs=1, train_limit=64, test_limit=50,
+                 seeds=(0, 1))
     rec = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
-                         log=lambda s: None)
-    assert rec["columns"][:7] == ["depth", "paper single %", "paper collab. %", "paper gain",
-                                  "single %", "collab. %", "gain"]
-    (row,) = rec["rows"]
-    assert row[:4] == [2, 65.0, 67.0, 2.0]
-    assert all(0 <= v <= 100 for v in row[4:6]) and row[6] == pytest.approx(row[5] - row[4])
-    assert rec["measured"]["2"]["single"]["n"] == 50
-    assert rec["figure"] is None  # Table 6 has no figure
-    trains = [c for c in rec["commands"] if c.startswith("cda2 train")]
-    assert len(trains) == 2 and all("--train-limit 64" in c for c in trains)
+                         log=lambda s: None, jobs=2)
+    assert rec["columns"] == ["depth", "arm", "answer %", "± images", "± seeds", "ensemble %",
+                              "best sub-model %", "oracle %", "gain vs single", "paper gain",
+                              "verdict"]
+    rows = {r[1]: r for r in rec["rows"]}
+    assert len(rows) == 4 and all(r[0] == 2 for r in rows.values())
+    single, paper_arm = rows["one model"], rows["CDA², paper (Eq. 7, sigma 1)"]
+    for r in rows.values():
+        p = r[2] / 100
+        assert r[3] == pytest.approx(100 * (p * (1 - p) / 50) ** 0.5)  # over the 50 test images
+        assert r[4] is not None  # two seeds: a standard error over seeds
+    assert single[5:9] == [None, None, None, None]  # one model has no ensemble or oracle
+    assert paper_arm[8] == pytest.approx(paper_arm[2] - single[2]) and paper_arm[9] == 2.0
+    assert paper_arm[10] in ("confirms", "contradicts", "inconclusive")
+    assert rec["notes"][0].startswith("Verdict per depth and CDA² arm, fixed before the runs")
+    assert {s["status"] for s in rec["steps"]} == {"ran"} and len(rec["steps"]) == 16
+    assert rec["measured"]["2"]["control"][0]["score"] == "maxprob"
+    # a second invocation reuses every run and evaluation
+    rec2 = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
+                          log=lambda s: None, jobs=2)
+    assert {s["status"] for s in rec2["steps"]} == {"reused"} and rec2["rows"] == rec["rows"]
 
 
 # ----- the compared defenses: whitebox (Table 1), transfer (Tables 2, 5), square (Table 3) -------------
@@ -218,19 +249,24 @@ def test_defense_experiments_share_their_training_runs(tmp_path):
 
 
 def test_defense_experiments_at_the_paper_budget_use_the_published_protocol(tmp_path):
-    (ev,) = [s for s in plan_experiment("whitebox", "paper", tmp_path) if s.kind == "output"]
-    cmd = " ".join(ev.argv)
-    assert "--steps 50 --restarts 5" in cmd and "--last-iterate" in cmd
-    assert "--subset dverge" in cmd and "--n-samples 1000" in cmd
-    assert "--eps " + " ".join(f"{e:g}" for e in paper.EPS) in cmd
+    # one evaluation per selection rule: the paper's four by PPD, the authors' CDA² by its detector
+    ev, ev_soe = [s for s in plan_experiment("whitebox", "paper", tmp_path) if s.kind == "output"]
+    for cmd in (" ".join(ev.argv), " ".join(ev_soe.argv)):
+        assert "--steps 50 --restarts 5" in cmd and "--last-iterate" in cmd
+        assert "--subset dverge" in cmd and "--n-samples 1000" in cmd and "--seed 0" in cmd
+        assert "--eps " + " ".join(f"{e:g}" for e in paper.EPS) in cmd
+    assert "--score" not in ev.argv and ev.argv.count("--checkpoint") == 1
+    assert " ".join(ev_soe.argv).startswith(f"eval --checkpoint {tmp_path}/defenses-paper/cda2-authors "
+                                             "--attack")
+    assert ev_soe.argv[ev_soe.argv.index("--score") + 1] == "soe"
     trains = _trains(plan_experiment("whitebox", "paper", tmp_path))
     assert all("--epochs" not in a and "--train-limit" not in a for a in trains.values())
     assert all(a[a.index("--depth") + 1] == "20" for a in trains.values())
     evals = [s for s in plan_experiment("transfer", "paper", tmp_path) if s.kind == "output"]
-    t2, t5 = (e.argv for e in evals)
+    t2, _, t5, _ = (e.argv for e in evals)
     n_surrogates = lambda a: a.index("--transfer-preset") - a.index("--surrogate") - 1  # noqa: E731
     assert "table2" in t2 and n_surrogates(t2) == 1 and "table5" in t5 and n_surrogates(t5) == 3
-    (sq,) = [s for s in plan_experiment("square", "paper", tmp_path) if s.kind == "output"]
+    sq, _ = [s for s in plan_experiment("square", "paper", tmp_path) if s.kind == "output"]
     assert "--queries 5000" in " ".join(sq.argv) and "--square-eps 0.03" in " ".join(sq.argv)
 
 
@@ -243,12 +279,14 @@ def test_whitebox_then_square_reuse_the_runs_and_tabulate_paper_beside_measured(
     kw = dict(data=str(cifar_dir), device="cpu", log=lambda s: None)
     wb = run_experiment("whitebox", "small", tmp_path, **kw)
     assert wb["columns"] == ["method", "paper clean %", "clean %", "paper 0.03 %", "0.03 %"]
-    assert [r[0] for r in wb["rows"]] == ["gal", "dverge", "adp", "cda2"]
+    assert [r[0] for r in wb["rows"]] == ["gal", "dverge", "adp", "cda2", "cda2-authors"]
     for method, p_clean, clean, p_03, got in wb["rows"]:
-        assert p_clean == paper.TABLE1[method]["clean"] and p_03 == paper.TABLE1[method]["0.03"]
+        want = paper.TABLE1.get(method, {})  # the paper has no row for the authors' CDA²
+        assert p_clean == want.get("clean") and p_03 == want.get("0.03")
         assert 0 <= got <= clean <= 100  # PGD never raises accuracy above clean
     sq = run_experiment("square", "small", tmp_path, **kw)
     statuses = [s["status"] for s in sq["steps"]]
-    assert statuses[:5] == ["reused"] * 5 and statuses[5] == "ran"
-    assert [r[1] for r in sq["rows"]] == [paper.TABLE3[m] for m in ("gal", "dverge", "adp", "cda2")]
+    assert statuses[:6] == ["reused"] * 6 and statuses[6:] == ["ran", "ran"]
+    assert [r[1] for r in sq["rows"]] == [paper.TABLE3.get(m) for m in ("gal", "dverge", "adp",
+                                                                         "cda2", "cda2-authors")]
     assert all(0 <= r[3] <= r[2] for r in sq["rows"])

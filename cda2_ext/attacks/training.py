@@ -22,18 +22,22 @@ whole step runs in train mode): batch statistics, and every attack step's forwar
 updates the running statistics. The paper says neither. Random start: on by default (Madry et
 al.'s PGD; the authors' default run starts at the clean image, ``random_start=False``).
 Gradients are taken w.r.t. the input only, so no ``.grad`` is left on parameters.
+
+Opt-in (``CDA2_CUDA_GRAPHS=1``): on a GPU, an attack with BatchNorm in eval mode is replayed from a
+CUDA graph (:mod:`.graphs`) - the same function, recorded once per shape.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..models.collaboration import collaborate
-from ..runtime import FUSED, OpsBackend, eval_mode
+from ..runtime import FUSED, OpsBackend, cuda_graphs, eval_mode
 from .engine import Objective, ce_loss, sign_attack
+from .graphs import graphed
 
 __all__ = ["BN_MODES", "attack_mode", "per_model_ce_objective", "selected_ce_objective",
            "per_model_pgd", "collaboration_pgd"]
@@ -96,6 +100,40 @@ def _start(x_nat: Tensor, eps: float, copies: Optional[int], random_start: bool,
     return x0 if copies else x0.unsqueeze(0)
 
 
+def _per_model_attack(model: nn.Module, eps: float, alpha: float, steps: int, lo: float, hi: float,
+                      backend: OpsBackend, bn: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(x_nat, target, x0 [M, B, ...]) -> x_adv``: the M per-model PGDs from ``x0``."""
+    def attack(x_nat: Tensor, target: Tensor, x0: Tensor) -> Tensor:
+        return sign_attack(per_model_ce_objective(_attacked(model, bn), target), x_nat, target,
+                           eps, alpha, steps, x_init=x0, lo=lo, hi=hi, track_worst=False,
+                           backend=backend).x_adv
+    return attack
+
+
+def _collaboration_attack(model: nn.Module, eps: float, alpha: float, steps: int, lo: float,
+                          hi: float, score: str, backend: OpsBackend, bn: str
+                          ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(x_nat, target, x0 [1, B, ...]) -> x_adv [B, ...]``: PGD on the collaboration's answer."""
+    def attack(x_nat: Tensor, target: Tensor, x0: Tensor) -> Tensor:
+        objective = selected_ce_objective(_attacked(model, bn), target, score, backend)
+        return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,
+                           track_worst=False, backend=backend).x_adv[0]
+    return attack
+
+
+def _run(model: nn.Module, bn: str, make: Callable[..., Callable[[Tensor, Tensor, Tensor], Tensor]],
+         settings: Tuple[Any, ...], x_nat: Tensor, target: Tensor, x0: Tensor) -> Tensor:
+    """``make(model, *settings)(x_nat, target, x0)`` in the attack's mode; replayed from a CUDA graph
+    where :func:`~cda2_ext.runtime.cuda_graphs` allows and BatchNorm is in eval mode (a warm-up or
+    replay in train mode would move the running statistics): :mod:`.graphs`."""
+    with attack_mode(model, bn):
+        if bn == "eval" and cuda_graphs(x_nat.device):
+            attack = graphed(model, (make, *settings), lambda: make(model, *settings))
+        else:
+            attack = make(model, *settings)
+        return attack(x_nat, target, x0)
+
+
 def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
                   steps: int, *, random_start: bool = True, lo: float = 0.0, hi: float = 1.0,
                   generator: Optional[torch.Generator] = None, x_init: Optional[Tensor] = None,
@@ -110,10 +148,8 @@ def per_model_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, a
     x_nat = x_nat.detach()
     x0 = x_init if x_init is not None else _start(x_nat, eps, model.num_models, random_start, lo,
                                                   hi, generator, backend)
-    with attack_mode(model, bn):
-        return sign_attack(per_model_ce_objective(_attacked(model, bn), target), x_nat, target,
-                           eps, alpha, steps,
-                           x_init=x0, lo=lo, hi=hi, track_worst=False, backend=backend).x_adv
+    return _run(model, bn, _per_model_attack, (eps, alpha, steps, lo, hi, backend, bn), x_nat,
+                target, x0)
 
 
 def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: float, alpha: float,
@@ -127,7 +163,5 @@ def collaboration_pgd(model: nn.Module, x_nat: Tensor, target: Tensor, eps: floa
     x_nat = x_nat.detach()
     x0 = (x_init.unsqueeze(0) if x_init is not None
           else _start(x_nat, eps, None, random_start, lo, hi, generator, backend))
-    with attack_mode(model, bn):
-        objective = selected_ce_objective(_attacked(model, bn), target, score, backend)
-        return sign_attack(objective, x_nat, target, eps, alpha, steps, x_init=x0, lo=lo, hi=hi,
-                           track_worst=False, backend=backend).x_adv[0]
+    return _run(model, bn, _collaboration_attack, (eps, alpha, steps, lo, hi, score, backend, bn),
+                x_nat, target, x0)

@@ -236,16 +236,17 @@ class TransferSet:
 
     def save(self, path: PathLike) -> Path:
         """Write one safetensors file; the names, eps and config travel in its metadata."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..checkpoint import atomic_write
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"x_adv": self.x_adv.detach().float().contiguous().cpu(),
                    "labels": self.labels.detach().long().contiguous().cpu()}
         if self.indices is not None:
             tensors["indices"] = self.indices.detach().long().contiguous().cpu()
         meta = {"format": TRANSFER_FORMAT, "names": json.dumps(self.names), "eps": repr(float(self.eps)),
                 "config": json.dumps(self.config, sort_keys=True)}
-        save_file(tensors, str(path), metadata=meta)
+        atomic_write(path, save(tensors, metadata=meta))  # replaced, never written through a link
         return path
 
     @classmethod
@@ -261,13 +262,19 @@ class TransferSet:
             raise ValueError(f"unreadable transfer set {path}: {err}") from None
         if meta.get("format") != TRANSFER_FORMAT:
             raise ValueError(f"{path} is not a {TRANSFER_FORMAT} file (format {meta.get('format')!r})")
-        names = json.loads(meta["names"])
-        x = tensors["x_adv"]
-        if x.shape[0] != len(names) or x.shape[1] != tensors["labels"].shape[0]:
+        try:  # a file of the right format may still be damaged: one line, not a KeyError
+            names, eps = json.loads(meta["names"]), float(meta["eps"])
+            config = json.loads(meta.get("config", "{}"))
+            x, labels = tensors["x_adv"], tensors["labels"]
+            if not (isinstance(names, list) and isinstance(config, dict) and x.dim() >= 2
+                    and labels.dim() == 1):
+                raise ValueError("unexpected names, config or tensor shapes")
+        except (KeyError, TypeError, ValueError, RecursionError) as err:
+            raise ValueError(f"{path} is a damaged transfer set: {err!s:.200}") from None
+        if x.shape[0] != len(names) or x.shape[1] != labels.shape[0]:
             raise ValueError(f"{path}: x_adv {list(x.shape)} does not match {len(names)} names "
-                             f"and {tensors['labels'].shape[0]} labels")
-        return cls(x, tensors["labels"], names, float(meta["eps"]), tensors.get("indices"),
-                   json.loads(meta.get("config", "{}")))
+                             f"and {labels.shape[0]} labels")
+        return cls(x, labels, names, eps, tensors.get("indices"), config)
 
     @staticmethod
     def concat(parts: Sequence["TransferSet"]) -> "TransferSet":

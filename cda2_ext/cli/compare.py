@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..checkpoint import checkpoint_files
-from ..errors import CheckpointError, CLIError
+from ..checkpoint import atomic_write, checkpoint_files, read_document
+from ..errors import CheckpointError, CLIError, one_line, os_reason
 from ..evaluation.rows import ADAPTIVE_WORST, WORST
 from ..run_dir import check_output, save_or_rescue
+from ..training.config import TrainConfig
 
 __all__ = ["register", "run", "RunSummary", "summarize_run", "find_robustness", "GROUPS",
            "format_table", "to_csv", "plot"]
@@ -103,27 +105,32 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found ({what})") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({what}): {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {os_reason(err)} ({what})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nested thousands deep
+        raise CheckpointError(f"{path} is unreadable ({what}): {one_line(err)}") from None
 
 
 def _training_time(folder: Path) -> Tuple[float, float]:
     """``(seconds, images/s)`` summed over ``metrics.json``'s epochs."""
-    history = _read_json(folder / "metrics.json", "the run's per-epoch metrics")
+    path = folder / "metrics.json"
+    history = _read_json(path, "the run's per-epoch metrics")
     if not isinstance(history, list) or not history:
-        raise CheckpointError(f"{folder / 'metrics.json'} holds no finished epoch")
-    seconds = sum(float(h.get("seconds", 0.0)) for h in history)
-    images = sum(float(h.get("images_per_s", 0.0)) * float(h.get("seconds", 0.0)) for h in history)
+        raise CheckpointError(f"{path} holds no finished epoch")
+    try:
+        seconds = sum(float(h.get("seconds", 0.0)) for h in history)
+        images = sum(float(h.get("images_per_s", 0.0)) * float(h.get("seconds", 0.0)) for h in history)
+    except (AttributeError, TypeError, ValueError) as err:  # not what cda2 train writes
+        raise CheckpointError(f"{path} is not a cda2 run's metrics ({one_line(err)})") from None
     return seconds, images / max(seconds, 1e-9)
 
 
 def summarize_run(run: str) -> RunSummary:
-    """A run folder's method, options and training cost (no robustness yet)."""
+    """A run folder's method, options and training cost (no robustness yet); the run's options
+    come from its checkpoint document, digest-checked and validated like the command line's."""
     folder = checkpoint_files(run)[0].parent
-    meta = _read_json(checkpoint_files(run)[1], "the run's checkpoint metadata")
-    cfg = meta.get("config") if isinstance(meta, dict) else None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{checkpoint_files(run)[1]} has no training config")
+    doc = read_document(run)
+    cfg = TrainConfig.from_meta(doc, checkpoint_files(run)[1]).to_dict()
     seconds, speed = _training_time(folder)
     method = cfg.get("method", "cda2") + ("+adv" if cfg.get("adv") else "")
     s = RunSummary(str(run), method, {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg}, seconds, speed)
@@ -144,31 +151,43 @@ def find_robustness(summary: RunSummary, sources: Sequence[Path]) -> None:
     whose ``config.checkpoints`` names this run (compared as resolved paths)."""
     for src in sources:
         doc = _read_json(src, "written by cda2 eval --out")
-        checkpoints = (doc.get("config") or {}).get("checkpoints") or {}
-        for name, path in checkpoints.items():
-            if not _same_run(path, Path(summary.run)):
-                continue
-            summary.source = str(src)
-            summary.clean = (doc.get("clean") or {}).get(name)
-            summary.rows = (doc.get("robust_accuracy") or {}).get(name, {})
-            for label, by_eps in summary.rows.items():
-                group = _group(label)
-                if group is not None:
-                    summary.groups.setdefault(group, {}).update(
-                        {float(e): float(v) for e, v in by_eps.items()})
-            targets = (doc.get("config") or {}).get("targets") or {}
-            selection_rows = [lab for lab in summary.rows if lab.startswith("adaptive: ")
-                              and not lab.startswith("adaptive: apgd-ce") and
-                              not lab.startswith("adaptive: apgd-dlr")]
-            if not summary.has_selection and (targets.get(name) == "collaboration" or
-                                              (not targets and selection_rows)):
-                summary.notes.append(
-                    f"{summary.method} has no selection, but {src} evaluated it through Algorithm 2 "
-                    "(its untrained PPD heads pick the answering sub-model): these rows are not the "
-                    "ensemble's; evaluate it as an ensemble (mean probability)")
-            return
+        try:
+            if _take_rows(summary, src, doc):
+                return
+        except (AttributeError, TypeError, ValueError, OSError) as err:  # not what cda2 eval writes
+            raise CheckpointError(f"{src} is not a robustness.json of cda2 eval "
+                                  f"({one_line(err)})") from None
     summary.notes.append("no robustness.json among the given ones evaluates this run "
                          "(cda2 eval --checkpoint RUN --out DIR, then --eval DIR)")
+
+
+def _take_rows(summary: RunSummary, src: Path, doc: Any) -> bool:
+    """Fill ``summary`` from one robustness.json document if it evaluates this run."""
+    checkpoints = (doc.get("config") or {}).get("checkpoints") or {}
+    for name, path in checkpoints.items():
+        if not _same_run(path, Path(summary.run)):
+            continue
+        summary.source = str(src)
+        clean = (doc.get("clean") or {}).get(name)
+        summary.clean = None if clean is None else float(clean)
+        summary.rows = (doc.get("robust_accuracy") or {}).get(name, {})
+        for label, by_eps in summary.rows.items():
+            group = _group(label)
+            if group is not None:
+                summary.groups.setdefault(group, {}).update(
+                    {float(e): float(v) for e, v in by_eps.items()})
+        targets = (doc.get("config") or {}).get("targets") or {}
+        selection_rows = [lab for lab in summary.rows if lab.startswith("adaptive: ")
+                          and not lab.startswith("adaptive: apgd-ce") and
+                          not lab.startswith("adaptive: apgd-dlr")]
+        if not summary.has_selection and (targets.get(name) == "collaboration" or
+                                          (not targets and selection_rows)):
+            summary.notes.append(
+                f"{summary.method} has no selection, but {src} evaluated it through Algorithm 2 "
+                "(its untrained PPD heads pick the answering sub-model): these rows are not the "
+                "ensemble's; evaluate it as an ensemble (mean probability)")
+        return True
+    return False
 
 
 def _eps_columns(summaries: Sequence[RunSummary]) -> Dict[str, List[float]]:
@@ -217,18 +236,19 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
 def to_csv(summaries: Sequence[RunSummary], path: Path) -> Path:
     """One row per run; accuracy columns ``{group}@{eps}`` in %, empty where not evaluated."""
     cols = _eps_columns(summaries)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "run", "clean"] + [f"{g}@{e:g}" for g, es in cols.items() for e in es]
-                   + ["train_seconds", "init_seconds", "images_per_s"])
-        for s in summaries:
-            acc = [s.groups.get(g, {}).get(e) if (g != "adaptive" or s.has_selection) else None
-                   for g, es in cols.items() for e in es]
-            w.writerow([s.method, s.run, "" if s.clean is None else f"{100 * s.clean:.2f}"]
-                       + ["" if a is None else f"{100 * a:.2f}" for a in acc]
-                       + [f"{s.train_seconds:.2f}",
-                          "" if s.init_seconds is None else f"{s.init_seconds:.2f}",
-                          f"{s.images_per_s:.2f}"])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["method", "run", "clean"] + [f"{g}@{e:g}" for g, es in cols.items() for e in es]
+               + ["train_seconds", "init_seconds", "images_per_s"])
+    for s in summaries:
+        acc = [s.groups.get(g, {}).get(e) if (g != "adaptive" or s.has_selection) else None
+               for g, es in cols.items() for e in es]
+        w.writerow([s.method, s.run, "" if s.clean is None else f"{100 * s.clean:.2f}"]
+                   + ["" if a is None else f"{100 * a:.2f}" for a in acc]
+                   + [f"{s.train_seconds:.2f}",
+                      "" if s.init_seconds is None else f"{s.init_seconds:.2f}",
+                      f"{s.images_per_s:.2f}"])
+    atomic_write(path, buf.getvalue().encode())  # replaced, never written through a link
     return path
 
 
@@ -324,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     json_file, csv_file, png_file = (out / name for name in COMPARE_FILES)
 
     def write() -> List[Path]:
-        json_file.write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write(json_file, (json.dumps(doc, indent=2) + "\n").encode())
         return [json_file, to_csv(summaries, csv_file), plot(summaries, png_file)]
 
     paths = save_or_rescue(write, json.dumps(doc, indent=2), option="--out")

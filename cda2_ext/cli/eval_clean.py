@@ -7,9 +7,11 @@ import json
 import time
 from typing import Any, Dict
 
+from .. import limits
 from ..checkpoint import atomic_write, load_collaboration
 from ..data import load_images
 from ..errors import CLIError
+from ..models.collaboration import SCORES
 from ..evaluation.clean import evaluate_clean
 from ..run_dir import check_output, save_or_rescue
 from ..runtime import resolve_device
@@ -27,12 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="run folder or checkpoint .safetensors/.json file")
     p.add_argument("--data", dest="data_dir", default=None,
-                   help="CIFAR-10 folder (default: the one the run was trained on, then $CDA2_DATA)")
+                   help="CIFAR-10 folder, image folder or zip (default: the one the run was "
+                   "trained on, else $CDA2_DATA, ./data, ~/.cache/cda2_ext/data)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which split")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--score", default="ppd", choices=("ppd", "soe"),
-                   help="Algorithm 2's selection score: PPD (paper) or max-prob x sigmoid(PPD) (SoE)")
+    p.add_argument("--score", default="ppd", choices=SCORES,
+                   help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
+                   "authors' code), or maxprob: the most confident sub-model (no PPD)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
     p.add_argument("--out", default=None, help="also write the JSON to this file (checked before "
@@ -46,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("limit", args.limit), ("batch-size", args.batch_size)):
         if v is not None and v < 1:
             raise CLIError(f"{flag}: must be >= 1, got {v}")
+        limits.count(flag, v, 1, limits.ITEMS, optional=True)
     out_path = check_output(args.out, option="--out", force=args.force) if args.out else None
     device = resolve_device(args.device)
     model, meta = load_collaboration(args.checkpoint, device, fused=not args.unfused)

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .. import _checks
+from .. import _checks, limits
 from ..attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig
 from ..attacks.transfer import TransferConfig, TransferSet
 from ..attacks.whitebox import EnsembleLogits, PGDConfig
 from ..checkpoint import load_collaboration
 from ..data import load_images
 from ..errors import CLIError
+from ..models.collaboration import SCORES
 from ..evaluation import (ATTACK_GROUPS, DEFAULT_ATTACKS, DEFAULT_EPS, EvalConfig,
                           evaluate_robustness)
 from ..run_dir import check_output, save_or_rescue
@@ -110,13 +111,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="radii at which Square runs (Table 3: 0.03)")
     p.add_argument("--sanity-eps", type=float, default=0.3,
                    help="large radius where PGD must reach ~0%% accuracy (0: skip the check)")
-    p.add_argument("--score", default="ppd", choices=("ppd", "soe"),
-                   help="Algorithm 2's selection score: PPD (paper) or max-prob x sigmoid(PPD) (SoE)")
+    p.add_argument("--score", default="ppd", choices=SCORES,
+                   help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
+                   "authors' code), or maxprob: the most confident sub-model (no PPD)")
     p.add_argument("--data", dest="data_dir", default=None,
-                   help="CIFAR-10 folder (default: the one the run was trained on, then $CDA2_DATA)")
+                   help="CIFAR-10 folder, image folder or zip (default: the one the run was "
+                   "trained on, else $CDA2_DATA, ./data, ~/.cache/cda2_ext/data)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    # SUPPRESS: the help formatter would print "(default: True)" beside a switch that turns off
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   default=argparse.SUPPRESS, help="no progress bars")
     p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png (checked "
                    "before the evaluation starts; earlier results there are kept unless --force)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
@@ -144,19 +149,25 @@ def run(args: argparse.Namespace) -> int:
         decision_targets = None if args.decision_targets == "all" else int(args.decision_targets)
     except ValueError:
         decision_targets = 0
-    if decision_targets is not None and decision_targets < 1:
-        raise CLIError(f"decision-targets: expected a number >= 1 or all, got {args.decision_targets!r}")
+    if decision_targets is not None and not 1 <= decision_targets <= limits.CLASSES:
+        raise CLIError(f"decision-targets: expected a number in [1, {limits.CLASSES}] or all, got "
+                       f"{args.decision_targets!r}")
     bpda = [] if args.bpda_temperature is None else [args.bpda_temperature]
     for flag, values in (("temperature-fractions", args.temperature_fractions),
                          ("temperatures", args.temperatures), ("bpda-temperature", bpda)):
         if any(not (math.isfinite(v) and v > 0) for v in values):
             raise CLIError(f"{flag}: every value must be a finite number > 0, got {values}")
-    for flag, v, lo in (("n-samples", args.n_samples, 1), ("batch-size", args.batch_size, 1),
-                        ("steps", args.steps, 0), ("restarts", args.restarts, 1),
-                        ("adaptive-restarts", args.adaptive_restarts, 1), ("apgd-steps", args.apgd_steps, 0),
-                        ("transfer-steps", args.transfer_steps, 0), ("queries", args.queries, 1)):
+    for flag, v, lo, hi in (("n-samples", args.n_samples, 1, limits.ITEMS),
+                            ("batch-size", args.batch_size, 1, limits.ITEMS),
+                            ("steps", args.steps, 0, limits.ITERATIONS),
+                            ("restarts", args.restarts, 1, limits.ITERATIONS),
+                            ("adaptive-restarts", args.adaptive_restarts, 1, limits.ITERATIONS),
+                            ("apgd-steps", args.apgd_steps, 0, limits.ITERATIONS),
+                            ("transfer-steps", args.transfer_steps, 0, limits.ITERATIONS),
+                            ("queries", args.queries, 1, limits.ITERATIONS)):
         if v < lo:
             raise CLIError(f"{flag}: must be >= {lo}, got {v}")
+        limits.count(flag, v, lo, hi)
     if not 0 <= args.sanity_eps <= 1:
         raise CLIError(f"sanity-eps: must be in [0, 1], got {args.sanity_eps}")
     try:
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             square_queries=args.queries, square_eps=tuple(args.square_eps),
             sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
             subset=args.subset,
-            progress=args.progress).validate()
+            progress=getattr(args, "progress", True)).validate()
     except ValueError as err:
         raise CLIError(str(err)) from None
 

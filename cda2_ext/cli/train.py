@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+from typing import List, Optional, Tuple
 
 from ..checkpoint import checkpoint_files, load_checkpoint
-from ..data import download_cifar10
-from ..errors import CLIError
+from ..data import ensure_cifar10
+from ..errors import CLIError, LostPeerError
 from ..run_dir import check_run_folder
 from ..runtime import resolve_device
 from ..training.config import AMP, NONFINITE, OPTIMIZERS, TrainConfig
@@ -25,7 +28,12 @@ _TRAIN_OPTIONS = [
     ("--depth", "depth", int, "ResNet depth: 2 (Table 6) or 6n+2 (8, 14, 20, ...)"),
     ("--ppd-input", "ppd_input", str, "PPD head input (detached): features | logits"),
     ("--phases", "phases", str, "adversarial (paper's implementation) | natural | both | standard"),
+    ("--weights", "weights", str, "how each sample is shared among the sub-models: softmin "
+     "(Eq. 7, the paper) | detector (the authors' latest code: softmax of --temp-c x max-prob x "
+     "sigmoid(PPD), detached, weighting each sub-model's CE)"),
     ("--sigma", "sigma", float, "soft-min temperature of the surrogate (Eq. 7), > 0"),
+    ("--temp-c", "temp_c", float, "--weights detector: temperature of the weights' softmax"),
+    ("--temp-true", "temp_true", float, "temperature of p_y, the PPD BCE's target"),
     ("--bce-weight", "bce_weight", float, "weight of the PPD-head BCE"),
     ("--select-score", "select_score", str, "sub-model selection in the adversarial phase: ppd | soe"),
     ("--eps", "eps", float, "L-inf radius of the training PGD (images in [0, 1])"),
@@ -49,7 +57,10 @@ _TRAIN_OPTIONS = [
     ("--schedule", "schedule", str, "multistep (x gamma at 50%%/75%% of epochs) | cosine | constant"),
     ("--gamma", "gamma", float, "multistep decay factor"),
     ("--dataset", "dataset", str, "cifar10 | synthetic"),
-    ("--data", "data_dir", str, "CIFAR-10 folder (default: $CDA2_DATA, then ../shared/data)"),
+    ("--data", "data_dir", str, "CIFAR-10: a cifar-10-batches-py folder (or the folder holding "
+     "it), an image folder (train/<class>/, test/<class>/) or a zip of one, e.g. cifar-10-jpeg.zip "
+     "(decoded once into ~/.cache/cda2_ext; unset: $CDA2_DATA, else ./data if it exists, then "
+     "~/.cache/cda2_ext/data)"),
     ("--train-limit", "train_limit", int, "use only the first N training images"),
     ("--test-limit", "test_limit", int, "evaluate on the first N test images"),
     ("--out-dir", "out_dir", str, "run folder (new, empty, or an earlier run's): "
@@ -121,7 +132,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="start over in --out-dir even if it holds an earlier run (its checkpoint "
                        "and metrics are deleted) or other files (left alone)")
     p.add_argument("--download", action="store_true",
-                   help="download CIFAR-10 into --data (or ./data) first if missing (MD5-checked)")
+                   help="download CIFAR-10 into --data first if missing (MD5-checked; unset: "
+                   "into $CDA2_DATA, else ./data if it exists, else ~/.cache/cda2_ext/data)")
     p.set_defaults(func=run)
 
 
@@ -151,22 +163,24 @@ def run(args: argparse.Namespace) -> int:
     # --device or --out-dir fails before anything is created or loaded.
     resolve_device(cfg.device)
     dist = from_environment()
-    if dist.is_main:
-        check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
-    if args.download and cfg.dataset == "cifar10":
-        folder = resolve_download(cfg.data_dir or "data", dist)
-        cfg = cfg.replace(data_dir=str(folder))
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, dist=dist)
-    history = trainer.fit(resume=args.resume, force=args.force)
-    # Every rank leaves the job together and destroys the process group before Python shuts
-    # down; a group left to the interpreter's exit can abort a finished run with SIGABRT (see
-    # DistContext.close). Not on an error: a failed rank never reaches close()'s barrier, and
-    # torchrun ends the others.
-    trainer.close()
+    try:
+        trainer, trained = _train(cfg, args, dist)
+    except RuntimeError as err:  # a peer process ended: one line on every rank, not a traceback
+        lost = dist.lost_peer(err)
+        if lost is None:
+            raise
+        dist.abandon()
+        raise LostPeerError(f"{lost}; the checkpoint of the last finished epoch in {cfg.out_dir} "
+                            "is kept: run the same torchrun command with --resume to continue") from None
+    history = trainer.history
     final = history[-1] if history else {}
     if not dist.is_main:
         return 0
+    if args.resume and not trained:
+        print(f"cda2: nothing to train: the run in {cfg.out_dir} has finished {trainer.epoch} "
+              f"epoch(s), --epochs is {cfg.epochs}; pass a larger --epochs to continue it",
+              file=sys.stderr)
     print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch,
                       "seconds": round(time.perf_counter() - t0, 2),
                       "final": {k: final.get(k) for k in ("loss", "clean_acc", "adv_acc", "assign_hist",
@@ -174,9 +188,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_download(folder: str, dist: DistContext):
-    """Rank 0 downloads (if missing); the others wait and then use the same folder."""
+def _train(cfg: TrainConfig, args: argparse.Namespace, dist: DistContext) -> Tuple[Trainer, bool]:
+    """Check the folder (rank 0), download if asked, train; returns the trainer and whether any
+    epoch was trained in this call (a resumed run may already be past ``--epochs``)."""
     if dist.is_main:
-        path = download_cifar10(folder)
+        check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
+    if args.download and cfg.dataset == "cifar10":
+        folder = resolve_download(cfg.data_dir, dist)
+        cfg = cfg.replace(data_dir=str(folder))
+    trainer = Trainer(cfg, dist=dist)
+    started: List[int] = []  # the first step of any epoch trained here
+    trainer.fit(lambda step, losses: started.append(step) if step == 0 else None,
+                resume=args.resume, force=args.force)
+    # Every rank leaves the job together and destroys the process group before Python shuts
+    # down; a group left to the interpreter's exit can abort a finished run with SIGABRT (see
+    # DistContext.close). Not on an error: a failed rank never reaches close()'s barrier, and
+    # torchrun ends the others.
+    trainer.close()
+    return trainer, bool(started)
+
+
+def resolve_download(folder: Optional[str], dist: DistContext) -> Path:
+    """Rank 0 downloads (if missing) into ``folder`` (``None``: the default data folder); the
+    others wait and then use the same data."""
+    if dist.is_main:
+        path = ensure_cifar10(folder)
     dist.barrier()
-    return path if dist.is_main else download_cifar10(folder)
+    return path if dist.is_main else ensure_cifar10(folder)

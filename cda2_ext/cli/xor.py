@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from .. import _checks, limits
 from ..errors import CLIError
+from ..plotting import figure_format
 from ..run_dir import check_output
 from ..xor import XorConfig, run_xor
 
@@ -34,14 +37,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cda2 xor``: train both models, print the accuracies, draw Figure 4."""
-    if not args.sigma > 0:
-        raise CLIError(f"sigma: the soft-min temperature must be > 0, got {args.sigma}")
-    if args.n_train < 4 or args.n_test < 4 or args.steps < 0:
-        raise CLIError("n-train and n-test must be >= 4 and steps >= 0")
+    if not (math.isfinite(args.sigma) and args.sigma > 0):
+        raise CLIError(f"sigma: the soft-min temperature must be finite and > 0, got {args.sigma}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"lr: must be finite and > 0, got {args.lr}")
+    for flag, v, lo, hi in (("n-train", args.n_train, 4, limits.ITEMS // 100),
+                            ("n-test", args.n_test, 4, limits.ITEMS // 100),
+                            ("steps", args.steps, 0, limits.ITERATIONS)):
+        limits.count(flag, v, lo, hi)
+    try:
+        _checks.seed(args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     cfg = XorConfig(n_train=args.n_train, n_test=args.n_test, steps=args.steps, lr=args.lr,
                     sigma=args.sigma, seed=args.seed, unfused=args.unfused)
     # Refuse to overwrite a user's files before any work starts (nothing is lost, nothing wasted).
     figure = check_output(args.figure, option="--figure", force=args.force) if args.figure else None
+    if figure is not None:
+        figure_format(figure, "--figure")
     json_path = check_output(args.json, option="--json", force=args.force) if args.json else None
     res = run_xor(cfg, figure=figure, json_path=json_path)
     print(f"XOR test accuracy: collaboration {100 * res.collaboration_acc:.1f}%  "

@@ -12,9 +12,18 @@ from torch import Tensor
 from ..attacks.adaptive import AdaptiveConfig
 from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
-from .families import ATTACK_GROUPS, DEFAULT_ATTACKS
+from .rows import ADAPTIVE, AUTOATTACK, PGD, SQUARE, TRANSFER
 
 __all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
+
+#: The ``--attack`` groups, in the order they run: the names of
+#: :data:`~cda2_ext.evaluation.families.FAMILIES` (checked there when it is imported). They live
+#: here, not in the registry, so that config does not import it (imports go one way:
+#: families -> context -> config -> rows).
+ATTACK_GROUPS: Tuple[str, ...] = (PGD, ADAPTIVE, TRANSFER, SQUARE, AUTOATTACK)
+#: What ``--attack all`` (and the default configuration) runs: every group but AutoAttack, an
+#: optional extra that costs as much again and is run when named (``--attack all autoattack``).
+DEFAULT_ATTACKS: Tuple[str, ...] = tuple(g for g in ATTACK_GROUPS if g != AUTOATTACK)
 
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
 #: How the evaluated test images are drawn (:func:`select_subset`).

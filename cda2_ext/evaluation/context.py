@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
                     TypeVar)
 
 import torch
@@ -22,10 +22,8 @@ from ..attacks.engine import derive_generator
 from ..attacks.transfer import TransferSet
 from ..attacks.whitebox import ModelFn
 from ..runtime import FUSED, OpsBackend
+from .config import EvalConfig
 from .rows import Row
-
-if TYPE_CHECKING:  # config imports the registry, which imports this module
-    from .config import EvalConfig
 
 __all__ = ["Progress", "Flags", "EvalContext", "Outcome", "Runner", "AttackFamily", "Probe",
            "is_collaboration"]

@@ -24,6 +24,7 @@ from ..attacks.transfer import (TransferSet, all_variants_correct, generate_tran
                                 transfer_correct)
 from ..attacks.whitebox import PGDConfig, pgd_attack
 from .autoattack import autoattack_units, prepare_autoattack, run_autoattack
+from .config import ATTACK_GROUPS, DEFAULT_ATTACKS
 from .context import AttackFamily, EvalContext, Outcome, Probe, is_collaboration
 from .rows import (ADAPTIVE, ADAPTIVE_WORST, AUTOATTACK, BUDGET, BUDGET_CHECK, PGD, SQUARE, TRANSFER,
                    Role, Row, adaptive_row, pgd_row, square_row, transfer_row, worst_case)
@@ -267,8 +268,8 @@ PROBES: Tuple[Probe, ...] = (
           units=lambda ctx: len(ctx.targets) * len(ctx.cfg.eps)),
 )
 
-#: The ``--attack`` groups: the names of :data:`FAMILIES`.
-ATTACK_GROUPS: Tuple[str, ...] = tuple(f.name for f in FAMILIES)
-#: What ``--attack all`` (and the default configuration) runs: every group but AutoAttack, an
-#: optional extra that costs as much again and is run when named (``--attack all autoattack``).
-DEFAULT_ATTACKS: Tuple[str, ...] = tuple(g for g in ATTACK_GROUPS if g != AUTOATTACK)
+# The ``--attack`` groups (:data:`~cda2_ext.evaluation.config.ATTACK_GROUPS`, re-exported here
+# with DEFAULT_ATTACKS) are the names of FAMILIES, in order: one contract, checked on import.
+if tuple(f.name for f in FAMILIES) != ATTACK_GROUPS:  # pragma: no cover - a registry edit
+    raise RuntimeError(f"FAMILIES {tuple(f.name for f in FAMILIES)} and config.ATTACK_GROUPS "
+                       f"{ATTACK_GROUPS} disagree: add the family's name to both")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
+from ..checkpoint import atomic_write
 from .rows import WORST, Row
 
 __all__ = ["EvalReport"]
@@ -78,13 +80,14 @@ class EvalReport:
         """The table as CSV (accuracies in %, two decimals; empty where a row has no radius)."""
         cols = self.eps_columns()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["model", "attack", "clean"] + [f"{e:g}" for e in cols])
-            for m, a, c, r in self.rows():
-                w.writerow([m, a, "" if c is None else f"{100 * c:.2f}"]
-                           + ["" if e not in r else f"{100 * r[e]:.2f}" for e in cols])
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["model", "attack", "clean"] + [f"{e:g}" for e in cols])
+        for m, a, c, r in self.rows():
+            w.writerow([m, a, "" if c is None else f"{100 * c:.2f}"]
+                       + ["" if e not in r else f"{100 * r[e]:.2f}" for e in cols])
+        # replaced, never written through: a link planted at `path` cannot redirect the write
+        atomic_write(path, buf.getvalue().encode())
         return path
 
     def to_dict(self) -> Dict[str, Any]:
@@ -101,8 +104,7 @@ class EvalReport:
     def to_json(self, path: Union[str, Path]) -> Path:
         """Write :meth:`to_dict` as indented JSON; returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         return path
 
     def plot(self, path: Union[str, Path]) -> Path:

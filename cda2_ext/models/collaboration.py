@@ -16,12 +16,14 @@ either as packed grouped layers or as a loop over sub-models (``layout``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import limits
 from .._records import from_record
 from ..runtime import FUSED, OpsBackend, ops_backend
 from .fast import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 ARCHS = ("resnet", "linear")
-SCORES = ("ppd", "soe")
+SCORES = ("ppd", "soe", "maxprob")
 
 
 @dataclass
@@ -70,15 +72,29 @@ class CollaborationConfig:
     layout: str = "auto"
 
     def validate(self) -> "CollaborationConfig":
-        """Raise ``ValueError`` with a one-line message for an unusable configuration."""
-        if not isinstance(self.num_models, int) or self.num_models < 1:
-            raise ValueError(f"num_models: must be an integer >= 1, got {self.num_models!r}")
+        """Raise ``ValueError`` with a one-line message for an unusable configuration.
+
+        Counts are bounded (:mod:`cda2_ext.limits`): a config read back from a checkpoint may
+        hold anything, and ``num_classes = 10**12`` would otherwise be an allocation of terabytes.
+        """
+        limits.count("num_models", self.num_models, 1, limits.MODELS)
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        limits.count("depth", self.depth, 2, limits.DEPTH)
         if self.arch == "resnet" and not valid_depth(self.depth):
             raise ValueError(f"depth: expected 2 or 6n+2 (8, 14, 20, 32, ...), got {self.depth}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes: must be >= 2, got {self.num_classes}")
+        limits.count("num_classes", self.num_classes, 2, limits.CLASSES)
+        limits.count("in_channels", self.in_channels, 1, limits.CHANNELS)
+        for name in ("detach_ppd", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        for name in ("mean", "std") if self.normalize else ():
+            v = getattr(self, name)
+            if not (isinstance(v, tuple) and len(v) == self.in_channels and all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                    and (name == "mean" or c > 0) for c in v)):
+                raise ValueError(f"{name}: expected {self.in_channels} finite numbers (one per "
+                                 f"input channel{', > 0' if name == 'std' else ''}), got {v!r}")
         if self.ppd_input not in PPD_INPUTS:
             raise ValueError(f"ppd_input: expected one of {PPD_INPUTS}, got {self.ppd_input!r}")
         if self.layout not in LAYOUTS:
@@ -117,11 +133,15 @@ def selection_score(logits: Tensor, ppd_logit: Tensor, score: str = "ppd") -> Te
 
     ``"ppd"``: the PPD logit itself (the paper; sigmoid is monotone so the argmax is the same).
     ``"soe"``: ``max_k softmax(logits)_k * sigmoid(ppd_logit)`` (Synergy-of-Experts code).
+    ``"maxprob"``: ``max_k softmax(logits)_k``, the most confident sub-model answers (no PPD
+    head: the rule for M independently trained models, the control of ``cda2 reproduce depth``).
     """
     if score == "ppd":
         return ppd_logit
     if score == "soe":
         return torch.softmax(logits.float(), dim=-1).amax(-1) * torch.sigmoid(ppd_logit.float())
+    if score == "maxprob":
+        return torch.softmax(logits.float(), dim=-1).amax(-1)
     raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
 
 

@@ -29,22 +29,28 @@ gradient w.r.t. the **input** of the model in **eval mode** while the weights st
 * the forward saves only the ReLU outputs (each is the next convolution's input and its own mask)
   and no graph, and runs its ReLUs and residual adds in place;
 * the backward is written out (data gradients of the convolutions, ReLU masks, average pooling)
-  and skips, per sub-model, every sample whose incoming gradient is exactly zero. The collaboration
-  loss of Algorithm 1's adversarial phase back-propagates only through the sub-model the PPD heads
-  select for each sample (``collaborative_select`` gives the others an exact zero), so the backward
-  costs one sub-model's worth of work instead of M; the other rows would contribute exact zeros.
+  and, on a CPU, skips, per sub-model, every sample whose incoming gradient is exactly zero. The
+  collaboration loss of Algorithm 1's adversarial phase back-propagates only through the sub-model
+  the PPD heads select for each sample (``collaborative_select`` gives the others an exact zero),
+  so the backward costs one sub-model's worth of work instead of M; the other rows would
+  contribute exact zeros. Which rows those are is known only from the data, so on a GPU (where
+  :func:`~cda2_ext.runtime.sync_free` holds) every row is computed: the shapes stay static and the
+  host never waits for the device (nor would a CUDA graph), for the same result.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-if TYPE_CHECKING:  # pragma: no cover - imported for annotations only (resnet imports this module)
-    from .resnet import PackedResNetTrunk
+from ..runtime import sync_free
+from .packed import PackedConv2d
+
+# resnet imports this module, so it does not import resnet back (not even for annotations): the
+# ``trunk`` arguments below are :class:`~cda2_ext.models.resnet.PackedResNetTrunk` instances.
 
 __all__ = ["LAYOUTS", "resolve_layout", "has_hooks", "loop_trunk_forward", "FrozenTrunk",
            "FrozenNet", "EvalNet"]
@@ -118,13 +124,12 @@ def _conv_bn(x: Tensor, conv: nn.Module, w: Tensor, bn: _BNSplit, m: int) -> Ten
                          bn.momentum, bn.eps)
 
 
-def loop_trunk_forward(trunk: "PackedResNetTrunk", x: Tensor) -> Tensor:
+def loop_trunk_forward(trunk: nn.Module, x: Tensor) -> Tensor:
     """:class:`~cda2_ext.models.resnet.PackedResNetTrunk`'s forward as a loop over sub-models.
 
     Same inputs, outputs, gradients and BatchNorm buffer updates as the packed forward
     (``x [B, C, H, W]`` shared or ``[M, B, C, H, W]`` -> ``[M, B, F]``).
     """
-    from .resnet import PackedConv2d  # here: resnet imports this module
     M = trunk.num_models
     convs = [c for c in trunk.modules() if isinstance(c, PackedConv2d)]
     w = {id(c): c.weight.split(c.out_ch) for c in convs}
@@ -141,7 +146,7 @@ def loop_trunk_forward(trunk: "PackedResNetTrunk", x: Tensor) -> Tensor:
                 sc, sbn = blk.shortcut[0], blk.shortcut[1]
                 h = _conv_bn(h, sc, w[id(sc)][m], bns[id(sbn)], m)
             h = Fn.relu(o + h)
-        feats.append(trunk.pool(h).reshape(h.shape[0], -1))
+        feats.append(trunk.pool(h).flatten(1))  # not reshape(B, -1): B may be 0
     return torch.stack(feats)
 
 
@@ -208,7 +213,7 @@ class FrozenTrunk:
     the weights when built: build it again after the parameters or running statistics change.
     """
 
-    def __init__(self, trunk: "PackedResNetTrunk") -> None:
+    def __init__(self, trunk: nn.Module) -> None:
         M = self.num_models = trunk.num_models
         stem = _fold(trunk.stem[0], trunk.stem[1])
         blocks = [(_fold(b.conv1, b.bn1), _fold(b.conv2, b.bn2),
@@ -220,7 +225,7 @@ class FrozenTrunk:
         self.pool_hw = (size, size) if isinstance(size, int) else tuple(size)
 
     def _pool(self, h: Tensor) -> Tensor:
-        return Fn.adaptive_avg_pool2d(h, self.pool_hw).reshape(h.shape[0], -1)
+        return Fn.adaptive_avg_pool2d(h, self.pool_hw).flatten(1)  # B may be 0
 
     def forward_one(self, net: _SubNet, x: Tensor, saved: Optional[List[Tensor]]) -> Tensor:
         """``x [B, C, H, W]`` (normalised) -> features ``[B, F]`` of one sub-model. When ``saved``
@@ -287,9 +292,10 @@ class _FrozenTrunkFn(torch.autograd.Function):
         frozen, shape = ctx.frozen, ctx.shape
         shared = len(shape) == 4
         gx = grad.new_zeros(shape)
-        live = grad.ne(0).any(-1)  # [M, B]: samples whose features carry a gradient
+        # [M, B]: samples whose features carry a gradient (None: all rows, static shapes)
+        live = None if sync_free(grad.device) else grad.ne(0).any(-1)
         for m, net in enumerate(frozen.nets):
-            n = int(live[m].sum())
+            n = grad.shape[1] if live is None else int(live[m].sum())
             if n == 0:
                 continue
             rows = None if n == grad.shape[1] else live[m].nonzero().squeeze(1)

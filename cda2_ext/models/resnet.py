@@ -16,8 +16,9 @@ state dict stays plain tensors, BatchNorm running statistics update in place, an
 on functorch batching rules. A single model is simply ``num_models=1``.
 
 Storage and execution are separate: the weights are always stored packed, but the trunk can also
-*run* as a loop over sub-models on views of them (``layout="loop"``, the CPU default: oneDNN's
-grouped convolutions are slower there than M plain ones). See :mod:`cda2_ext.models.fast`, which
+*run* as a loop over sub-models on views of them (``layout="loop"``, what ``"auto"`` picks on every
+device: oneDNN's grouped convolutions are slower on the CPU than M plain ones, and on an H200 the
+packed layout lost up to 2.7x). See :mod:`cda2_ext.models.fast`, which
 also holds the frozen eval-mode snapshot the attacks differentiate.
 
 Architectures (``depth``):
@@ -44,6 +45,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from .fast import has_hooks, loop_trunk_forward, resolve_layout
+from .packed import PackedConv2d  # re-exported: it lives below fast.py (no import circle)
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "PPD_INPUTS", "PackedConv2d", "PackedLinear", "PackedBatchNorm2d",
@@ -60,34 +62,6 @@ PPD_INPUTS = ("features", "logits")
 def valid_depth(depth: int) -> bool:
     """True for the supported depths: 2 (Table 6's shallow model) or 6n+2 with n >= 1."""
     return depth == 2 or (depth >= 8 and (depth - 2) % 6 == 0)
-
-
-class PackedConv2d(nn.Module):
-    """M independent bias-free ``Conv2d(in_ch, out_ch, k)`` run as one grouped convolution.
-
-    Input ``[B, M*in_ch, H, W]`` (one slice per sub-model) or ``[B, in_ch, H, W]`` (shared by
-    all sub-models); output ``[B, M*out_ch, H', W']``. Weight ``[M*out_ch, in_ch, k, k]``:
-    rows ``m*out_ch:(m+1)*out_ch`` belong to sub-model ``m``.
-    """
-
-    def __init__(self, num_models: int, in_ch: int, out_ch: int, kernel_size: int,
-                 stride: int = 1, padding: int = 0) -> None:
-        super().__init__()
-        self.num_models, self.in_ch, self.out_ch = num_models, in_ch, out_ch
-        self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.empty(num_models * out_ch, in_ch, kernel_size, kernel_size))
-        # He init with fan_out of ONE sub-model (k*k*out_ch), as the SoE/DVERGE ResNets do;
-        # nn.init.kaiming_* would see the packed shape and shrink the std by sqrt(M).
-        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (kernel_size * kernel_size * out_ch)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shared = x.shape[1] == self.in_ch and self.num_models > 1
-        groups = 1 if shared else self.num_models
-        return Fn.conv2d(x, self.weight, None, self.stride, self.padding, 1, groups)
-
-    def extra_repr(self) -> str:
-        return (f"num_models={self.num_models}, {self.in_ch}, {self.out_ch}, "
-                f"kernel_size={self.weight.shape[-1]}, stride={self.stride}, padding={self.padding}")
 
 
 class PackedBatchNorm2d(nn.BatchNorm2d):
@@ -193,8 +167,8 @@ class PackedResNetTrunk(nn.Module):
             M, B = x.shape[:2]
             x = x.transpose(0, 1).reshape(B, M * x.shape[2], *x.shape[3:])
         h = self.pool(self.blocks(self.stem(x)))
-        B = h.shape[0]
-        return h.reshape(B, self.num_models, -1).transpose(0, 1)
+        # [B, M*C, h, w] -> [M, B, C*h*w]; split the channels, not reshape(B, M, -1): B may be 0
+        return h.unflatten(1, (self.num_models, -1)).flatten(2).transpose(0, 1)
 
 
 class PackedLinearTrunk(nn.Module):

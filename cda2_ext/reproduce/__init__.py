@@ -12,6 +12,7 @@ finished runs in the output folder and resuming interrupted ones, see :mod:`.run
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -76,6 +77,14 @@ def _environment(device: str) -> Dict[str, Any]:
             "fused_ops": bool(HAS_EXTENSION)}
 
 
+def _portable(text: str, out: PathLike, data: Optional[str]) -> str:
+    """``text`` with this machine's folders written as the variables a reader sets: ``$OUT`` for
+    ``--out`` and ``$DATA`` for ``--data``, so a committed record names no local path."""
+    if data:
+        text = text.replace(str(data), "$DATA")
+    return text.replace(str(Path(out)), "$OUT")
+
+
 def _markdown(exp: Experiment, budget: str, b: Budget, report: Report,
               records: List[Dict[str, Any]], figure: Optional[Path]) -> str:
     lines = [f"# `cda2 reproduce {exp.name} --budget {budget}`", "",
@@ -84,7 +93,8 @@ def _markdown(exp: Experiment, budget: str, b: Budget, report: Report,
     lines += [f"- Budget `{budget}` shows {b.shows}; it cannot show {b.cannot_show}."]
     if figure is not None:
         lines += ["", f"![{exp.paper_ref}]({figure.name})"]
-    lines += ["", "Commands, in order (status in this invocation):", "", "```bash"]
+    lines += ["", "Commands, in order (status in this invocation; `$OUT` is the `--out` folder and "
+              "`$DATA` the `--data` argument):", "", "```bash"]
     for r in records:
         trained = (f"; its epochs took {r['train_seconds']} s"
                    if r.get("train_seconds") is not None else "")
@@ -96,7 +106,7 @@ def _markdown(exp: Experiment, budget: str, b: Budget, report: Report,
 def run_experiment(name: str, budget: str, out: PathLike, results: Optional[PathLike] = None, *,
                    data: Optional[str] = None, download: bool = False, device: str = "auto",
                    force: bool = False, log: Optional[Callable[[str], None]] = None,
-                   runner: Optional[StepRunner] = None) -> Dict[str, Any]:
+                   runner: Optional[StepRunner] = None, jobs: int = 1) -> Dict[str, Any]:
     """Run experiment ``name`` at ``budget`` and write its table, record and figure.
 
     Args:
@@ -106,6 +116,8 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
         data, download, device: passed to every step (``--data``, ``--download``, ``--device``).
         force: rerun every step from scratch.
         runner: the :class:`StepRunner` to use (tests pass one with a stub CLI).
+        jobs: train up to this many runs at once, as child processes (``1``: one after the
+            other, in this process).
 
     Returns:
         The record written as JSON.
@@ -116,8 +128,7 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
     b = exp.budgets[budget]
     ctx = Context(Path(out) / f"{name}-{budget}", data, download, device)
     runner = runner or StepRunner(force=force, log=log)
-    for step in steps:
-        runner.run(step)
+    runner.run_all(steps, jobs)
     report = exp.report(b.params, ctx)
     paths = result_paths(name, budget, results if results is not None else out)
     paths["md"].parent.mkdir(parents=True, exist_ok=True)
@@ -126,18 +137,21 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
         figure = paths["png"]
         if Path(report.figure).resolve() != figure.resolve():
             shutil.copyfile(report.figure, figure)
+    portable = [dict(r, command=_portable(r["command"], out, data)) for r in runner.records]
+    report = dataclasses.replace(report, notes=[_portable(n, out, data) for n in report.notes])
     record = {
         "experiment": name, "title": exp.title, "paper": exp.paper_ref, "budget": budget,
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in b.params.items()},
         "shows": b.shows, "cannot_show": b.cannot_show,
-        "commands": [s.command for s in steps], "steps": runner.records,
+        "commands": [_portable(s.command, out, data) for s in steps], "steps": portable,
         "columns": report.columns, "rows": report.rows, "notes": report.notes,
         "figure": str(figure) if figure else None, "measured": report.measured,
         "environment": _environment(device), "seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    paths["json"].write_text(json.dumps(record, indent=1) + "\n")
-    paths["md"].write_text(_markdown(exp, budget, b, report, runner.records, figure))
+    # the measured results quote their own inputs (checkpoint paths): portable too
+    paths["json"].write_text(_portable(json.dumps(record, indent=1), out, data) + "\n")
+    paths["md"].write_text(_markdown(exp, budget, b, report, portable, figure))
     record["files"] = {k: str(p) for k, p in paths.items() if k != "png" or figure}
     record["table"] = report.markdown()
     return record

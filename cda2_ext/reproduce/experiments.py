@@ -5,9 +5,10 @@ into a table with the paper's numbers beside the measured ones (``report``). Add
 (e.g. Table 1's white-box sweep once the baselines train) is one more entry: a ``plan`` that lists
 ``cda2 train`` / ``cda2 eval`` steps and a ``report`` that reads their JSON.
 
-Budgets: ``small`` fits a 2-core CPU on the shared CIFAR-10 subset in minutes; ``gpu`` (where an
-experiment has one) fits a few minutes of one H100/H200 on the same subset; ``paper`` is the paper's
-setting (a GPU, the full data set, hours). Each budget states what it can and cannot show.
+Budgets: ``small`` fits a 2-core CPU on the shared CIFAR-10 subset in minutes; ``cpu`` (where an
+experiment has one) all of CIFAR-10 in about an hour of 2 CPU cores; ``gpu`` one device call of a
+few minutes; ``paper`` is the paper's setting (a GPU, the full data set, hours). Each budget states
+what it can and cannot show.
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from . import paper
+from ..data import data_note
+from . import capacity, paper
 from .runner import Step, output_step, train_step
 
 __all__ = ["Budget", "Context", "Report", "Experiment", "EXPERIMENTS", "BUDGETS"]
 
-BUDGETS = ("small", "gpu", "paper")
+BUDGETS = ("small", "cpu", "gpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -163,75 +165,14 @@ def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
                   rows, notes, fig if fig.is_file() else None, measured)
 
 
-# ----- model capacity (Appendix E.1, Table 6) ----------------------------------------------------------
-def _depth_run(ctx: Context, depth: int, m: int) -> Path:
-    return ctx.folder / f"resnet{depth}_m{m}"
-
-
-def _depth_eval(ctx: Context, depth: int, m: int) -> Path:
-    # beside the run folder, not in it: the trainer owns its folder
-    return ctx.folder / f"resnet{depth}_m{m}.eval_clean.json"
-
-
-def _depth_params(depths: Tuple[int, ...], epochs: int) -> Dict[str, Any]:
-    """A budget of ``depth``: M = 3 (Sec. 4.1), seed 0, all training and test images."""
-    return {"depths": depths, "num_models": 3, "epochs": epochs, "seed": 0,
-            "train_limit": None, "test_limit": None}
-
-
+# ----- model capacity (Appendix E.1, Table 6): four arms, see .capacity ------------------------------
 def _depth_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    steps = []
-    for depth in params["depths"]:
-        for m in (1, params["num_models"]):
-            run = _depth_run(ctx, depth, m)
-            argv = ["train", "--phases", "standard", "--depth", str(depth), "--num-models", str(m),
-                    "--epochs", str(params["epochs"]), "--seed", str(params["seed"]),
-                    "--eval-every", "0", *ctx.train_args()]
-            if params.get("train_limit"):
-                argv += ["--train-limit", str(params["train_limit"])]
-            steps.append(train_step(argv + ["--out-dir", str(run)], run))
-            out = _depth_eval(ctx, depth, m)
-            ev = ["eval-clean", str(run), "--out", str(out), *ctx.eval_args()]
-            if params.get("test_limit"):
-                ev += ["--limit", str(params["test_limit"])]
-            steps.append(output_step(ev, out, reads=[run]))
-    return steps
+    return capacity.depth_plan(params, ctx.folder, ctx.train_args(), ctx.eval_args())
 
 
 def _depth_report(params: Mapping[str, Any], ctx: Context) -> Report:
-    rows, measured = [], {}
-    M = params["num_models"]
-    for depth in params["depths"]:
-        single = _read_json(_depth_eval(ctx, depth, 1))
-        collab = _read_json(_depth_eval(ctx, depth, M))
-        s, c = _pct(single["collaboration"]), _pct(collab["collaboration"])
-        p = paper.TABLE6.get(depth, {})
-        rows.append([depth, p.get("single"), p.get("collaboration"), p.get("gain"), s, c, c - s,
-                     _pct(collab["ensemble"]), _pct(collab["oracle"])])
-        measured[str(depth)] = {"single": single, "collaboration": collab}
-    n_test = single["n"]
-    notes = [f"Standard training (no attack), {params['epochs']} epochs, seed {params['seed']}; "
-             f"single = 1 sub-model, collaboration = {M} sub-models answering by Algorithm 2; "
-             f"clean accuracy on {n_test} test images.",
-             "The paper does not state Table 6's epochs, M or data; the `paper` budget assumes "
-             "its Sec. 4.1 setting (M = 3, full CIFAR-10) and the package's 100 epochs. The paper "
-             "columns are as printed (its depth-14 gain, 0.9, is not 91.6 - 90.5 = 1.1)."]
-    notes.append("oracle = some sub-model of the collaboration is right (the most Algorithm 2 "
-                 "could reach with a perfect PPD selection).")
-    behind = [str(r[0]) for r in rows if r[6] < 0]
-    if behind:  # say so plainly, with the measured reason beside it
-        sub = {str(d): 100 * max(measured[str(d)]["collaboration"]["submodels"])
-               for d in params["depths"]}
-        notes.append(
-            f"Unlike the paper, the collaboration is below the single model at depth(s) "
-            f"{', '.join(behind)}. Its best sub-model reaches only "
-            + ", ".join(f"{sub[d]:.1f}% (depth {d})" for d in behind)
-            + ", under the single model: Algorithm 1 trains each sub-model mostly on the samples "
-            "it wins, about 1/M of the training set, so on a small set each is starved; the "
-            "paper's gain is measured with 50,000 images and many more epochs.")
-    return Report(["depth", "paper single %", "paper collab. %", "paper gain", "single %",
-                   "collab. %", "gain", f"ensemble of {M} %", "oracle %"], rows, notes, None,
-                  measured)
+    columns, rows, notes, measured = capacity.depth_report(params, ctx.folder, data_note(ctx.data))
+    return Report(columns, rows, notes, None, measured)
 
 
 # ----- training cost (Appendix C, Table 4) ------------------------------------------------------------
@@ -241,6 +182,13 @@ def _depth_report(params: Mapping[str, Any], ctx: Context) -> Report:
 #: feature distillation, CDA² by Algorithm 1.
 _DEFENSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("gal", ("--adv",)), ("dverge", ()), ("adp", ("--adv",)), ("cda2", ()))
+#: The defenses of the white-box, transfer and Square tables: the paper's four, then CDA² trained
+#: as the authors' latest code does (their detector weighting, the BCE of max-prob x sigmoid(PPD)
+#: training the trunk, selection by that detector): ``(row name, method, flags, eval --score)``.
+_COMPARED: Tuple[Tuple[str, str, Tuple[str, ...], str], ...] = (
+    *((m, m, flags, "ppd") for m, flags in _DEFENSES),
+    ("cda2-authors", "cda2", ("--weights", "detector", "--ppd-grad", "trunk", "--ppd-loss", "soe",
+                              "--select-score", "soe"), "soe"))
 
 
 def _time_run(ctx: Context, method: str) -> Path:
@@ -324,13 +272,13 @@ def _train_argv(params: Mapping[str, Any], ctx: Context, method: str, flags: Seq
 
 
 def _defense_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    """Train the plain ensemble DVERGE starts from, then Table 1's four defenses."""
+    """Train the plain ensemble DVERGE starts from, then the compared defenses."""
     runs = _runs_dir(params, ctx)
     steps = [train_step(_train_argv(params, ctx, "ensemble", (), runs / "ensemble"),
                         runs / "ensemble")]
-    for method, flags in _DEFENSES:
+    for name, method, flags, _ in _COMPARED:
         extra = ("--init-from", str(runs / "ensemble")) if method == "dverge" else ()
-        run = runs / method
+        run = runs / name
         steps.append(train_step(_train_argv(params, ctx, method, (*flags, *extra), run), run))
     return steps
 
@@ -345,16 +293,39 @@ def _surrogate_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
             for (m, seed), run in zip(params["surrogates"], _surrogate_runs(params, ctx))]
 
 
-def _eval_step(params: Mapping[str, Any], ctx: Context, name: str, attack_args: Sequence[str],
-               extra_reads: Sequence[Path] = ()) -> Step:
-    """One ``cda2 eval`` of the four defenses (same images and seeds for all), into
-    ``ctx.folder/<name>/robustness.json``."""
-    runs = [_runs_dir(params, ctx) / m for m, _ in _DEFENSES]
-    out = ctx.folder / name
-    argv = ["eval", "--checkpoint", *map(str, runs), *attack_args,
-            "--n-samples", str(params["n_samples"]), "--subset", params["subset"], "--seed", "0",
-            *ctx.eval_args(), "--no-progress", "--out", str(out), "--force"]
-    return output_step(argv, out / "robustness.json", reads=[*runs, *extra_reads])
+def _eval_folder(ctx: Context, name: str, score: str) -> Path:
+    return ctx.folder / (name if score == "ppd" else f"{name}-{score}")
+
+
+def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack_args: Sequence[str],
+                extra_reads: Sequence[Path] = ()) -> List[Step]:
+    """``cda2 eval`` of the compared defenses (same images and seeds for all), one per selection
+    score (a CDA² run answers by the rule it was trained for), into
+    ``ctx.folder/<name>[-<score>]/robustness.json``; :func:`_eval_results` merges them."""
+    steps = []
+    for score in dict.fromkeys(d[3] for d in _COMPARED):
+        runs = [_runs_dir(params, ctx) / d[0] for d in _COMPARED if d[3] == score]
+        out = _eval_folder(ctx, name, score)
+        argv = ["eval", "--checkpoint", *map(str, runs), *attack_args,
+                "--n-samples", str(params["n_samples"]), "--subset", params["subset"], "--seed",
+                "0", *(["--score", score] if score != "ppd" else []), *ctx.eval_args(),
+                "--no-progress", "--out", str(out), "--force"]
+        steps.append(output_step(argv, out / "robustness.json", reads=[*runs, *extra_reads]))
+    return steps
+
+
+def _eval_results(ctx: Context, name: str) -> Dict[str, Any]:
+    """The robustness.json files of :func:`_eval_steps` as one: every defense's rows side by side
+    (the evaluations share images and seeds), their checks one after the other."""
+    merged: Dict[str, Any] = {}
+    for score in dict.fromkeys(d[3] for d in _COMPARED):
+        res = _read_json(_eval_folder(ctx, name, score) / "robustness.json")
+        if not merged:
+            merged = {**res, "robust_accuracy": {}, "clean": {}, "checks": []}
+        merged["robust_accuracy"].update(res["robust_accuracy"])
+        merged["clean"].update(res["clean"])
+        merged["checks"] += res.get("checks", [])
+    return merged
 
 
 def _row(rows: Mapping[str, Mapping[str, float]], prefix: str) -> Mapping[str, float]:
@@ -370,13 +341,14 @@ def _defense_table(results: Mapping[str, Any], prefix: str, keys: Sequence[str],
     for k in keys:
         columns += [f"paper {k} %", f"{k} %"]
     rows = []
-    for method, _ in _DEFENSES:
-        measured = _row(results["robust_accuracy"].get(method, {}), prefix)
-        row: List[Any] = [method]
+    for name, *_ in _COMPARED:
+        measured = _row(results["robust_accuracy"].get(name, {}), prefix)
+        paper_row = paper_rows.get(name, {})  # the paper has no row for the authors' CDA²
+        row: List[Any] = [name]
         if with_clean:
-            row += [paper_rows[method].get("clean"), _pct(results["clean"].get(method))]
+            row += [paper_row.get("clean"), _pct(results["clean"].get(name))]
         for k in keys:
-            row += [paper_rows[method].get(k), _pct(measured.get(k))]
+            row += [paper_row.get(k), _pct(measured.get(k))]
         rows.append(row)
     return columns, rows
 
@@ -404,8 +376,9 @@ def _ranking_notes(what: str, keys: Sequence[str], paper_rows: Mapping[str, Mapp
     """One sentence per key: the paper's best method beside the measured order, CDA²'s place."""
     notes = []
     for k in keys:
-        got = {m: v for m, v in ((m, measured[m].get(k)) for m, _ in _DEFENSES) if v is not None}
-        if not got or not all(k in paper_rows[m] for m in got):
+        got = {m: v for m, v in ((d[0], measured.get(d[0], {}).get(k)) for d in _COMPARED)
+               if v is not None and k in paper_rows.get(m, {})}  # rows the paper ranks too
+        if not got:
             continue
         top = max(paper_rows[m][k] for m in got)
         p_best = [m for m in got if paper_rows[m][k] == top]  # the paper ties at places
@@ -423,11 +396,11 @@ def _whitebox_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
               "--restarts", str(params["restarts"])]
     if params["last_iterate"]:
         attack.append("--last-iterate")
-    return _defense_steps(params, ctx) + [_eval_step(params, ctx, "whitebox", attack)]
+    return _defense_steps(params, ctx) + _eval_steps(params, ctx, "whitebox", attack)
 
 
 def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
-    res = _read_json(ctx.folder / "whitebox" / "robustness.json")
+    res = _eval_results(ctx, "whitebox")
     keys = _eps_keys(params)
     # The worst case of PGD and its budget check (the same attack with twice the steps and
     # restarts): what a stronger PGD would at least reach, the paper's budget being 50x5.
@@ -437,14 +410,16 @@ def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
              f"Per sample the worst of PGD-{params['steps']}x{params['restarts']} and its budget "
              f"check (PGD-{2 * params['steps']}x{2 * params['restarts']} on the samples still "
              "standing), step eps/5, CE, on each defense's hard output (CDA²: Algorithm 2's PPD "
-             "selection; the others: the averaged ensemble); "
+             "selection; cda2-authors: the authors' max-prob x sigmoid(PPD) selection; the others: "
+             "the averaged ensemble); "
              + ("each restart judged by its last iterate, as the published protocol does."
                 if params["last_iterate"] else "a sample counts as broken if any iterate broke it "
                 "(stronger than the paper's last-iterate protocol)."),
              "Table 1 is the paper's white-box row only; `cda2 eval --attack adaptive` attacks "
-             "CDA²'s selection itself (README, 'Evaluating robustness honestly').",
+             "CDA²'s selection itself (docs/evaluation.md).",
              *[f"check: {c}" for c in res.get("checks", [])]]
-    fig = ctx.folder / "whitebox" / "robustness.png"  # cda2 eval's robust accuracy vs eps
+    # cda2 eval's robust accuracy vs eps, of the defenses selecting by PPD (the paper's four)
+    fig = ctx.folder / "whitebox" / "robustness.png"
     return Report(columns, rows, notes, fig if fig.is_file() else None,
                   {"robustness": res["robust_accuracy"], "clean": res["clean"]})
 
@@ -465,7 +440,7 @@ def _transfer_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
         used = _used_surrogates(preset, surrogates)
         attack = ["--attack", "transfer", "--surrogate", *map(str, used), "--transfer-preset", preset,
                   "--transfer-steps", str(params["transfer_steps"]), "--eps", *_eps_keys(params)]
-        steps.append(_eval_step(params, ctx, f"transfer_{preset}", attack, extra_reads=used))
+        steps += _eval_steps(params, ctx, f"transfer_{preset}", attack, extra_reads=used)
     return steps
 
 
@@ -473,7 +448,7 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
     keys = _eps_keys(params)
     columns, rows, measured, notes = [], [], {}, []
     for preset, table, ref in _TRANSFER_TABLES:
-        res = _read_json(ctx.folder / f"transfer_{preset}" / "robustness.json")
+        res = _eval_results(ctx, f"transfer_{preset}")
         cols, part = _defense_table(res, "transfer (", keys, table, with_clean=False)
         columns = ["table"] + cols
         rows += [[ref] + r for r in part]
@@ -495,16 +470,16 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
 def _square_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     attack = ["--attack", "square", "--queries", str(params["queries"]),
               "--square-eps", f"{params['square_eps']:g}", "--eps", f"{params['square_eps']:g}"]
-    return _defense_steps(params, ctx) + [_eval_step(params, ctx, "square", attack)]
+    return _defense_steps(params, ctx) + _eval_steps(params, ctx, "square", attack)
 
 
 def _square_report(params: Mapping[str, Any], ctx: Context) -> Report:
-    res = _read_json(ctx.folder / "square" / "robustness.json")
+    res = _eval_results(ctx, "square")
     key = f"{params['square_eps']:g}"
     rows = []
-    for method, _ in _DEFENSES:
-        got = _row(res["robust_accuracy"].get(method, {}), "Square-").get(key)
-        rows.append([method, paper.TABLE3[method], _pct(res["clean"].get(method)), _pct(got)])
+    for name, *_ in _COMPARED:
+        got = _row(res["robust_accuracy"].get(name, {}), "Square-").get(key)
+        rows.append([name, paper.TABLE3.get(name), _pct(res["clean"].get(name)), _pct(got)])
     square = {r[0]: {key: r[3]} for r in rows}
     table3 = {m: {key: v} for m, v in paper.TABLE3.items()}
     notes = [_protocol_note(params, res), *_ranking_notes("Square", [key], table3, square),
@@ -544,23 +519,30 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
                          "numbers to compare with: Fig. 4 has none")},
         _xor_plan, _xor_report),
     Experiment(
-        "depth", "Model capacity: single model vs collaboration (standard training)",
+        "depth", "Does a collaboration beat one model? (standard training, four arms)",
         "Appendix E.1, Table 6",
-        {"small": Budget(_depth_params((2, 8), epochs=4),
-                         "the two ends that fit a CPU (ResNet-2, ResNet-8) on the shared subset: "
-                         "whether collaborating helps the capacity-starved model more",
-                         "the paper's accuracies (they need 50,000 images and ~100 epochs) or "
-                         "gains of 1-2 points (one seed, ~1,000 test images: the noise is as large); "
-                         "depths 14 and 20"),
-         "gpu": Budget(_depth_params((2, 8, 14, 20), epochs=15),
-                       "all four depths of Table 6 on the shared subset, 15 epochs each: about "
-                       "71 s on one H200 (measured)",
-                       "the paper's accuracies (50,000 images, ~100 epochs) or gains of 1-2 "
-                       "points (one seed, ~1,000 test images: the noise is as large)"),
-         "paper": Budget(_depth_params((2, 8, 14, 20), epochs=100),
-                         "Table 6 itself: all four depths, full CIFAR-10 (--download or --data), "
-                         "100 epochs, 10,000 test images",
-                         "seed variance (one seed, as the paper); hours on a GPU")},
+        {"small": Budget(capacity.depth_params((2, 8), epochs=15),
+                         "on the shared subset (5,085 training, 1,017 test images), at depths 2 and "
+                         "8, 15 epochs, one seed: the direction of each arm against one model and "
+                         "the control",
+                         "the paper's accuracies (50,000 images, ~100 epochs) or gains under ~3 "
+                         "points (the standard error of one accuracy is ~1.5 points here)"),
+         "cpu": Budget(capacity.depth_params((2,), epochs=8, full_data=True),
+                       "all of CIFAR-10 (--data cifar-10-jpeg.zip: the JPEG re-encoding) at depth "
+                       "2, 8 epochs, one seed: about an hour on 2 CPU cores (--jobs 2); the "
+                       "capacity-starved end of Table 6 with 10,000 test images (se ~0.5 points)",
+                       "depth 20, the paper's 100 epochs, seed-to-seed spread"),
+         "gpu": Budget(capacity.depth_params((2, 20), epochs=10, full_data=True),
+                       "all of CIFAR-10 at both ends of Table 6 (depths 2 and 20), every arm, "
+                       "10 epochs, one seed, meant for one device call with --jobs 8; not yet "
+                       "timed on a GPU (the epochs are an estimate from the H200's 71 s for the "
+                       "subset's Table 6 budget; the first GPU session must time it)",
+                       "the paper's 100 epochs, seed-to-seed spread"),
+         "paper": Budget(capacity.depth_params((2, 8, 14, 20), epochs=100, seeds=(0, 1, 2),
+                                               full_data=True),
+                         "Table 6 itself with a control: all four depths, all of CIFAR-10, 100 "
+                         "epochs, 3 seeds, 10,000 test images",
+                         "hours on a GPU; the paper's exact data (the JPEG set is ~5/255 off)")},
         _depth_plan, _depth_report),
     Experiment(
         "time", "Training cost of each method on the same machine", "Appendix C, Table 4",

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import Cda2Error
 
@@ -156,18 +158,92 @@ class StepRunner:
         if rc != 0:
             raise ReproduceError(f"step failed with exit status {rc}: {command_line(argv)}")
 
+    def run_all(self, steps: Sequence[Step], jobs: int = 1) -> None:
+        """Run ``steps`` in order; with ``jobs > 1`` the train steps first, up to ``jobs`` at a
+        time as child processes (training runs never read each other, and one small model leaves
+        a GPU or a multi-core CPU mostly idle), then the rest in this process."""
+        done: set = set()
+        if jobs > 1:
+            done = self._train_concurrently([s for s in steps if s.kind == "train"], jobs)
+        for step in steps:
+            if step.out not in done:
+                self.run(step)
+
+    def _train_concurrently(self, steps: Sequence[Step], jobs: int) -> set:
+        """Train ``steps`` (reusing, resuming or forcing each as :meth:`run` would), ``jobs`` child
+        processes at a time, each with its share of the CPU threads and its output in
+        ``RUN.log`` beside the run folder. Returns the run folders handled."""
+        pending = []
+        for step in steps:
+            call = self._train_call(step)
+            if call is None:
+                self.run(step)  # records it as reused
+            else:
+                pending.append((step, *call))
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+        running: List[Tuple[Step, List[str], str, Any, float, Any]] = []
+        failed: List[str] = []
+        try:
+            self._drain(pending, running, failed, jobs, env)
+        finally:  # interrupted (Ctrl-C, an error here): no child left training on its own
+            for _, _, _, proc, _, log_file in running:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
+                log_file.close()
+        if failed:
+            raise ReproduceError(f"{len(failed)} of {len(steps)} training step(s) failed; the "
+                                 f"first: {failed[0]}")
+        return {s.out for s in steps}
+
+    def _drain(self, pending: List[Tuple[Step, List[str], str]], running: List[Any],
+               failed: List[str], jobs: int, env: Dict[str, str]) -> None:
+        """Start pending runs while fewer than ``jobs`` run, until all have ended."""
+        while pending or running:
+            while pending and len(running) < jobs:
+                step, argv, status = pending.pop(0)
+                log_path = step.out.with_name(step.out.name + ".log")
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                self.log(f"$ {command_line(argv)}  # in the background, output in {log_path}")
+                log_file = open(log_path, "w")
+                proc = subprocess.Popen([sys.executable, "-m", "cda2_ext.cli", *argv], env=env,
+                                        stdout=log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+                running.append((step, argv, status, proc, time.perf_counter(), log_file))
+            time.sleep(0.2)
+            for item in [r for r in running if r[3].poll() is not None]:
+                running.remove(item)
+                step, argv, status, proc, t0, log_file = item
+                log_file.close()
+                self.changed.add(step.out)
+                if proc.returncode != 0:
+                    failed.append(f"{command_line(argv)} (exit status {proc.returncode}; see "
+                                  f"{log_file.name})")
+                    continue
+                self.records.append({"command": step.command, "status": status,
+                                     "seconds": round(time.perf_counter() - t0, 1),
+                                     "train_seconds": _train_seconds(step.out)})
+
+    def _train_call(self, step: Step) -> Optional[Tuple[List[str], str]]:
+        """The command that brings train ``step`` up to date and the status that gives it
+        (``"ran"`` or ``"resumed"``), or ``None`` when its run is finished."""
+        state = "new" if self.force else self.train_state(step)
+        if state == "finished":
+            return None
+        extra = ["--resume"] if state == "interrupted" else (["--force"] if self.force else [])
+        return step.argv + extra, "resumed" if state == "interrupted" else "ran"
+
     def run(self, step: Step) -> str:
         """Run (or reuse, or resume) ``step``; returns ``"reused"``, ``"resumed"`` or ``"ran"``."""
         t0 = time.perf_counter()
         if step.kind == "train":
-            state = "new" if self.force else self.train_state(step)
-            if state == "finished":
+            call = self._train_call(step)
+            if call is None:
                 status = "reused"
             else:
-                extra = ["--resume"] if state == "interrupted" else (["--force"] if self.force else [])
-                self._call(step.argv + extra)
+                argv, status = call
+                self._call(argv)
                 self.changed.add(step.out)
-                status = "resumed" if state == "interrupted" else "ran"
         elif step.kind == "output":
             if not self.force and self.output_current(step):
                 status = "reused"

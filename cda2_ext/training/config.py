@@ -15,8 +15,16 @@ epochs             100             P, Table 4 ("100 epochs")
 batch_size         128             SoE ``--batch_size 128``
 lr / momentum / wd 0.1 / 0.9 / 1e-4  SoE ``--lr_expert`` / ``--momentum`` / ``--weight_decay``
 schedule           multistep       SoE: x0.1 at epochs 50 and 75 (here: at 50% and 75%)
-sigma              1.0             SoE ``--tempC 1.0`` (P leaves sigma open)
-bce_weight         1.0             SoE ``--adaptivetrainlambda 1.0``
+weights            softmin         P, Eq. 7 (the soft-min surrogate); ``detector``: the authors'
+                                   latest code (SoE ``model_rectified_v2.py``, "adaptative
+                                   training"), see :mod:`cda2_ext.training.weighting`
+sigma              1.0             P leaves sigma open; the authors' older code (SoE
+                                   ``model_rectified_v2.py``, "old loss_base training") weights
+                                   by ``softmax(-CE)``, an implicit sigma = 1. (SoE's ``--tempC``
+                                   is *not* sigma: it is ``temp_c`` below.)
+temp_c             1.0             SoE ``--tempC 1.`` (weights="detector" only)
+temp_true          1.0             SoE ``--tempC_trueonly 1.`` (the BCE target's temperature)
+bce_weight         1.0             SoE ``--adaptivetrainlambda 1.``
 phases             adversarial     P, Sec. 3.2: "In our implementation, the natural data
                                    training of the collaboration is not necessary"
 random_start       on              Madry PGD (P: "the PGD method"); SoE's default run: off
@@ -38,12 +46,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from .. import _checks
+from .. import _checks, limits
 from .._records import from_record
 from ..errors import CheckpointError, ConfigError
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
 from .methods import METHODS
+from .weighting import WEIGHTINGS
 
 __all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS",
            "METHOD_OPTIONS"]
@@ -64,7 +73,8 @@ PGD_BN_MODES = ("eval", "train")
 _ENSEMBLES = ("ensemble", "adp", "gal", "dverge")
 #: Method-specific options -> the methods that read them; any other method refuses a non-default value.
 METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
-    "phases": ("cda2",), "sigma": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
+    "phases": ("cda2",), "sigma": ("cda2",), "weights": ("cda2",), "temp_c": ("cda2",),
+    "temp_true": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
     "clean_weight": ("cda2",), "ppd_grad": ("cda2",), "ppd_loss": ("cda2",),
     "adv": _ENSEMBLES, "adp_alpha": ("adp",), "adp_beta": ("adp",), "gal_coeff": ("gal",),
     "gal_noise": ("gal",), "init_from": ("dverge",), "distill_eps": ("dverge",),
@@ -85,7 +95,10 @@ class TrainConfig:
     ppd_input: str = "features"
     # objective (Algorithm 1)
     phases: str = "adversarial"
-    sigma: float = 1.0
+    weights: str = "softmin"         # how samples are shared: Eq. 7 | the authors' "detector"
+    sigma: float = 1.0               # softmin's temperature
+    temp_c: float = 1.0              # detector's temperature
+    temp_true: float = 1.0           # temperature of p_y, the PPD head's BCE target
     bce_weight: float = 1.0
     select_score: str = "ppd"        # how the adversarial phase picks the attacked sub-model
     # PGD used for training
@@ -93,7 +106,7 @@ class TrainConfig:
     alpha: float = 0.01
     steps: int = 10
     random_start: bool = True
-    # ----- choices the paper leaves open (README "Paper or authors' code") --------------------
+    # ----- choices the paper leaves open (docs/training.md) --------------------
     # Defaults follow the paper's Algorithm 1; the authors' Synergy-of-Experts code does otherwise.
     clean_weight: float = 0.0        # + W x (surrogate + BCE) on the clean batch (authors' code: 1)
     ppd_grad: str = "head"           # the BCE trains the PPD head only | also the "trunk" (authors)
@@ -172,7 +185,13 @@ class TrainConfig:
         number("depth", valid_depth, "must be 2 or 6n+2 (8, 14, 20, 32, ...)", integer=True)
         choice("ppd_input", PPD_INPUTS)
         choice("phases", PHASES)
+        choice("weights", WEIGHTINGS)
         number("sigma", lambda v: v > 0, "the soft-min temperature must be finite and > 0")
+        number("temp_c", lambda v: v >= 0, "the detector temperature must be finite and >= 0")
+        number("temp_true", lambda v: v > 0, "the BCE target's temperature must be finite and > 0")
+        unread = {"softmin": "temp_c", "detector": "sigma"}[self.weights]
+        if getattr(self, unread) != getattr(TrainConfig, unread):
+            bad(unread, f"is not read with weights {self.weights!r}")
         number("bce_weight", lambda v: v >= 0, "must be finite and >= 0")
         choice("select_score", SCORES)
         number("eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1] (images are in [0, 1])")
@@ -225,6 +244,7 @@ class TrainConfig:
                optional=True)
         if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
             bad("init_from", "must be a run folder or checkpoint path")
+        self._validate_bounds(bad)
         need = getattr(METHODS[self.method], "min_models", 1)  # diversity terms need pairs
         if self.num_models < need:
             bad("num_models", f"method {self.method} needs at least {need} sub-models")
@@ -234,6 +254,32 @@ class TrainConfig:
                 bad(name, f"only method(s) {', '.join(readers)} read it, and this run's method is "
                     f"{self.method}")
         return self
+
+    def _validate_bounds(self, bad: Callable[[str, str], None]) -> None:
+        """The checks a config read back from a checkpoint needs beyond the options' own: sane
+        maxima of every count (:mod:`cda2_ext.limits`; a typo or a damaged file, not a plan),
+        the schedule's milestones, and the kind of every flag and path (JSON may hold anything)."""
+        for name, hi in (("num_models", limits.MODELS), ("depth", limits.DEPTH),
+                         ("steps", limits.ITERATIONS), ("epochs", limits.ITERATIONS),
+                         ("batch_size", limits.ITEMS), ("train_limit", limits.ITEMS),
+                         ("test_limit", limits.ITEMS), ("eval_every", limits.ITERATIONS),
+                         ("eval_batch_size", limits.ITEMS), ("distill_steps", limits.ITERATIONS)):
+            if getattr(self, name) is not None and getattr(self, name) > hi:
+                bad(name, f"must be at most {hi} (cda2_ext.limits: larger is a typo, not a run)")
+        v = self.num_classes
+        if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= limits.CLASSES:
+            bad("num_classes", f"must be an integer in [2, {limits.CLASSES}]")
+        m = self.milestones
+        if not (isinstance(m, tuple) and len(m) <= 100 and all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in m)):
+            bad("milestones", "must be a list of at most 100 fractions of the epochs in [0, 1]")
+        for name in ("random_start", "augment", "unfused", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        if not (isinstance(self.out_dir, str) and self.out_dir):
+            bad("out_dir", "must be a folder path")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            bad("data_dir", "must be a folder path (or unset)")
 
     @classmethod
     def for_method(cls, method: str = "cda2", **given: Any) -> "TrainConfig":
@@ -270,13 +316,14 @@ class TrainConfig:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], source: object) -> "TrainConfig":
-        """The training config stored in a checkpoint's metadata, or a one-line
-        :class:`CheckpointError` naming ``source`` (the file) when it is missing or damaged."""
+        """The training config stored in a checkpoint's metadata, validated like the command
+        line's options, or a one-line :class:`CheckpointError` naming ``source`` (the file) when
+        it is missing, damaged or unusable."""
         d = meta.get("config")
         if not isinstance(d, dict):
             raise CheckpointError(f"{source} has no training config in its metadata")
-        try:
-            return cls.from_dict(d)
+        try:  # the same rules as the command line's options, before anything uses it
+            return cls.from_dict(d).validate()
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{source} has a damaged training config: {err}") from None
 

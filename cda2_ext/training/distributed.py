@@ -16,7 +16,12 @@ The contract is *one process = one shard of every global batch*:
 * a job ends with :meth:`DistContext.close` on every rank (:meth:`Trainer.close
   <cda2_ext.training.trainer.Trainer.close>` when a trainer holds the model): a barrier, then the
   process group is destroyed while the interpreter is still whole (see ``close`` for why this
-  matters).
+  matters);
+* a process that ends mid-job (killed, out of memory, its machine gone) breaks every other rank's
+  next collective with a backend error (gloo: "Connection reset by peer"); :meth:`DistContext.lost_peer`
+  tells such an error from others and names the lost rank where it can be known (the other one of
+  two), and :meth:`DistContext.abandon` lets go of the broken group, so that the command ends with
+  one line on every rank (:class:`~cda2_ext.errors.LostPeerError`) instead of a traceback.
 
 :func:`from_environment` reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); a
 plain ``python``/``cda2`` start is world size 1 and touches nothing of ``torch.distributed``.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LostPeerError, one_line
 
 __all__ = ["DistContext", "from_environment", "SyncBatchNorm2d", "convert_sync_batchnorm"]
 
@@ -109,11 +115,57 @@ class DistContext:
         dist.barrier()
         dist.destroy_process_group()
 
+    def lost_peer(self, err: BaseException) -> Optional[LostPeerError]:
+        """A one-line :class:`LostPeerError` when ``err`` says that another process of the job
+        ended or stopped answering (``None`` for any other error, and when alone).
+
+        The backends do not say which rank was lost; with two processes it is the other one, with
+        more the message says that a peer was lost.
+        """
+        if not (self.enabled and _lost_connection(err)):
+            return None
+        who = (f"rank {1 - self.rank}" if self.world_size == 2 else
+               "a peer process (its rank cannot be told from here)")
+        return LostPeerError(f"rank {self.rank} of {self.world_size} lost {who}: "
+                             f"{_backend_reason(err)}")
+
+    def abandon(self) -> None:
+        """Let go of a process group broken by a lost peer: destroy it without the barrier of
+        :meth:`close`, which would wait for (or fail on) the lost rank. Never raises."""
+        if not (self.enabled and dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the group is broken; leaving is all that is left to do
+            pass
+
     def device(self, requested: torch.device) -> torch.device:
         """One GPU per process: ``cuda:local_rank`` when the run is on CUDA."""
         if self.enabled and requested.type == "cuda":
             return torch.device("cuda", self.local_rank)
         return requested
+
+
+#: What the backends' errors say when a peer went away: its connection broke or it stopped
+#: answering (gloo: "Read error ...: Connection reset by peer", "Connection closed by peer";
+#: NCCL: "remote process exited", watchdog timeouts).
+_LOST = re.compile(r"connection (reset|closed|refused)|closed by peer|broken pipe|remote process"
+                   r"|timed out|timeout|socket", re.IGNORECASE)
+_BACKEND = re.compile(r"gloo|nccl|c10d|process ?group|distributed", re.IGNORECASE)
+
+
+def _lost_connection(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because a peer is gone."""
+    text = str(err)
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and bool(_BACKEND.search(text)) and bool(_LOST.search(text))
+
+
+def _backend_reason(err: BaseException) -> str:
+    """The backend's reason without its source location (``[.../pair.cc:537] ``) or advice."""
+    text = re.sub(r"^\s*\[[^\]]*\]\s*", "", one_line(err, limit=400))
+    return text.split(". ")[0].rstrip(".")
 
 
 def from_environment(backend: Optional[str] = None) -> DistContext:

@@ -16,11 +16,17 @@ Algorithm 1 by default): per batch it makes its inputs (an attack, or none) and 
   global batch, with the global batch's randomness, inside ``DistributedDataParallel``; rank 0
   writes checkpoints, metrics and logs.
 * **Safety**: :meth:`Trainer.fit` owns ``out_dir`` for the run's lifetime
-  (:class:`~cda2_ext.run_dir.RunFolder`: checked, locked, stale temporary files removed), and every
-  update checks that its loss is finite before applying it: a non-finite loss stops the run with
-  :class:`~cda2_ext.errors.NonFiniteLossError` (the last checkpoint on disk, from the last finished
-  epoch, is finite and kept) or, with ``on_nonfinite="skip"``, skips that update and counts it in
-  the epoch's ``skipped_steps``.
+  (:class:`~cda2_ext.run_dir.RunFolder`: checked, locked, stale temporary files removed), and an
+  update whose loss is non-finite is never applied (:mod:`.nonfinite`: decided on the device, so a
+  step never waits for it): it stops the run with :class:`~cda2_ext.errors.NonFiniteLossError`,
+  raised at the next host read of the verdict (every :attr:`Trainer.check_every` steps and at the
+  end of the epoch, before anything is saved; the last checkpoint on disk, from the last finished
+  epoch, is finite and kept) or, with ``on_nonfinite="skip"``, is skipped and counted in the
+  epoch's ``skipped_steps``.
+* **No host sync in a step**: the training set's labels are checked once, here, so the
+  ops skip their per-call label checks (:func:`~cda2_ext._checks.labels_checked`); tallies stay on
+  the device; the attacks' shapes do not depend on the data on a GPU
+  (:func:`~cda2_ext.runtime.sync_free`).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from .._checks import labels_checked, labels_in_range
 from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
 from ..data import ImageSet, load_images, note_training_size, random_crop_flip, to_float
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
@@ -43,6 +50,7 @@ from ..runtime import resolve_device
 from .config import TrainConfig
 from .distributed import DistContext, convert_sync_batchnorm
 from .methods import Tally, method_class
+from .nonfinite import UpdateGuard
 
 __all__ = ["Trainer", "RESUMABLE_CHANGES"]
 
@@ -60,6 +68,9 @@ _STATE_NAMES = {"momentum_buffer": "momentum"}
 
 class Trainer:
     """Trains ``config.method`` on an image set and checkpoints after every epoch.
+
+    ``check_every``: how many steps apart the host reads whether an update had a non-finite loss
+    (and refreshes the progress bar): one device synchronisation per this many steps.
 
     Args:
         config: the run's options (validated here).
@@ -81,13 +92,19 @@ class Trainer:
         self.log = log if (log is not None and self.dist.is_main) else (lambda s: None)
         loaded = train_set is None  # a caller's own images are the caller's business
         if loaded:
-            train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed)
+            train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed,
+                                    num_classes=cfg.num_classes)
         if test_set is None and cfg.eval_every > 0:
-            test_set = load_images(cfg.dataset, "test", cfg.data_dir, cfg.seed)
+            test_set = load_images(cfg.dataset, "test", cfg.data_dir, cfg.seed,
+                                   num_classes=cfg.num_classes)
         self.train_set = train_set.subset(cfg.train_limit).to(self.device)
         self.test_set = test_set.subset(cfg.test_limit) if test_set is not None else None
         if len(self.train_set) < 2:  # no batch could train: BatchNorm needs two images
             raise DataError(f"training set: needs at least 2 images, got {len(self.train_set)}")
+        try:  # once here, so that no training step reads labels back (see labels_checked)
+            labels_in_range(self.train_set.labels, cfg.num_classes, "training set")
+        except ValueError as err:
+            raise DataError(str(err)) from None
         if self.test_set is not None and cfg.eval_every > 0 and len(self.test_set) == 0:
             raise DataError("test set: has no images (set eval_every to 0 to train without it)")
         if loaded and cfg.dataset == "cifar10" and self.dist.is_main:  # after --train-limit too
@@ -110,6 +127,8 @@ class Trainer:
                 self.model, device_ids=ids,
                 find_unused_parameters=not self.method.uses_every_parameter)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.guard = UpdateGuard(self.dist, stop=cfg.on_nonfinite == "stop")
+        self.check_every = 25                            # steps between host reads of the verdict
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch = 0                                   # completed epochs
         self.history: List[Dict[str, Any]] = []
@@ -140,40 +159,38 @@ class Trainer:
     def update(self, loss_fn: Callable[[], Tuple[Tensor, Any]], phase: str, tally: Tally
                ) -> Tuple[Tensor, Any]:
         """One optimiser step on ``loss_fn()`` (which runs the training forward pass, under
-        autocast, and returns ``(loss, aux)``), unless the loss is non-finite.
+        autocast, and returns ``(loss, aux)``), applied only if the loss is finite.
 
-        Returns ``(loss.detach(), aux)``, or ``(loss, None)`` for a skipped update. A non-finite
-        loss raises :class:`~cda2_ext.errors.NonFiniteLossError` (``on_nonfinite="stop"``) or
-        leaves no trace but ``tally["skipped"]`` (``"skip"``).
+        Returns ``(loss.detach(), aux)``. The verdict stays on the device (:mod:`.nonfinite`): a
+        non-finite loss leaves parameters, optimiser state and BatchNorm statistics as they were,
+        counts in ``tally["skipped"]``, and makes what the method adds to ``tally`` afterwards in
+        this step count for nothing (:meth:`Tally.count_only_if`); with ``on_nonfinite="stop"``
+        :meth:`check_finite` then raises :class:`~cda2_ext.errors.NonFiniteLossError`.
         """
-        cfg = self.config
-        # A skipped batch must leave no trace, and the forward pass updates BatchNorm's running
-        # statistics: keep a copy to put back (a few KB).
-        buffers = [b.clone() for b in self.model.buffers()] if cfg.on_nonfinite == "skip" else None
+        self.guard.begin(self.model)
         with self.autocast():
             loss, aux = loss_fn()
-        # One device sync per update: the price of never applying (or saving) a non-finite step.
-        # All processes decide together, so none waits forever for a gradient another skipped.
-        finite = self.dist.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
-        if float(finite) < self.dist.world_size:
-            if buffers is None:
-                raise NonFiniteLossError(
-                    f"the {phase} loss is {float(loss.detach())} at {self._where or 'this step'}; "
-                    f"stopped before applying it ({self._kept()}); lower --lr or check the data, or "
-                    "pass --on-nonfinite skip to skip such batches")
-            if self.dist.enabled:  # the replicas expect a backward pass; its gradients are dropped
-                (loss * 0).backward()
-                self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(self.model.buffers(), buffers):
-                    b.copy_(saved)
-            tally.add("skipped", 1)
-            return loss.detach(), None
+        ok = self.guard.decide(loss, (phase, self._where or "this step"))
+        # Every process runs its backward pass whatever the verdict (the replicas of a
+        # multi-process job expect each other's gradients); the step is what is skipped.
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.step(ok, self.model, self.optimizer, self.scaler)
+        tally.count_only_if(None)
+        tally.add("skipped", ~ok)
+        tally.count_only_if(ok)
         return loss.detach(), aux
+
+    def check_finite(self) -> None:
+        """Raise :class:`~cda2_ext.errors.NonFiniteLossError` if an update since the last check had
+        a non-finite loss and the run stops on one (one host read; nothing with ``"skip"``)."""
+        failure = self.guard.first_failure()
+        if failure is None:
+            return
+        (phase, where), value = failure
+        raise NonFiniteLossError(
+            f"the {phase} loss is {value} at {where}; stopped before applying it ({self._kept()}); "
+            "lower --lr or check the data, or pass --on-nonfinite skip to skip such batches")
 
     # ----- epochs ------------------------------------------------------------------------------
     def batches(self) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -195,12 +212,19 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor, tallies: Optional[Dict[str, Tally]] = None
                    ) -> Dict[str, Tensor]:
         """One global batch ``x [B, C, H, W]`` in [0, 1] (augmented), ``y [B]``: this process's
-        shard of it trained by the method. Returns the method's losses (0-d tensors)."""
+        shard of it trained by the method. Returns the method's losses (0-d tensors).
+
+        ``y`` must come from the training set (its labels were checked once, at start). Nothing in
+        the step reads device data back on the host; a non-finite loss is reported by
+        :meth:`check_finite` (which :meth:`train_epoch` calls)."""
         tallies = tallies if tallies is not None else self._new_tallies()
+        for tally in tallies.values():  # what the step adds before its first update always counts
+            tally.count_only_if(None)
         self.model.train()
         self._global_x = x
         try:
-            return self.method.step(self.dist.shard(x), self.dist.shard(y), tallies)
+            with labels_checked():
+                return self.method.step(self.dist.shard(x), self.dist.shard(y), tallies)
         finally:
             self._global_x = None
 
@@ -227,9 +251,13 @@ class Trainer:
             losses = self.train_step(x, y, tallies)
             if step_callback is not None:
                 step_callback(step, losses)
-            if cfg.progress and step % 10 == 0:  # reading the loss syncs the device: not every step
-                bar.set_postfix({k[:3]: f"{float(v):.3f}" for k, v in losses.items()}, refresh=False)
+            if (step + 1) % self.check_every == 0:  # host reads wait for the device: not every step
+                self.check_finite()
+                if cfg.progress:
+                    bar.set_postfix({k[:3]: f"{float(v):.3f}" for k, v in losses.items()},
+                                    refresh=False)
         bar.close()
+        self.check_finite()  # before anything of this epoch is reported or saved
         self._where = ""
         self.epoch += 1
         for tally in tallies.values():  # one sum over processes per epoch
@@ -243,7 +271,8 @@ class Trainer:
         if (self.dist.is_main and self.test_set is not None and cfg.eval_every > 0
                 and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs)):
             metrics["test"] = evaluate_clean(self.model, self.test_set.images, self.test_set.labels,
-                                             cfg.eval_batch_size, device=self.device)
+                                             cfg.eval_batch_size, score=cfg.select_score,
+                                             device=self.device)
         return metrics
 
     def fit(self, step_callback: Optional[Callable[[int, Dict[str, Tensor]], None]] = None, *,
@@ -362,7 +391,9 @@ class Trainer:
             raise ConfigError(f"resume: options differ from the checkpoint's ({', '.join(changed)}); "
                               "use a new --out-dir for a different run")
         epoch, history = meta.get("epoch"), meta.get("history", [])
-        if type(epoch) is not int or epoch < 0 or not isinstance(history, list):
+        # A run stops at its config's epochs, so a larger epoch count is damage, not progress.
+        if (type(epoch) is not int or not 0 <= epoch <= stored.epochs
+                or not isinstance(history, list)):
             raise CheckpointError(f"{source} has damaged metadata (epoch {epoch!r}, history of type "
                                   f"{type(history).__name__})")
         load_state(self.model, tensors, "model.", source, check_only=True)

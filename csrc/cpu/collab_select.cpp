@@ -44,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor> collab_select_cpu(const at::Tensor& ppd_logit
   return {index, chosen};
 }
 
-at::Tensor collab_select_backward_cpu(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models) {
+at::Tensor collab_select_backward_cpu(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models,
+                                      bool check_index) {
+  (void)check_index;  // always checked here: the kernel writes through the index (and it costs no sync)
   check_select_backward(grad_chosen, index, num_models);
   const auto g = grad_chosen.contiguous(), idx = index.contiguous();
   check_in_range_cpu(idx, num_models, "index", "entries");

@@ -39,13 +39,17 @@ std::tuple<at::Tensor, at::Tensor> collab_select_cuda(const at::Tensor& ppd_logi
 
 // A bad index raises ValueError before the launch, as on the CPU: glue::check_in_range_cuda reads
 // the index on the device and synchronises the stream once per call (the price of an error instead
-// of a silently wrong gradient; the collab_loss forward pays the same for its labels).
-at::Tensor collab_select_backward_cuda(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models) {
+// of a silently wrong gradient for a direct call; the collab_loss forward pays the same for labels
+// it is not told were checked). Autograd's own call passes check_index=False and pays nothing.
+at::Tensor collab_select_backward_cuda(const at::Tensor& grad_chosen, const at::Tensor& index, int64_t num_models,
+                                       bool check_index) {
   check_select_backward(grad_chosen, index, num_models);
   const c10::cuda::CUDAGuard guard(grad_chosen.device());
   const auto g = grad_chosen.contiguous(), idx = index.contiguous();
   const cudaStream_t stream = glue::current_stream();
-  glue::check_in_range_cuda(idx, num_models, "index", "entries", stream);
+  // Autograd passes check_index=False (its index is the forward's argmax): no host sync. The
+  // kernel writes every row and never indexes memory with an entry, so that is safe regardless.
+  if (check_index) glue::check_in_range_cuda(idx, num_models, "index", "entries", stream);
   const int64_t B = g.size(0), K = g.size(1);
   auto out = at::empty({num_models, B, K}, g.options());  // the kernel writes every row (zeros or g)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "collab_select_backward_cuda", [&] {

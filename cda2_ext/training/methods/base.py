@@ -12,10 +12,12 @@ A new method is a subclass with a ``name`` registered in :data:`cda2_ext.trainin
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, List
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..nonfinite import fused_optimizer
 
 if TYPE_CHECKING:  # the trainer imports the methods, not the other way round
     from ..trainer import Trainer
@@ -25,16 +27,35 @@ __all__ = ["Method", "Tally"]
 
 class Tally:
     """Per-epoch running sums kept on the device (no sync per step), summed over processes at
-    the end of the epoch. Values are float64 tensors of any shape; ``n`` counts samples."""
+    the end of the epoch. Values are float64 tensors of any shape; ``n`` counts samples.
+
+    What a step adds after an update counts only if that update was applied: the trainer calls
+    :meth:`count_only_if` with the update's device-side verdict, so a skipped update leaves no
+    trace in the tallies without the host having to know."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.sums: Dict[str, Tensor] = {}
+        self._only_if: Optional[Tensor] = None
+
+    def count_only_if(self, applied: Optional[Tensor]) -> None:
+        """From now on, add values only where the 0-d bool ``applied`` holds (``None``: always)."""
+        self._only_if = applied
 
     def add(self, key: str, value: Tensor | float | int) -> None:
-        v = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-        v = v.detach().to(torch.float64)
+        if isinstance(value, Tensor):
+            v = value.detach().to(device=self.device, dtype=torch.float64)
+        else:  # a fill on the device, not a copy from the host (which would synchronise a GPU)
+            v = torch.full((), float(value), dtype=torch.float64, device=self.device)
+        if self._only_if is not None:
+            v = torch.where(self._only_if, v, 0.0)
         self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+
+    def add_counts(self, key: str, index: Tensor, n: int) -> None:
+        """Add the histogram of ``index`` (values in ``[0, n)``) as ``[n]`` counts: what
+        ``torch.bincount(index, minlength=n)`` gives, without the host read of ``index.max()``
+        it makes on a GPU."""
+        self.add(key, (index.reshape(-1, 1) == torch.arange(n, device=index.device)).sum(0))
 
     def get(self, key: str, default: float = 0.0) -> Tensor:
         return self.sums.get(key, torch.tensor(default, dtype=torch.float64))
@@ -69,8 +90,8 @@ class Method:
         ``weight_decay``); the trainer sets each epoch's learning rate from the schedule."""
         cfg = self.trainer.config
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+            return fused_optimizer(torch.optim.Adam, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return fused_optimizer(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
 
     def tally_keys(self) -> List[str]:

@@ -19,6 +19,10 @@ surrogate -> everything else).
 
 Choices the paper leaves open, each an option (defaults: the paper; see ``TrainConfig``):
 
+* ``weights="detector"``: the label path minimises the authors' detector-weighted cross-entropy
+  instead of Eq. 7's soft-min (:mod:`~cda2_ext.training.weighting`); the tallies' ``surrogate``
+  is then that loss.
+
 * ``clean_weight W``: every update also minimises ``W x (surrogate + bce_weight x BCE)`` on the
   clean batch (its own forward pass), as the authors' code does with W = 1 (``loss_soft +
   adv_loss_soft``); Algorithm 1 has no such term.
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from ...attacks.training import collaboration_pgd, per_model_pgd
 from ...models.collaboration import collaborate
+from ..weighting import weighted_loss
 from .base import Method, Tally
 
 __all__ = ["CDA2", "soe_ppd_bce"]
@@ -112,19 +117,21 @@ class CDA2(Method):
         else:  # clean accuracy of the collaboration on this batch, as it will be evaluated
             with torch.no_grad(), t.autocast():
                 logits, ppd = model.frozen()(x)  # eval mode, BatchNorm folded
-                _, chosen = collaborate(logits.float(), ppd.float(), "ppd", t.backend)
+                _, chosen = collaborate(logits.float(), ppd.float(), cfg.select_score, t.backend)
             tallies["clean"].add("correct", (chosen.argmax(-1) == y).sum())
             tallies["clean"].add("n", y.shape[0])
         return losses
 
     def _terms(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Any, Tensor, Tensor, Tensor]:
-        """``(surrogate + bce_weight x BCE, collaboration loss, BCE, logits, ppd)`` of the training
-        forward at ``x`` (logits and ppd detached)."""
+        """``(label loss + bce_weight x BCE, the weighted loss's terms, BCE, logits, ppd)`` of the
+        training forward at ``x`` (logits and ppd detached); the label loss is ``cfg.weights``'
+        (:func:`~cda2_ext.training.weighting.weighted_loss`)."""
         t = self.trainer
         cfg, backend = t.config, t.backend
         logits, ppd = t.train_forward(x)
         logits, ppd = logits.float(), ppd.float()  # the fused ops accumulate in fp32
-        out = backend.collaboration_loss(logits, y, cfg.sigma)
+        out = weighted_loss(logits, ppd, y, cfg.weights, sigma=cfg.sigma, temp_c=cfg.temp_c,
+                            temp_true=cfg.temp_true, backend=backend)
         if cfg.ppd_loss == "soe":
             bce = soe_ppd_bce(logits, ppd, out.p_true, y, label_grad=cfg.ppd_grad == "trunk")
         else:
@@ -150,7 +157,7 @@ class CDA2(Method):
         if aux is not None:
             out, bce, logits, ppd, clean_term = aux
             with torch.no_grad():
-                index, chosen = collaborate(logits, ppd, "ppd", backend)
+                index, chosen = collaborate(logits, ppd, cfg.select_score, backend)
                 n, M = y.shape[0], logits.shape[0]
                 tally.add("n", n)
                 tally.add("surrogate", out.loss * n)
@@ -159,8 +166,8 @@ class CDA2(Method):
                     tally.add("clean_term", clean_term.detach() * n)
                 tally.add("correct", (chosen.argmax(-1) == y).sum())
                 tally.add("ce", out.ce.sum(1))
-                tally.add("assign", torch.bincount(out.weights.argmax(0), minlength=M))
-                tally.add("select", torch.bincount(index, minlength=M))
+                tally.add_counts("assign", out.weights.argmax(0), M)
+                tally.add_counts("select", index, M)
         return loss
 
     def epoch_metrics(self, tallies: Dict[str, Tally]) -> Dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ...attacks.engine import ce_loss, sign_attack
 from ...runtime import FUSED, OpsBackend, eval_mode
+from ..nonfinite import fused_optimizer
 from .base import Method, Tally
 
 __all__ = ["EnsembleMethod", "Ensemble", "ensemble_log_probs", "per_model_ce", "ensemble_ce_loss",
@@ -94,8 +95,10 @@ def baseline_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.
     """``config.optimizer`` with ``lr``/``weight_decay`` (and SGD's ``momentum``); Adam with
     DVERGE's ``eps=1e-7`` (ADP and GAL)."""
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=ADAM_EPS)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return fused_optimizer(torch.optim.Adam, params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               eps=ADAM_EPS)
+    return fused_optimizer(torch.optim.SGD, params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 #: ``logits [M, N, K] -> (loss, {term: value})``: a method's loss of the training forward.
