@@ -48,10 +48,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def portable_command(argv: Optional[List[str]] = None) -> str:
+    """The command that ran (``python`` + ``argv``, default ``sys.argv``), as committed records
+    quote it: this machine's folders become variables -- the repository ``$REPO``, the
+    ``CDA2_DATA`` folder ``$DATA``, the temporary folder ``$TMP``, the home folder ``$HOME`` -- so a
+    record says what ran, not where."""
+    import re
+    import tempfile
+    subs = []  # (folder, variable), most specific first; each also in its resolved spelling
+    for folder, var in ((HERE.parent, "$REPO"), (os.environ.get("CDA2_DATA"), "$DATA"),
+                        (tempfile.gettempdir(), "$TMP"), (Path.home(), "$HOME")):
+        if folder and str(folder) not in ("/", "."):
+            for spelt in dict.fromkeys((str(folder), os.path.realpath(folder))):
+                subs.append((spelt.rstrip("/"), var))
+    cmd = " ".join([Path(sys.executable).name, *(sys.argv if argv is None else argv)])
+    for folder, var in sorted(subs, key=lambda fv: -len(fv[0])):  # /tmp/x/repo before /tmp
+        cmd = re.sub(r"(?<![\w.$-])" + re.escape(folder) + r"(?=[/\s\"',:=]|$)", lambda _: var, cmd)
+    return cmd
+
+
 def write_results(path: Path, benchmark: str, fields: dict) -> None:
-    """Write ``benchmarks/results/*.json``: the benchmark's name, the command that ran, the time,
-    then ``fields`` (machine, settings, figures); say where."""
-    doc = {"benchmark": benchmark, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    """Write ``benchmarks/results/*.json``: the benchmark's name, the command that ran
+    (:func:`portable_command`), the time, then ``fields`` (machine, settings, figures); say where."""
+    doc = {"benchmark": benchmark, "command": portable_command(),
            "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **fields}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import cda2_ext  # noqa: E402
 from cda2_ext import ops, reference  # noqa: E402
+from ops_cpu import portable_command  # noqa: E402  (this script's folder is on sys.path)
 
 DEVICE = "cuda"  # main() sets "cpu" for the smoke test (--device cpu)
 
@@ -505,7 +506,7 @@ def main() -> int:
     def write(rows: List[dict], complete: bool, checks: Optional[List[str]] = None) -> None:
         doc = {
             "machine": info,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "command": portable_command(),  # ops_cpu.py: local folders as $REPO, $TMP, ...
             "complete": complete,
             "method": {
                 "timer": "torch.cuda.Event around each call, median" if DEVICE == "cuda"
