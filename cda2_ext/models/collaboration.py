@@ -138,10 +138,13 @@ def selection_score(logits: Tensor, ppd_logit: Tensor, score: str = "ppd") -> Te
     """
     if score == "ppd":
         return ppd_logit
+    # float64 stays float64 (the tests' oracle precision); anything else is scored in float32
+    z = logits if logits.dtype == torch.float64 else logits.float()
     if score == "soe":
-        return torch.softmax(logits.float(), dim=-1).amax(-1) * torch.sigmoid(ppd_logit.float())
+        s = ppd_logit if ppd_logit.dtype == torch.float64 else ppd_logit.float()
+        return torch.softmax(z, dim=-1).amax(-1) * torch.sigmoid(s)
     if score == "maxprob":
-        return torch.softmax(logits.float(), dim=-1).amax(-1)
+        return torch.softmax(z, dim=-1).amax(-1)
     raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
 
 

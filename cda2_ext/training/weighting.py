@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..models.collaboration import selection_score
 from ..runtime import FUSED, OpsBackend
 
 __all__ = ["WEIGHTINGS", "Weighted", "detector", "detector_weights", "weighted_loss",
@@ -59,8 +60,9 @@ def _stat(t: Tensor) -> Tensor:
 
 
 def detector(logits: Tensor, ppd_logit: Tensor) -> Tensor:
-    """The authors' detector ``max_k softmax(z)_k * sigmoid(s)``, ``[M, B]`` in [0, 1]."""
-    return torch.softmax(_stat(logits), -1).amax(-1) * torch.sigmoid(_stat(ppd_logit))
+    """The authors' detector ``max_k softmax(z)_k * sigmoid(s)``, ``[M, B]`` in [0, 1]: the
+    ``"soe"`` selection score the collaboration answers by."""
+    return selection_score(logits, ppd_logit, "soe")
 
 
 def detector_weights(logits: Tensor, ppd_logit: Tensor, temp_c: float) -> Tensor:

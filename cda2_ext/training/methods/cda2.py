@@ -154,20 +154,20 @@ class CDA2(Method):
             return loss, (out, bce, logits, ppd, clean_term)
 
         loss, aux = t.update(loss_fn, phase, tally)
-        if aux is not None:
-            out, bce, logits, ppd, clean_term = aux
-            with torch.no_grad():
-                index, chosen = collaborate(logits, ppd, cfg.select_score, backend)
-                n, M = y.shape[0], logits.shape[0]
-                tally.add("n", n)
-                tally.add("surrogate", out.loss * n)
-                tally.add("bce", bce * n)
-                if clean_term is not None:
-                    tally.add("clean_term", clean_term.detach() * n)
-                tally.add("correct", (chosen.argmax(-1) == y).sum())
-                tally.add("ce", out.ce.sum(1))
-                tally.add_counts("assign", out.weights.argmax(0), M)
-                tally.add_counts("select", index, M)
+        # a skipped update returns its aux too: what is tallied then counts for nothing
+        out, bce, logits, ppd, clean_term = aux
+        with torch.no_grad():
+            index, chosen = collaborate(logits, ppd, cfg.select_score, backend)
+            n, M = y.shape[0], logits.shape[0]
+            tally.add("n", n)
+            tally.add("surrogate", out.loss * n)
+            tally.add("bce", bce * n)
+            if clean_term is not None:
+                tally.add("clean_term", clean_term.detach() * n)
+            tally.add("correct", (chosen.argmax(-1) == y).sum())
+            tally.add("ce", out.ce.sum(1))
+            tally.add_counts("assign", out.weights.argmax(0), M)
+            tally.add_counts("select", index, M)
         return loss
 
     def epoch_metrics(self, tallies: Dict[str, Tally]) -> Dict[str, Any]:

@@ -152,18 +152,18 @@ class EnsembleMethod(Method):
             return loss, (terms, logits.detach())
 
         loss, aux = t.update(loss_fn, self.name, tally)
-        if aux is not None:
-            terms, logits = aux
-            with torch.no_grad():
-                tally.add("n", n)
-                tally.add("loss", loss * n)
-                for k, v in terms.items():
-                    tally.add(k, v * n)
-                pred = ensemble_log_probs(logits).argmax(-1)
-                for key, part in (("clean", clean), ("adv", adv)):
-                    if part is not None:
-                        tally.add(f"{key}_correct", (pred[part] == y_acc[part]).sum())
-                        tally.add(f"{key}_n", y_acc[part].numel())
+        # a skipped update returns its aux too: what is tallied then counts for nothing
+        terms, logits = aux
+        with torch.no_grad():
+            tally.add("n", n)
+            tally.add("loss", loss * n)
+            for k, v in terms.items():
+                tally.add(k, v * n)
+            pred = ensemble_log_probs(logits).argmax(-1)
+            for key, part in (("clean", clean), ("adv", adv)):
+                if part is not None:
+                    tally.add(f"{key}_correct", (pred[part] == y_acc[part]).sum())
+                    tally.add(f"{key}_n", y_acc[part].numel())
         return loss
 
     def _clean_accuracy(self, x: Tensor, y: Tensor, tally: Tally) -> None:
