@@ -54,7 +54,7 @@ def _evaluate_ensembles_as_ensembles(methods: Dict[str, str]) -> None:
     """Make the ``cda2 eval`` run here attack a non-CDA² checkpoint's ensemble output (mean
     probability, :class:`EnsembleLogits`) instead of Algorithm 2's selection (its PPD heads were
     never trained), and record which in ``config.targets``."""
-    import cda2_ext.cli.eval_robustness as er
+    import cda2_ext.jobs.evaluate as er
     from cda2_ext.attacks.whitebox import EnsembleLogits
 
     original = er.evaluate_robustness

@@ -1,6 +1,6 @@
 """Fused CPU operators vs the plain-PyTorch reference, forward + backward, in one run.
 
-Every row times the same work twice in this process -- once through ``cda2_ext.reference`` (the
+Every row times the same work twice in this process -- once through ``cda2_ext.ops.reference`` (the
 math written the way a careful PyTorch user would) and once through the compiled ``cda2_ext.ops``
 -- with ``torch.utils.benchmark.Timer.blocked_autorange`` and reports the median. Reference and
 fused are measured alternately for ``--rounds`` rounds and the lowest median of each is kept, which
@@ -175,7 +175,8 @@ def time_stmt(fn: Callable, min_run_time: float, threads: int, cpu_time: bool = 
 
 
 def run(args) -> dict:
-    from cda2_ext import ops, reference
+    from cda2_ext import ops
+    from cda2_ext.ops import reference
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     results = []

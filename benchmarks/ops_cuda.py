@@ -1,7 +1,7 @@
 """CUDA microbenchmarks of the fused operators.
 
 Each fused op (forward, backward, forward+backward) is timed against the eager plain-PyTorch
-reference (:mod:`cda2_ext.reference`) and against ``torch.compile`` of that reference, at the
+reference (:mod:`cda2_ext.ops.reference`) and against ``torch.compile`` of that reference, at the
 paper's shape (M=3, B=128, K=10), a large shape (M=8, B=4096, K=1000; sign step [8,512,3,32,32])
 and a huge-K shape (M=4, B=1024, K=32768).
 
@@ -516,7 +516,7 @@ def main() -> int:
                 "bandwidth": "minimal bytes read+written by the op / fused time",
                 "copy_baseline": "device-to-device copy_ moving the same bytes (half read, half written), "
                                  "same run; copy_peak_gbps: the same for 2 GiB",
-                "reference": "cda2_ext.reference eager; torch.compile(dynamic=False) of the same functions",
+                "reference": "cda2_ext.ops.reference eager; torch.compile(dynamic=False) of the same functions",
                 "correctness": "rel_err_vs_eager: norm-wise relative error of outputs and gradients "
                                "against eager, checked before timing; bound per dtype "
                                + json.dumps({str(k)[6:]: v for k, v in MATCH_TOL.items()}),

@@ -8,7 +8,7 @@ The inputs are the edge cases of the kernels' row mappings: one sub-model (M=1),
 unaligned K, the huge-K case (K=32768), non-contiguous (permuted, strided) inputs, a side stream,
 and float16/bfloat16 next to float32/float64.
 
-Every result is also compared with :mod:`cda2_ext.reference` run on the CPU in float64 on the
+Every result is also compared with :mod:`cda2_ext.ops.reference` run on the CPU in float64 on the
 same values (no extra GPU kernels for the sanitizer to slow down), so the run doubles as a
 correctness check: the norm-wise relative error must stay under a per-dtype bound. ``--device
 cpu`` runs the same calls on the CPU kernels (a smoke test of this script on a machine without a
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 import cda2_ext
-from cda2_ext import ops, reference
+from cda2_ext import ops
+from cda2_ext.ops import reference
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}

@@ -1,10 +1,11 @@
 """cda2_ext: CDA² (Collaborate to Defend against Adversarial Attacks) with fused C++/CUDA ops.
 
-``cda2_ext.ops`` holds the fused operators (``cda2_ext.reference`` their plain-PyTorch twins).
+``cda2_ext.ops`` holds the fused operators (``cda2_ext.ops.reference`` their plain-PyTorch twins).
 """
 from __future__ import annotations
 
-from . import ops, reference
+from . import ops
+from .ops import reference
 from .ops import (
     BUILD_INFO,
     HAS_EXTENSION,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._checks import exact_int
+from .ops._checks import exact_int
 from .errors import ConfigError
 
 __all__ = ["ITERATIONS", "ITEMS", "MODELS", "CLASSES", "DEPTH", "CHANNELS", "count"]

@@ -1,11 +1,17 @@
 """Where and how the model runs: the operator backend, the device, and eval mode for attacks.
 
 * :data:`FUSED` / :data:`REFERENCE` and :func:`ops_backend` - the one place where the fused
-  kernels (:mod:`cda2_ext.ops`) or their plain-PyTorch twins (:mod:`cda2_ext.reference`) are
+  kernels (:mod:`cda2_ext.ops`) or their plain-PyTorch twins (:mod:`cda2_ext.ops.reference`) are
   chosen. Both modules expose the same functions with the same signatures, so code that runs the
-  CDA² operators takes ``backend: OpsBackend`` (default :data:`FUSED`) and calls
-  ``backend.collaboration_loss(...)``; a choice is made once (from a ``fused`` flag) and passed
-  down, never re-derived or mutated later.
+  CDA² operators calls ``backend.collaboration_loss(...)`` on the chosen one.
+
+  One choice, three names, each at its own level: ``unfused`` is the user's option (``--unfused``
+  and the field of the stored configs, kept so that earlier checkpoints load); ``fused=`` is the
+  argument that builds a model (:class:`~cda2_ext.models.Collaboration`) from it; ``backend`` is
+  the module chosen. The choice is made once, when the model is built, and travels with it as
+  ``model.backend``: code that holds the model reads it there (:func:`backend_of`, also through a
+  wrapper's ``.net``), and a function of bare tensors takes ``backend`` from its caller, with
+  :data:`FUSED` as the default for a caller that has made no choice.
 * :func:`resolve_device` - ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"`` to a usable ``torch.device``.
 * :func:`eval_mode` - BatchNorm on running statistics while an attack runs, restored afterwards.
 * :func:`sync_free` - whether code on a device must avoid host reads of device data and
@@ -24,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import ops, reference
+from . import ops
+from .ops import reference
 from .errors import ConfigError
 
 __all__ = ["OpsBackend", "FUSED", "REFERENCE", "ops_backend", "backend_of", "backend_name", "resolve_device",
@@ -183,7 +190,7 @@ class HostReads(TorchDispatchMode):
     The CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``: on a CPU nothing
     synchronises, but the same operators run, so a step that records nothing here has no host
     read of device data on a GPU either (except inside compiled kernels: the fused ops' CUDA label
-    checks are covered by :func:`~cda2_ext._checks.labels_checked`). Host reads of CPU generators
+    checks are covered by :func:`~cda2_ext.ops._checks.labels_checked`). Host reads of CPU generators
     (``draw_seed``) are not device reads and are left out. ``reads``: ``(op, where)`` pairs,
     ``where`` the innermost ``cda2_ext`` frames.
     """

@@ -1,5 +1,5 @@
 // Argument checks for the raw operators, run before any kernel reads tensor data. The Python
-// face (cda2_ext/_checks.py) checks the same things with the same messages first; these guard
+// face (cda2_ext/ops/_checks.py) checks the same things with the same messages first; these guard
 // direct torch.ops.cda2_ext.* calls so that no input can make a kernel read out of bounds.
 // TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError in Python.
 #pragma once

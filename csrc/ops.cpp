@@ -1,6 +1,6 @@
 // The one list of operators: schemas for torch.ops.cda2_ext.*, plus the Python module that
 // carries them. Kernels register per backend in cpu/ and cuda/; autograd in autograd.cpp; fake
-// (meta) kernels for torch.compile in cda2_ext/ops.py.
+// (meta) kernels for torch.compile in cda2_ext/ops/__init__.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -30,6 +30,8 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from helpers import tiny_train  # this script's folder is on sys.path
+
 BIG = str(2 ** 70)
 LONG = "x" * 300
 INTS = ["0", "-1", BIG, str(2 ** 63), "abc", "", "1e3", "3.5", "nan"]
@@ -44,9 +46,8 @@ INPUTS = ["RUN", "RUN/checkpoint.safetensors", "RUN/checkpoint.json", LONG, "vic
 OUTPUTS = ["out{i}", "out{i}/deeper/more", LONG, "victim.txt", "linked_run", "lock_dir", "ckpt_dir",
            "/proc/cda2-none/x", "", "photos", "RUN/checkpoint.json", "loop", "two\nlines{i}"]
 
-TINY_TRAIN = {"--dataset": "synthetic", "--depth": "2", "--num-models": "2", "--steps": "1",
-              "--batch-size": "16", "--train-limit": "32", "--test-limit": "8", "--epochs": "1",
-              "--eval-every": "0", "--device": "cpu", "--out-dir": "out{i}"}
+_TINY = tiny_train(test_limit=8, no_progress=None)  # --no-progress is one of train's base_flags
+TINY_TRAIN = {**dict(zip(_TINY[::2], _TINY[1::2])), "--out-dir": "out{i}"}
 
 # ----- per command: (base options, option pools, flags, output options and their defaults) -------
 COMMANDS: Dict[str, dict] = {

@@ -16,6 +16,9 @@
   as a green run of skips).
 * ``@pytest.mark.slow`` (registered in pyproject.toml) -- CNN training and subprocess runs; CI runs
   them, ``-m "not slow"`` leaves them out of a quick local loop.
+* ``trained`` -- the folder of a finished one-epoch run of ``helpers.TINY_TRAIN`` (through its
+  library twin ``tiny_config``), trained once per session; ``run_copy`` -- a copy of it for the
+  test to change (damage, resume, write into). Never change ``trained`` itself.
 * ``cifar_dir`` -- the CIFAR-10 folder in ``shared/data``; the test is skipped when it is absent.
   When it is there, ``CDA2_DATA`` points at it for the whole session (subprocesses included): the
   library itself no longer looks beside the repository, only in ``--data``, ``$CDA2_DATA``,
@@ -24,6 +27,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -31,7 +35,8 @@ import pytest
 import torch
 
 import cda2_ext
-from helpers import HAS_EXTENSION, REQUIRE_CUDA, REQUIRE_EXTENSION, cuda_missing
+from helpers import (HAS_EXTENSION, REQUIRE_CUDA, REQUIRE_EXTENSION, cuda_missing, tiny_config,
+                     tiny_trainer)
 
 CIFAR_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar-10-batches-py"
 if (CIFAR_DIR / "data_batch_1").is_file():
@@ -89,3 +94,17 @@ def cifar_dir() -> Path:
     if not (CIFAR_DIR / "data_batch_1").is_file():
         pytest.skip(f"CIFAR-10 not found at {CIFAR_DIR}")
     return CIFAR_DIR
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch run of TINY_TRAIN (copy it before changing it: ``run_copy``)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    tiny_trainer(tiny_config(out)).fit()
+    return out
+
+
+@pytest.fixture
+def run_copy(trained: Path, tmp_path: Path) -> Path:
+    """A copy of ``trained`` that the test may change."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))

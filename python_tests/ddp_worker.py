@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from cda2_ext.data import synthetic_images
-from cda2_ext.training import TrainConfig, Trainer
+from cda2_ext.training import Trainer
 from cda2_ext.training.distributed import from_environment
+from helpers import tiny_config  # this script's folder is on sys.path
 
 
 def _thread_names() -> list:
@@ -28,9 +29,8 @@ def _thread_names() -> list:
 def main(out: str, sync_bn: bool, steps: int = 3) -> None:
     torch.set_num_threads(1)
     dist = from_environment("gloo")
-    cfg = TrainConfig(dataset="synthetic", num_models=2, depth=8, batch_size=8, steps=2, epochs=1,
-                      lr=0.05, progress=False, eval_every=0, device="cpu", out_dir=out + ".run",
-                      sync_bn=sync_bn)
+    cfg = tiny_config(out + ".run", depth=8, batch_size=8, steps=2, lr=0.05, train_limit=None,
+                      test_limit=None, sync_bn=sync_bn)
     data = synthetic_images(32, seed=0, size=16)
     trainer = Trainer(cfg, train_set=data, log=None, dist=dist)
     losses = []

@@ -1,7 +1,11 @@
-"""What the op tests share: the CI switches, dtype and reduction tables, and the input makers.
+"""What the tests share: the CI switches, dtype and reduction tables and input makers of the op
+tests; the tiny training run (``TINY_TRAIN`` and its library twin ``tiny_config``) every test that
+trains starts from; and the checks of what a command says.
 
-Fixtures (``gen``, ``device``, ``cuda``) live in ``conftest.py``; plain values and functions live
-here, so a test module (or ``test_bad_inputs.py``'s child process) can import them by name.
+Fixtures (``gen``, ``device``, ``cuda``, ``trained``, ``run_copy``) live in ``conftest.py``; plain
+values and functions live here, so a test module (or a test's child process: ``test_bad_inputs.py``,
+``ddp_worker.py``, ``cli_fuzz_worker.py``) can import them by name. What needs more than the ops
+(training, the command line) is imported inside the function that uses it.
 
 Inputs are drawn on the CPU from the test's ``gen`` in float64 and only then cast and moved, so a
 test draws the same numbers on every device and dtype, and no test touches the global RNG.
@@ -9,14 +13,14 @@ test draws the same numbers on every device and dtype, and no test touches the g
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 import cda2_ext
 from cda2_ext import ops
-from cda2_ext.reference import _stat_dtype as stat_dtype  # the dtype the ops report statistics in
+from cda2_ext.ops.reference import _stat_dtype as stat_dtype  # the dtype the ops report statistics in
 
 __all__ = ["HAS_EXTENSION", "HAS_CUDA_KERNELS", "REQUIRE_EXTENSION", "REQUIRE_CUDA", "OUTPUTS",
            "REDUCTIONS", "RED_CODE", "HALF", "RAW_OPS", "FLOATS", "stat_dtype", "eps", "make_logits",
@@ -102,11 +106,99 @@ def pgd_oracle(loss_fn, x_nat: torch.Tensor, eps: float, alpha: float, steps: in
     return x
 
 
-# ----- command-line runs (test_hostile_inputs.py, test_checkpoint_integrity.py) ------------------
+# ----- tiny training runs: the one set of options every test that trains starts from --------------
 #: ``cda2 train`` options of a run of about a second on a CPU: synthetic images, depth 2, M=2.
+#: A test that needs other values says only how it differs: :func:`tiny_train`.
 TINY_TRAIN = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--steps", "1",
               "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
               "--device", "cpu", "--epochs", "1", "--eval-every", "0"]
+#: The library twin of TINY_TRAIN: the TrainConfig fields those options set, so that the command
+#: line can resume a run that :func:`tiny_config` trained (``test_cli.py`` checks that it can).
+TINY_CONFIG: Dict[str, Any] = dict(dataset="synthetic", depth=2, num_models=2, steps=1, batch_size=16,
+                                   train_limit=32, test_limit=32, progress=False, device="cpu",
+                                   epochs=1, eval_every=0)
+
+
+def tiny_train(**changes: Any) -> List[str]:
+    """TINY_TRAIN with options changed, by their TrainConfig names: ``tiny_train(depth=8)`` gives
+    ``--depth 8`` in place of ``--depth 2``; ``None`` leaves an option (or flag) out, ``True`` adds
+    a flag (``sync_bn=True``: ``--sync-bn``); options TINY_TRAIN lacks go at the end."""
+    items: List[List[str]] = []  # [option] or [option, value], in TINY_TRAIN's order
+    for a in TINY_TRAIN:
+        if a.startswith("--") or not items:
+            items.append([a])
+        else:
+            items[-1].append(a)
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        new = [] if value is None else [flag] if value is True else [flag, str(value)]
+        at = next((k for k, item in enumerate(items) if item[:1] == [flag]), None)
+        if at is None:
+            items.append(new)
+        else:
+            items[at] = new
+    return [a for item in items for a in item]
+
+
+def tiny_options(**changes: Any) -> Dict[str, Any]:
+    """TINY_CONFIG with ``changes`` to its fields; ``None`` leaves a field out, so that it takes
+    the library's default (as :func:`tiny_train` leaves the option out)."""
+    return {k: v for k, v in {**TINY_CONFIG, **changes}.items() if v is not None}
+
+
+def tiny_config(out_dir: Union[str, os.PathLike], **changes: Any):
+    """TINY_TRAIN as a ``TrainConfig`` writing to ``out_dir``, with ``changes`` as in
+    :func:`tiny_options`."""
+    from cda2_ext.training import TrainConfig
+    return TrainConfig(**tiny_options(out_dir=str(out_dir), **changes))
+
+
+def tiny_trainer(cfg, n: int = 32, size: int = 32, **kwargs: Any):
+    """A ``Trainer`` of ``cfg`` on ``n`` synthetic training images (seed 0) of ``size`` x ``size``
+    pixels, logging nothing unless ``log`` is given; ``kwargs`` go to the Trainer."""
+    from cda2_ext.data import synthetic_images
+    from cda2_ext.training import Trainer
+    return Trainer(cfg, train_set=synthetic_images(n, size=size), **{"log": None, **kwargs})
+
+
+def no_training(monkeypatch) -> None:
+    """Make any epoch of training fail the test: for runs that must be refused before one."""
+    from cda2_ext.training import Trainer
+
+    def refuse(*a, **k):
+        raise AssertionError("training started although the run should have been refused")
+    monkeypatch.setattr(Trainer, "train_epoch", refuse)
+
+
+def poison_first_batch(monkeypatch) -> None:
+    """NaN in one image of the first training batch only (the data loader cannot make one: uint8);
+    the one way the tests make a non-finite loss in a real step."""
+    from cda2_ext.training import Trainer
+    real, calls = Trainer.train_step, []
+
+    def step(self, x, y, stats=None):
+        calls.append(1)
+        if len(calls) == 1:
+            x = x.clone()
+            x[0] = float("nan")
+        return real(self, x, y, stats)
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----- what a command says ------------------------------------------------------------------------
+def run_cli(argv: Sequence[str], capsys) -> Tuple[int, str]:
+    """``cda2 ARGV`` through :func:`cda2_ext.cli.main` in this process: (exit status, stderr)."""
+    from cda2_ext.cli import main
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
 
 
 def one_line_error(err: str, *needles: str) -> str:
@@ -119,3 +211,11 @@ def one_line_error(err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in last, (needle, last)
     return last
+
+
+def only_error_line(capsys, *needles: str) -> str:
+    """Assert that all a command wrote to stderr (read from ``capsys``) is one ``cda2: error:``
+    line holding every needle (stricter than :func:`one_line_error`: nothing before it); returns it."""
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return one_line_error(err, *needles)

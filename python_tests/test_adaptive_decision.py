@@ -6,7 +6,9 @@
   sub-model's own loss points there: the decision attacks break it, plain PGD on the hard
   collaboration and the soft-selection attack at T = 1 do not;
 * a collaboration whose PPD logits are scaled by 0.01 gets temperatures 0.01 times as large and
-  exactly the same attack results.
+  exactly the same attack results;
+* ``cda2 eval``'s adaptive group uses those scale-relative temperatures, reports them, and has
+  the decision-margin rows.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ import torch
 from torch import nn
 
 from cda2_ext.attacks.adaptive import (ADAPTIVE_ATTACKS, DECISION_ATTACKS, AdaptiveConfig,
-                                       adaptive_attacks, apgd)
+                                       adaptive_attacks)
+from cda2_ext.attacks.apgd import apgd
 from cda2_ext.attacks.decision import (choose_temperatures, decision_margin, selection_gap,
                                        selection_lead, targeted_decision_margin,
                                        wrong_class_targets)
 from cda2_ext.attacks.engine import model_objective
 from cda2_ext.attacks.whitebox import CollaborationLogits, PGDConfig, pgd_attack, predict_correct
+from cda2_ext.evaluation import EvalConfig, evaluate_robustness
+from cda2_ext.evaluation.rows import BUDGET_CHECK
 from cda2_ext.models import Collaboration
 
 
@@ -201,6 +206,30 @@ def test_scaled_ppd_logits_scale_the_temperatures_and_change_no_result():
         assert torch.allclose(r1[name].x_adv, r2[name].x_adv, atol=1e-5), name
         broken += int((~r1[name].correct).sum())
     assert 0 < broken < sum(r.correct.numel() for r in r1.values())  # a test with something to compare
+
+
+# ----- in the evaluation: the temperatures used and reported, the decision rows ------------------
+def test_evaluation_uses_and_reports_scale_relative_temperatures_and_the_decision_rows():
+    torch.manual_seed(0)
+    net = Collaboration(num_models=2, depth=2).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = CollaborationLogits(net)(x).argmax(-1)
+    cfg = EvalConfig(attacks=("adaptive",), eps=(0.002,), n_samples=4, sanity_eps=None, progress=False,
+                     adaptive=AdaptiveConfig(steps=2, apgd_steps=2, temperatures=(1.0,), decision_targets=1))
+    rep = evaluate_robustness({"c": net}, x, y, cfg, log=lambda s: None)
+    t = rep.details["temperatures"]["c"]
+    gap = selection_gap(net, x)
+    assert t == {"selection_gap": gap, "soft": {"soft(T=gap)": gap, "soft(T=0.25*gap)": 0.25 * gap,
+                                                "soft(T=1)": 1.0}, "bpda": gap}
+    rows = rep.acc["c"]
+    for attack in ("soft(T=gap)", "soft(T=0.25*gap)", "soft(T=1)", *DECISION_ATTACKS):
+        assert f"adaptive: {attack}" in rows
+    assert BUDGET_CHECK.label in rows
+    (note,) = [c for c in rep.checks if "selection scale" in c]
+    assert note.startswith(f"NOTE [c]: selection scale g = {gap:.3g} (median gap between the two highest "
+                           "selection scores over the 4 samples); temperatures used: soft selection "
+                           f"{gap:.3g} (gap), {0.25 * gap:.3g} (0.25*gap), 1 (fixed); BPDA {gap:.3g}.")
 
 
 # ----- APGD over copies ---------------------------------------------------------------------------

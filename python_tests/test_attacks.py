@@ -1,5 +1,6 @@
-"""Evaluation attacks: ball and box, worst case over restarts, Square's budget, the transfer rule,
-gradient masking caught by the adaptive attacks, and real attacks on a small CIFAR model.
+"""Evaluation attacks: ball and box, worst case over restarts, the last iterate instead of the worst
+one, Square's budget, the transfer rule, gradient masking caught by the adaptive attacks, and real
+attacks on a small CIFAR model.
 
 Everything is tiny (a few images, a few steps, depth-2/8 models) so the file runs in well under a
 minute on two CPU cores; the CIFAR tests skip themselves without the shared subset.
@@ -14,8 +15,8 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from cda2_ext import ops
-from cda2_ext.attacks.adaptive import (ADAPTIVE_ATTACKS, AdaptiveConfig, adaptive_attacks,
-                                       apgd_attack)
+from cda2_ext.attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig, adaptive_attacks
+from cda2_ext.attacks.apgd import apgd_attack
 from cda2_ext.attacks.engine import (AttackResult, dlr_loss, margin, merge_worst,
                                      model_objective, run_restarts, sign_attack)
 from cda2_ext.attacks.square import square_attack, square_p_schedule
@@ -24,7 +25,9 @@ from cda2_ext.attacks.transfer import (TransferConfig, TransferSet, all_variants
                                        skip_gradient, transfer_attack, transfer_correct)
 from cda2_ext.attacks.whitebox import (CollaborationLogits, EnsembleLogits, PGDConfig,
                                        SubModelLogits, pgd_attack, ppd_gradients, predict_correct)
+from cda2_ext.evaluation.rows import pgd_row
 from cda2_ext.models import Collaboration
+from cda2_ext.runtime import REFERENCE
 
 TOL = 1e-6  # x_nat + eps is rounded in float32: the ball holds up to one ulp
 
@@ -71,8 +74,10 @@ def test_pgd_and_adaptive_stay_in_ball_and_box(tiny):
 def test_transfer_methods_stay_in_ball_and_box(tiny, method):
     _, x, y = tiny
     surrogate = EnsembleLogits(Collaboration(num_models=2, depth=8).eval())
-    v = transfer_attack(surrogate, x, y, 0.04, method, "cw", TransferConfig(steps=3, mi_restarts=2),
+    r = transfer_attack(surrogate, x, y, 0.04, method, "cw", TransferConfig(steps=3, mi_restarts=2),
                         generator=torch.Generator().manual_seed(0))
+    assert r.margin is None and r.correct is None  # nothing of the target was used
+    v = r.x_adv
     assert v.shape == ((2 if method == "mi-pgd" else 1), *x.shape)
     assert_in_ball(v, x, 0.04)
 
@@ -155,6 +160,47 @@ def test_losses():
     assert margin(z, y).item() == -2.0
     assert math.isclose(dlr_loss(z, y).item(), -2.0 / 3.0, rel_tol=1e-6)
     assert math.isclose(dlr_loss(10 * z + 5, y).item(), dlr_loss(z, y).item(), rel_tol=1e-5)
+
+
+# ----- the last iterate instead of the worst one --------------------------------------------------
+def test_last_iterate_judges_the_final_point_and_worst_iterate_any_point():
+    """A loss that always pushes x up, and a model that is wrong only near x = 0.6: PGD passes
+    through the wrong region (0.5 -> 0.6 -> 0.7 -> 0.8) and ends outside it."""
+    x_nat = torch.full((1, 1), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+
+    def objective(x):  # x [G, B, 1]
+        wrong = ((x[..., 0] - 0.6).abs() < 0.03).float()
+        logits = torch.stack([1 - 2 * wrong, torch.zeros_like(wrong)], -1)  # class 1 wins iff wrong
+        return x[..., 0] * 1.0, logits.detach()
+
+    kw = dict(x_init=x_nat.unsqueeze(0), lo=0.0, hi=1.0, backend=REFERENCE)
+    worst = sign_attack(objective, x_nat, y, 0.3, 0.1, 3, **kw)
+    last = sign_attack(objective, x_nat, y, 0.3, 0.1, 3, last_iterate=True, **kw)
+    assert not bool(worst.correct.all()) and worst.x_adv.flatten().item() == pytest.approx(0.6)
+    assert bool(last.correct.all()) and last.x_adv.flatten().item() == pytest.approx(0.8)
+
+
+class _PassesThroughAWrongBand(torch.nn.Module):
+    """Two classes; the logit gap d(x) = wrong - right is a bump peaking at x = 0.72: negative at
+    0.5 and 0.8 (right), positive at 0.7 (wrong), rising at 0.5 and 0.7, so PGD with step 0.2 and
+    eps 0.3 goes 0.5 -> 0.7 -> 0.8 through the wrong band and out of it."""
+
+    def forward(self, x):
+        d = -1 + 2 * torch.exp(-((x.flatten(1).mean(1) - 0.72) / 0.03) ** 2)
+        return torch.stack([torch.zeros_like(d), d], -1)
+
+
+def test_pgd_config_last_iterate_reaches_the_attack_and_its_row():
+    x, y = torch.full((1, 1, 1, 1), 0.5), torch.zeros(1, dtype=torch.long)
+    base = dict(steps=2, restarts=1, alpha_factor=2 / 3, random_start=False)
+    worst = pgd_attack(_PassesThroughAWrongBand(), x, y, 0.3, PGDConfig(**base), backend=REFERENCE)
+    last = pgd_attack(_PassesThroughAWrongBand(), x, y, 0.3, PGDConfig(**base, last_iterate=True),
+                      backend=REFERENCE)
+    assert worst.x_adv.item() == pytest.approx(0.7) and not bool(worst.correct.any())
+    assert last.x_adv.item() == pytest.approx(0.8) and bool(last.correct.all())
+    assert pgd_row(PGDConfig(last_iterate=True)).label == "PGD-50x5 (ce, last iterate)"
+    assert pgd_row(PGDConfig()).label == "PGD-50x5 (ce)"
 
 
 # ----- Square ---------------------------------------------------------------------------------------
@@ -426,7 +472,7 @@ def test_transfer_attacks_lower_accuracy_of_an_undefended_cifar_model(cifar_mode
 def test_fused_and_reference_ops_give_the_same_attacks(tiny):
     """The attacks only touch x through the fused random start / sign step, which are bit-identical
     to their reference twins - so whole attacks must agree exactly."""
-    from cda2_ext import reference
+    from cda2_ext.ops import reference
     net, x, y = tiny
     model = CollaborationLogits(net)
     runs = [pgd_attack(model, x, y, 0.03, PGDConfig(steps=2, restarts=2), only_correct=False,

@@ -1,11 +1,11 @@
 """Bad input raises a Python exception that names the argument -- and never crashes.
 
-Every case runs against the functional API of ``cda2_ext.reference`` (in this process), the
+Every case runs against the functional API of ``cda2_ext.ops.reference`` (in this process), the
 functional API of ``cda2_ext.ops`` and the raw ``torch.ops.cda2_ext.*`` operators. The last two go
 through compiled code, so they run in a child process (one for all of them, restarted past a case
 that kills it): a segfault there becomes one failed test with the exit status, not a dead test run.
 
-The contract (``cda2_ext/_checks.py``, and ``csrc/checks.h`` for the raw operators): ``TypeError``
+The contract (``cda2_ext/ops/_checks.py``, and ``csrc/checks.h`` for the raw operators): ``TypeError``
 for a wrong dtype or a non-tensor and ``ValueError`` for a wrong shape, value, device or reduction,
 and the message starts with the argument's name. Every case states the exact type it expects.
 
@@ -26,7 +26,8 @@ from typing import Callable, Dict, NamedTuple, Tuple
 import pytest
 import torch
 
-from cda2_ext import ops, reference
+from cda2_ext import ops
+from cda2_ext.ops import reference
 from helpers import HAS_EXTENSION, RAW_OPS, make_logits, make_target, schema_args
 
 requires_extension = pytest.mark.requires_extension
@@ -463,6 +464,21 @@ def test_raw_op_rejects(key, compiled_outcomes):
 
 def test_every_raw_op_has_cases():
     assert {CASES[k].op for k in RAW} == set(RAW_OPS)
+
+
+# ---- the random start's seed: [0, 2**63), named when outside ------------------------------------
+@pytest.mark.parametrize("impl", [ops, reference], ids=["ops", "reference"])
+@pytest.mark.parametrize("seed, exc", [(2 ** 70, ValueError), (2 ** 63, ValueError), (-1, ValueError),
+                                       (1.5, TypeError), (True, TypeError)])
+def test_random_start_seed_out_of_range_names_the_argument_and_range(impl, seed, exc):
+    with pytest.raises(exc, match=r"^seed: .*\[0, 2\*\*63\)"):
+        impl.pgd_random_start(torch.rand(2, 3, 4, 4), 0.1, seed=seed)
+
+
+def test_random_start_largest_seed_gives_the_same_start_everywhere():
+    x = torch.rand(2, 3, 4, 4)
+    torch.testing.assert_close(ops.pgd_random_start(x, 0.1, seed=2 ** 63 - 1),
+                               reference.pgd_random_start(x, 0.1, seed=2 ** 63 - 1), rtol=0, atol=0)
 
 
 @requires_extension

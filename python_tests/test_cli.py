@@ -1,18 +1,18 @@
-"""The ``cda2`` command: help, xor, a tiny train + eval-clean, resume, and clear failures."""
+"""The ``cda2`` command: help, xor, a tiny train + eval-clean, resume, and clear failures: a bad
+option or data set is one line with exit status 2, found before anything is created."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cda2_ext.cli import main
-
-TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
-        "--batch-size", "16", "--train-limit", "32", "--test-limit", "32", "--no-progress",
-        "--device", "cpu"]
+from helpers import TINY_TRAIN, no_training, only_error_line
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["xor", "--help"], ["train", "--help"],
@@ -62,7 +62,7 @@ def test_xor_keeps_existing_files_unless_forced(tmp_path, capsys):
 @pytest.mark.slow
 def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert main(["train", *TINY, "--epochs", "1", "--out-dir", run]) == 0
+    assert main(["train", *TINY_TRAIN, "--epochs", "1", "--out-dir", run]) == 0
     capsys.readouterr()
     assert main(["eval-clean", run, "--out", str(tmp_path / "eval.json")]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -72,12 +72,12 @@ def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
     assert len(res["submodels"]) == 2 and abs(sum(res["selected"]) - 1) < 1e-9
     assert json.loads((tmp_path / "eval.json").read_text())["collaboration"] == res["collaboration"]
     # a second `train` into the same folder must not silently overwrite it ...
-    assert main(["train", *TINY, "--epochs", "2", "--out-dir", run]) == 2
+    assert main(["train", *TINY_TRAIN, "--epochs", "2", "--out-dir", run]) == 2
     assert "--resume" in capsys.readouterr().err
     # ... but --resume continues it, with a longer schedule
-    assert main(["train", *TINY, "--epochs", "2", "--out-dir", run, "--resume"]) == 0
+    assert main(["train", *TINY_TRAIN, "--epochs", "2", "--out-dir", run, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs"] == 2
-    assert main(["train", *TINY, "--sigma", "2", "--out-dir", run, "--resume"]) == 2
+    assert main(["train", *TINY_TRAIN, "--sigma", "2", "--out-dir", run, "--resume"]) == 2
     assert "cannot change sigma" in capsys.readouterr().err
 
 
@@ -89,7 +89,7 @@ def test_tiny_train_eval_clean_and_resume(tmp_path, capsys):
     (["--dataset", "cifar10", "--data", "/nonexistent/cifar"], "CIFAR-10 not found"),
 ])
 def test_bad_configs_exit_nonzero_with_one_line(tmp_path, capsys, extra, needle):
-    argv = ["train", *TINY, "--out-dir", str(tmp_path / "r"), *extra]
+    argv = ["train", *TINY_TRAIN, "--out-dir", str(tmp_path / "r"), *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cda2: error:") and needle in err
@@ -101,3 +101,53 @@ def test_bad_eval_and_xor_args(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["xor", "--sigma", "0", "--figure", ""]) == 2
     assert "sigma" in capsys.readouterr().err
+
+
+def test_the_command_line_resumes_a_run_of_the_library_twin(run_copy, capsys):
+    """helpers.tiny_config is TINY_TRAIN: a run it trained continues under the command line."""
+    assert main(["train", *TINY_TRAIN, "--out-dir", str(run_copy), "--resume", "--epochs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 2
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--batch-size", "1"], "batch_size"),
+    (["--train-limit", "1"], "train_limit"),
+    (["--eps", "inf"], "eps"),
+    (["--alpha", "inf"], "alpha"),
+    (["--eps", "2"], "eps: the L-inf radius must lie in [0, 1]"),
+    (["--steps", "0"], "steps"),
+    (["--lr", "inf"], "lr"),
+    (["--momentum", "-0.5"], "momentum"),
+    (["--weight-decay", "-1"], "weight_decay"),
+    (["--seed", str(2 ** 64)], "seed: must be an integer in [0, 2**63)"),
+    (["--device", "cuda:x"], "device"),
+    (["--device", "mps"], "device"),
+    (["--on-nonfinite", "ignore"], "on_nonfinite"),
+])
+def test_bad_train_options_are_one_line(tmp_path, capsys, monkeypatch, extra, needle):
+    no_training(monkeypatch)
+    assert main(["train", *TINY_TRAIN, "--out-dir", str(tmp_path / "r"), *extra]) == 2
+    only_error_line(capsys, needle)
+    assert not (tmp_path / "r").exists()  # refused before anything was created
+
+
+def test_a_data_set_without_images_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    empty = pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, protocol=2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(empty)
+    argv = ["train", *TINY_TRAIN, "--dataset", "cifar10", "--data", str(folder),
+            "--out-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    only_error_line(capsys, "training set", "got 0")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--batch-size", "0"], "batch-size"),
+    (["--device", "cuda:x"], "device"),
+    (["--device", "mps"], "device"),
+])
+def test_bad_eval_clean_options_are_one_line(trained, capsys, extra, needle):
+    assert main(["eval-clean", str(trained), *extra]) == 2
+    only_error_line(capsys, needle)

@@ -1,18 +1,24 @@
-"""CIFAR-10 loading (shared subset when present), safety checks, augmentation, XOR data."""
+"""CIFAR-10 loading (shared subset when present), safety checks (damaged batch files: one line,
+never a huge allocation), augmentation, XOR data, and the note about training on a subset."""
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+import struct
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cda2_ext.data import (DATA_ENV, DataError, download_cifar10, load_cifar10,
-                           make_xor, random_crop_flip, resolve_cifar10_dir, synthetic_images)
+from cda2_ext import data as data_mod
+from cda2_ext.data import (DATA_ENV, DataError, download_cifar10, load_cifar10, make_xor,
+                           note_training_size, random_crop_flip, resolve_cifar10_dir,
+                           synthetic_images)
+from cda2_ext.training import TrainConfig, Trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar-10-batches-py"
 needs_shared = pytest.mark.skipif(not (SHARED / "test_batch").is_file(),
@@ -124,3 +130,73 @@ def test_synthetic_images():
     assert s.images.shape == (20, 3, 16, 16) and s.images.dtype == torch.uint8
     assert not torch.equal(s.images, synthetic_images(20, seed=1, size=16).images)
 
+
+# ----- damaged batch files (and test_data_fuzz.py) ------------------------------------------------
+def _batch_folder(tmp_path: Path, blob: bytes) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir(exist_ok=True)
+    (folder / "test_batch").write_bytes(blob)
+    return folder
+
+
+def test_a_huge_label_is_one_line(tmp_path):
+    blob = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2 ** 70]}, protocol=2)
+    with pytest.raises(DataError, match="test_batch.*integer labels"):
+        load_cifar10(_batch_folder(tmp_path, blob), "test")
+
+
+@pytest.mark.parametrize("opcode", [pickle.BINBYTES, pickle.BINUNICODE])
+def test_a_length_field_is_not_believed_before_allocating(tmp_path, opcode):
+    # PROTO 4, then a 4 GiB string whose bytes are not in the file: a reader that believed the
+    # length would allocate 4 GiB
+    blob = b"\x80\x04" + opcode + struct.pack("<I", 0xFFFFFFFF) + b"abc" + pickle.STOP
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="test_batch.*only 4 remain"):
+        load_cifar10(_batch_folder(tmp_path, blob), "test")
+    assert time.perf_counter() - t0 < 1
+
+
+def test_a_huge_memo_index_is_refused(tmp_path):
+    blob = b"\x80\x02" + pickle.EMPTY_DICT + pickle.LONG_BINPUT + struct.pack("<I", 0xFFFFFFF0) + pickle.STOP
+    with pytest.raises(DataError, match="memo index"):
+        load_cifar10(_batch_folder(tmp_path, blob), "test")
+
+
+def test_an_array_reconstructed_with_a_huge_shape_is_refused(tmp_path):
+    blob = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+            b"J\xff\xff\xff\x7f\x85U\x01b\x87R.")  # _reconstruct(ndarray, (2**31 - 1,), b"b")
+    with pytest.raises(DataError, match="unexpected numpy array reconstruction"):
+        load_cifar10(_batch_folder(tmp_path, blob), "test")
+
+
+# ----- the note about training on a subset of CIFAR-10 --------------------------------------------
+def test_subset_note_appears_once(monkeypatch, capsys):
+    monkeypatch.setattr(data_mod, "_size_noted", False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert note_training_size(50_000) is False  # the full set: nothing to say
+    assert note_training_size(5085) is True
+    assert note_training_size(5085) is False and note_training_size(100) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "5,085" in err[0] and "50,000" in err[0] and "--download" in err[0]
+
+
+def test_subset_note_only_on_rank_0(monkeypatch, capsys):
+    monkeypatch.setattr(data_mod, "_size_noted", False)
+    monkeypatch.setenv("RANK", "1")
+    assert note_training_size(10) is False
+    assert capsys.readouterr().err == ""
+
+
+def test_subset_note_when_training_on_the_shared_subset(cifar_dir, tmp_path, monkeypatch, capsys):
+    """The trainer notes the size it will train on (after --train-limit), once; images a caller
+    hands it are the caller's business."""
+    monkeypatch.setattr(data_mod, "_size_noted", False)
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = TrainConfig(dataset="cifar10", data_dir=str(cifar_dir), num_models=2, depth=8,
+                      eval_every=0, device="cpu", out_dir=str(tmp_path / "r"), train_limit=300)
+    Trainer(cfg, train_set=synthetic_images(16, size=16), log=None)
+    assert "note:" not in capsys.readouterr().err
+    Trainer(cfg, log=None)
+    Trainer(cfg, log=None)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "note:" in ln]
+    assert len(lines) == 1 and "300" in lines[0] and "50,000" in lines[0]

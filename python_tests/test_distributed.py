@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import pytest
 import torch
 
 from cda2_ext.training.distributed import DistContext, SyncBatchNorm2d, convert_sync_batchnorm
+from helpers import free_port, tiny_train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(tmp_path: Path, world: int, sync: bool) -> dict:
@@ -28,7 +22,7 @@ def _run(tmp_path: Path, world: int, sync: bool) -> dict:
     args = [str(WORKER), str(out), "sync" if sync else "local"]
     if world > 1:
         args = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", *args]
+                f"--master_port={free_port()}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -57,10 +51,8 @@ def test_cda2_train_under_torchrun_ends_cleanly(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "cda2_ext.cli", "train",
-         "--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
-         "--batch-size", "8", "--train-limit", "32", "--epochs", "1", "--eval-every", "0",
-         "--no-progress", "--device", "cpu", "--sync-bn", "--out-dir", str(run)],
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "cda2_ext.cli", "train",
+         *tiny_train(depth=8, batch_size=8, test_limit=None, sync_bn=True), "--out-dir", str(run)],
         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

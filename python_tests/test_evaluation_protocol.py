@@ -1,11 +1,13 @@
 """The robustness evaluation's parts: the attack-family registry, rows as data, the worst case,
-one function per gradient-masking check, and the protocol end to end on tiny models.
+one function per gradient-masking check, the budget check (twice the steps and restarts), the
+protocol end to end on tiny models, and the samples evaluated (``--subset dverge``).
 
 Everything runs on CPU in a few seconds (untrained depth-2 collaboration, a linear model, 6 images).
 """
 from __future__ import annotations
 
 import dataclasses
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -16,11 +18,12 @@ from cda2_ext.attacks.whitebox import PGDConfig
 from cda2_ext.attacks.adaptive import AdaptiveConfig
 from cda2_ext.evaluation import ATTACK_GROUPS, DEFAULT_ATTACKS, EvalConfig, evaluate_robustness
 from cda2_ext.evaluation import robustness
+from cda2_ext.evaluation.config import select_subset
 from cda2_ext.evaluation.context import AttackFamily, EvalContext, Outcome
 from cda2_ext.evaluation.families import FAMILIES, PROBES, prepare_transfer, run_pgd
 from cda2_ext.evaluation.masking import (CHECKS, Evidence, check_adaptive_gain, check_black_box,
-                                         check_monotone, check_sanity, check_square_budget,
-                                         masking_checks)
+                                         check_budget, check_monotone, check_sanity,
+                                         check_square_budget, masking_checks)
 from cda2_ext.evaluation.rows import (ADAPTIVE_WORST, BUDGET_CHECK, WORST, Role, Row, adaptive_row,
                                       pgd_row, square_row, transfer_row, worst_case)
 from cda2_ext.models import Collaboration
@@ -129,6 +132,42 @@ def test_masking_checks_go_model_by_model_in_check_order():
     assert len(CHECKS) == 8
 
 
+# ----- the budget check ----------------------------------------------------------------------------
+def test_budget_check_says_not_converged_when_twice_the_budget_breaks_more():
+    """PGD with one step (no random start) moves a linear model's class-0 logit by 48 * eps/5;
+    sample 0 needs two such steps, sample 1 three. Doubling the budget breaks sample 0 only."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.ones(48), torch.zeros(48)]))
+        model[1].bias.copy_(torch.tensor([0.0, 22.5]))  # clean margins 1.5 and 2.46; one step 0.96
+    x = torch.stack([torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.52)])
+    y = torch.zeros(2, dtype=torch.long)
+    cfg = EvalConfig(attacks=("pgd",), eps=(0.1,), n_samples=2, sanity_eps=None, progress=False,
+                     pgd=PGDConfig(steps=1, restarts=1, random_start=False))
+    rep = evaluate_robustness({"lin": model}, x, y, cfg, log=lambda s: None)
+    rows = rep.per_sample["lin"]
+    assert rows["PGD-1x1 (ce)"] == {0.1: "11"}
+    assert rows[BUDGET_CHECK.label] == {0.1: "01"} == rows[WORST.label]  # it joins the worst case
+    d = rep.details["budget"]["lin"]["0.1"]
+    assert (d["attack"], d["steps"], d["restarts"], d["standing"], d["fell"]) == ("PGD-1x1 (ce)", 2, 2, 2, 1)
+    (line,) = [c for c in rep.checks if "eps=0.1" in c and "PGD-1x1" in c]
+    assert line.startswith("WARNING [lin]: not converged at eps=0.1: PGD-1x1 (ce) re-run with twice the "
+                           "steps and restarts (2 steps x 2 restarts) on the 2 samples still standing "
+                           "broke 1 more")
+
+
+def test_budget_check_sentence_when_nothing_falls():
+    details = {"budget": {"m": {"0.03": {"attack": "adaptive: decision", "steps": 100, "restarts": 2,
+                                         "standing": 7, "fell": 0}}}}
+    details["budget"]["m"]["0.05"] = {"attack": "PGD-50x5 (ce)", "steps": 100, "restarts": 10, "standing": 0,
+                                      "fell": 0}
+    ev = Evidence("m", {}, details, EvalConfig(), 10)
+    assert check_budget(ev) == ["OK [m]: budget check at eps=0.03: adaptive: decision re-run with twice "
+                                "the steps and restarts (100 steps x 2 restarts) on the 7 samples still "
+                                "standing broke none of them.",
+                                "OK [m]: budget check at eps=0.05: no sample left standing, nothing to re-run."]
+
+
 # ----- the protocol end to end ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
@@ -225,3 +264,25 @@ def test_transfer_sets_of_other_samples_are_refused_before_any_attack():
     assert prepare_transfer(ctx) is None
     ctx.transfer_sets = {}
     assert prepare_transfer(ctx).startswith("transfer attack not run")
+
+
+# ----- the samples evaluated -----------------------------------------------------------------------
+def test_subset_dverge_is_exactly_pythons_random_sample_with_seed_0():
+    state = random.getstate()
+    try:
+        random.seed(0)
+        expected = random.sample(range(10000), 1000)  # DVERGE's evaluation scripts
+        after = random.getstate()
+        random.setstate(state)
+        got = select_subset(10000, 1000, 0, "dverge").tolist()
+        assert random.getstate() == state  # the global stream is left alone
+    finally:
+        random.setstate(state)
+    assert got == expected
+    assert after != state  # (the oracle did use the global stream)
+    seeded = select_subset(10000, 1000, 0)
+    assert seeded.tolist() != sorted(expected) and len(set(seeded.tolist())) == 1000
+    with pytest.raises(ValueError, match="subset"):
+        select_subset(100, 10, 0, "dvergee")
+    with pytest.raises(ValueError, match="subset"):
+        EvalConfig(subset="random").validate()

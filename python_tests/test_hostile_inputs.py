@@ -1,23 +1,22 @@
 """The ``cda2`` command against a hostile user: no file of a user's touched, no
-traceback, every error one line. One test (or group) per case of the issue, numbered as there:
+traceback, every error one line.
 
-1. run-folder files are opened without following links and must be regular files (a lock linked
-   to a user's file was truncated to a PID);
-2. an ``OSError`` on a user's path (a name too long, no permission, a loop of links) is one line
-   naming the path and the reason;
-5. a peer process lost under ``torchrun`` is one line naming it, with how to resume;
-6. smaller: a resume past ``--epochs`` says so; every count option is bounded; an empty batch
-   has empty outputs; a malformed command line is two lines.
+* run-folder files are opened without following links and must be regular files (a lock linked
+  to a user's file must not be truncated to a PID), and results replace a planted link;
+* an ``OSError`` on a user's path (a name too long, no permission, a loop of links) is one line
+  naming the path and the reason;
+* a peer process lost under ``torchrun`` is one line naming it, with how to resume;
+* a resume past ``--epochs`` says so; every count option is bounded; an empty batch has empty
+  outputs; a malformed command line is two lines.
 
-(Cases 3 and 4, the checkpoint's metadata, are in ``test_checkpoint_integrity.py``.) Last, a
-seeded fuzz of every subcommand's options (``slow``).
+(Damaged checkpoint metadata: ``test_checkpoint_integrity.py``.) Last, a seeded fuzz of every
+subcommand's options (``slow``).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,57 +26,30 @@ import pytest
 import torch
 
 from cda2_ext.attacks.transfer import TransferSet
-from cda2_ext.checkpoint import atomic_write, checkpoint_files
+from cda2_ext.files.checkpoint import atomic_write, checkpoint_files
 from cda2_ext.cli import compare as cli_compare
 from cda2_ext.cli import main
-from cda2_ext.data import synthetic_images
 from cda2_ext.errors import ConfigError, LostPeerError
 from cda2_ext.evaluation.report import EvalReport
 from cda2_ext.models.collaboration import Collaboration, CollaborationConfig
-from cda2_ext.run_dir import LOCK_NAME, RunFolder
-from cda2_ext.training import TrainConfig, Trainer
+from cda2_ext.files.run_folder import LOCK_NAME, RunFolder
 from cda2_ext.training.distributed import DistContext
-from helpers import TINY_TRAIN, one_line_error
+from helpers import (TINY_TRAIN, free_port, no_training, one_line_error, run_cli, tiny_config,
+                     tiny_trainer)
 
 LONG = "x" * 300  # longer than any file name may be (NAME_MAX is 255): ENAMETOOLONG
 
 
-def _tiny_cfg(out, **kw) -> TrainConfig:
-    """The library twin of TINY_TRAIN (so that the command line can resume these runs)."""
-    base = dict(dataset="synthetic", depth=2, num_models=2, steps=1, batch_size=16, train_limit=32,
-                test_limit=32, progress=False, device="cpu", epochs=1, eval_every=0, out_dir=str(out))
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished 1-epoch run of TINY_TRAIN (copy it before changing it)."""
-    out = tmp_path_factory.mktemp("hostile") / "run"
-    Trainer(_tiny_cfg(out), train_set=synthetic_images(32), log=None).fit()
-    return out
-
-
-def _no_training(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("training started although the run should have been refused")
-    monkeypatch.setattr(Trainer, "train_epoch", refuse)
-
-
-def _cli(argv, capsys):
-    rc = main(argv)
-    return rc, capsys.readouterr().err
-
-
-# ----- 1. run-folder files: never through a link, regular files only -------------------------------
-def test_1_a_lock_linked_to_a_users_file_is_refused_and_the_file_kept(tmp_path, capsys, monkeypatch):
+# ----- run-folder files: never through a link, regular files only ---------------------------------
+def test_a_lock_linked_to_a_users_file_is_refused_and_the_file_kept(tmp_path, capsys, monkeypatch):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     run = tmp_path / "run"
     run.mkdir()
     (run / LOCK_NAME).symlink_to("../victim.txt")
-    _no_training(monkeypatch)
+    no_training(monkeypatch)
     for extra in ([], ["--force"]):
-        rc, err = _cli(["train", *TINY_TRAIN, "--out-dir", str(run), *extra], capsys)
+        rc, err = run_cli(["train", *TINY_TRAIN, "--out-dir", str(run), *extra], capsys)
         assert rc == 2
         one_line_error(err, f"{run / LOCK_NAME} is a symbolic link, not a regular file")
     with pytest.raises(ConfigError, match="symbolic link"):  # the library's RunFolder too
@@ -86,7 +58,7 @@ def test_1_a_lock_linked_to_a_users_file_is_refused_and_the_file_kept(tmp_path, 
 
 
 @pytest.mark.parametrize("kind", ["folder", "pipe"])
-def test_1_a_lock_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind):
+def test_a_lock_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind):
     run = tmp_path / "run"
     run.mkdir()
     lock = run / LOCK_NAME
@@ -104,15 +76,15 @@ def test_1_a_lock_that_is_not_a_regular_file_is_refused_without_blocking(tmp_pat
     ("metrics.json", "link", ["--resume"]),
     ("checkpoint.json", "link", ["--force"]),
 ])
-def test_1_run_files_that_are_not_regular_files_are_refused_up_front(tmp_path, capsys, monkeypatch,
+def test_run_files_that_are_not_regular_files_are_refused_up_front(tmp_path, capsys, monkeypatch,
                                                                      name, make, flags):
     run = tmp_path / "run"
     run.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (run / name).mkdir() if make == "folder" else (run / name).symlink_to(victim)
-    _no_training(monkeypatch)  # refused before any epoch (it failed after one before)
-    rc, err = _cli(["train", *TINY_TRAIN, "--out-dir", str(run), *flags], capsys)
+    no_training(monkeypatch)  # refused before any epoch (it failed after one before)
+    rc, err = run_cli(["train", *TINY_TRAIN, "--out-dir", str(run), *flags], capsys)
     assert rc == 2
     one_line_error(err, str(run / name), "not a regular file")
     assert victim.read_text() == "precious" and (run / name).exists()
@@ -129,7 +101,7 @@ def _writers(tmp_path):
 
 @pytest.mark.parametrize("writer", ["atomic_write", "robustness.json", "robustness.csv",
                                     "compare.csv", "transfer set"])
-def test_1_results_replace_a_planted_link_instead_of_writing_through_it(tmp_path, writer):
+def test_results_replace_a_planted_link_instead_of_writing_through_it(tmp_path, writer):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     out = tmp_path / "out"
@@ -141,7 +113,7 @@ def test_1_results_replace_a_planted_link_instead_of_writing_through_it(tmp_path
     assert link.is_file() and not link.is_symlink()
 
 
-# ----- 2. paths the system refuses -------------------------------------------------------------------
+# ----- paths the system refuses -------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["eval-clean", LONG],
     ["eval", "--checkpoint", LONG, "--attack", "pgd"],
@@ -150,17 +122,17 @@ def test_1_results_replace_a_planted_link_instead_of_writing_through_it(tmp_path
     ["compare", "{run}", "--eval", LONG],
     ["compare", LONG],
 ], ids=["eval-clean", "eval", "train-data", "train-init-from", "compare-eval", "compare-run"])
-def test_2_a_name_too_long_is_one_line(trained, tmp_path, capsys, monkeypatch, argv):
+def test_a_name_too_long_is_one_line(trained, tmp_path, capsys, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)  # the commands' default outputs land here
     argv = [a.format(run=trained) for a in argv]
     outputs = {"train": ["--out-dir", str(tmp_path / "r")], "eval": ["--out", str(tmp_path / "e")],
                "compare": ["--out", str(tmp_path / "c")]}.get(argv[0], [])
-    rc, err = _cli([*argv, *outputs], capsys)
+    rc, err = run_cli([*argv, *outputs], capsys)
     assert rc == 2
     one_line_error(err, LONG, "File name too long")
 
 
-def test_2_permission_denied_is_one_line_naming_the_path(trained, capsys, monkeypatch):
+def test_permission_denied_is_one_line_naming_the_path(trained, capsys, monkeypatch):
     # Tests run as root here, where chmod cannot deny anything: the system's answer is simulated.
     from pathlib import Path as P
     real = P.is_file
@@ -170,56 +142,56 @@ def test_2_permission_denied_is_one_line_naming_the_path(trained, capsys, monkey
             raise PermissionError(13, "Permission denied", str(self))
         return real(self)
     monkeypatch.setattr(P, "is_file", denied)
-    rc, err = _cli(["eval-clean", str(trained), "--device", "cpu"], capsys)
+    rc, err = run_cli(["eval-clean", str(trained), "--device", "cpu"], capsys)
     assert rc == 2
     one_line_error(err, str(checkpoint_files(trained)[0]), "Permission denied")
 
 
-def test_2_any_os_error_reaching_the_command_is_one_line(trained, capsys, monkeypatch):
-    from cda2_ext.cli import eval_clean
+def test_any_os_error_reaching_the_command_is_one_line(trained, capsys, monkeypatch):
+    from cda2_ext.jobs import evaluate_clean as eval_clean
 
     def unreadable(*a, **k):
         raise PermissionError(13, "Permission denied", "/data/cifar-10-batches-py/test_batch")
     monkeypatch.setattr(eval_clean, "load_images", unreadable)
-    rc, err = _cli(["eval-clean", str(trained), "--device", "cpu"], capsys)
+    rc, err = run_cli(["eval-clean", str(trained), "--device", "cpu"], capsys)
     assert rc == 2
     assert one_line_error(err) == ("cda2: error: /data/cifar-10-batches-py/test_batch: "
                                    "Permission denied")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may read any folder")
-def test_2_an_unreadable_folder_is_one_line(trained, tmp_path, capsys):
+def test_an_unreadable_folder_is_one_line(trained, tmp_path, capsys):
     locked = tmp_path / "locked"
     shutil.copytree(trained, locked / "run")
     locked.chmod(0)
     try:
-        rc, err = _cli(["eval-clean", str(locked / "run"), "--device", "cpu"], capsys)
+        rc, err = run_cli(["eval-clean", str(locked / "run"), "--device", "cpu"], capsys)
     finally:
         locked.chmod(0o755)
     assert rc == 2
     one_line_error(err, "Permission denied")
 
 
-def test_2_a_loop_of_links_is_one_line(tmp_path, capsys):
+def test_a_loop_of_links_is_one_line(tmp_path, capsys):
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     for argv in (["eval-clean", str(tmp_path / "a")],
                  ["train", *TINY_TRAIN, "--dataset", "cifar10", "--data", str(tmp_path / "a"),
                   "--out-dir", str(tmp_path / "r")],
                  ["compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]):
-        rc, err = _cli(argv, capsys)
+        rc, err = run_cli(argv, capsys)
         assert rc == 2
         one_line_error(err, str(tmp_path / "a"))
 
 
-def test_2_a_line_break_in_a_path_stays_on_one_line(tmp_path, capsys):
-    rc, err = _cli(["eval-clean", str(tmp_path / "two\nlines")], capsys)
+def test_a_line_break_in_a_path_stays_on_one_line(tmp_path, capsys):
+    rc, err = run_cli(["eval-clean", str(tmp_path / "two\nlines")], capsys)
     assert rc == 2
     one_line_error(err, "no checkpoint at")
 
 
-# ----- 5. a lost peer under torchrun ---------------------------------------------------------------
-def test_5_lost_peer_errors_are_told_from_others():
+# ----- a lost peer under torchrun -----------------------------------------------------------------
+def test_lost_peer_errors_are_told_from_others():
     reset = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
                          "[127.0.0.1]:65260: Connection reset by peer. This is typically caused by "
                          "a remote worker hanging or bugs in the application. GLHF!")
@@ -248,15 +220,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_5_a_killed_peer_is_one_line_naming_it_and_how_to_resume(tmp_path):
-    port = _free_port()
+def test_a_killed_peer_is_one_line_naming_it_and_how_to_resume(tmp_path):
+    port = free_port()
     argv = [sys.executable, "-c", _WORKER, "train", *TINY_TRAIN, "--batch-size", "8",
             "--epochs", "2", "--out-dir", str(tmp_path / "run")]
     procs = []
@@ -275,10 +241,10 @@ def test_5_a_killed_peer_is_one_line_naming_it_and_how_to_resume(tmp_path):
     one_line_error(out[0][1], "rank 0 of 2 lost rank 1", "Connection", "--resume")
 
 
-# ----- 6. smaller ------------------------------------------------------------------------------------
-def test_6_resume_past_epochs_says_that_nothing_is_trained(tmp_path, capsys):
+# ----- resume past the end, bounded counts, empty batches, malformed command lines ----------------
+def test_resume_past_epochs_says_that_nothing_is_trained(tmp_path, capsys):
     run = tmp_path / "run"
-    Trainer(_tiny_cfg(run, epochs=2), train_set=synthetic_images(32), log=None).fit()
+    tiny_trainer(tiny_config(run, epochs=2)).fit()
     before = checkpoint_files(run)[0].read_bytes()
     rc = main(["train", *TINY_TRAIN, "--out-dir", str(run), "--resume", "--epochs", "1"])
     out, err = capsys.readouterr()
@@ -311,18 +277,18 @@ BIG = str(2 ** 70)
     (["train", *TINY_TRAIN, "--method", "dverge", "--distill-layer", BIG], "distill_layer"),
     (["reproduce", "xor", "--jobs", BIG], "--jobs"),
 ])
-def test_6_every_count_option_is_bounded(trained, tmp_path, capsys, monkeypatch, argv, needle):
+def test_every_count_option_is_bounded(trained, tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.chdir(tmp_path)
-    _no_training(monkeypatch)
+    no_training(monkeypatch)
     t0 = time.perf_counter()
-    rc, err = _cli([a.format(run=trained) for a in argv], capsys)
+    rc, err = run_cli([a.format(run=trained) for a in argv], capsys)
     assert rc == 2 and time.perf_counter() - t0 < 30
     one_line_error(err, needle)
 
 
 @pytest.mark.parametrize("layout", ["packed", "loop"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-model"])
-def test_6_an_empty_batch_gives_empty_outputs(layout, shared):
+def test_an_empty_batch_gives_empty_outputs(layout, shared):
     m = Collaboration(CollaborationConfig(num_models=2, depth=8, layout=layout))
     x = torch.zeros((0, 3, 32, 32) if shared else (2, 0, 3, 32, 32), requires_grad=True)
     for mode in (True, False):
@@ -337,7 +303,7 @@ def test_6_an_empty_batch_gives_empty_outputs(layout, shared):
 
 @pytest.mark.parametrize("argv", [["train", "--epochs", "abc"], ["train", "--bogus"],
                                   ["eval"], ["xor", "--steps"], ["nonsense"], []])
-def test_6_a_malformed_command_line_is_two_lines(argv, capsys):
+def test_a_malformed_command_line_is_two_lines(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
@@ -347,7 +313,7 @@ def test_6_a_malformed_command_line_is_two_lines(argv, capsys):
     assert lines[1] == f"see {prog} --help"
 
 
-# ----- a seeded fuzz of every subcommand ------------------------------------------------------------
+# ----- a seeded fuzz of every subcommand ----------------------------------------------------------
 FUZZ_WORKER = Path(__file__).with_name("cli_fuzz_worker.py")
 FUZZ_COUNT = 100
 

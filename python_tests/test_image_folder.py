@@ -1,4 +1,4 @@
-"""Image folders and zips of them as CIFAR-10 (``cda2_ext.image_folder``, ``cda2_ext.data``):
+"""Image folders and zips of them as CIFAR-10 (``cda2_ext.data.image_folder``, ``cda2_ext.data``):
 same images from a folder and its zip, the decode cache, one-line errors for bad input, the notes,
 and where the data are looked for.
 
@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 
 import cda2_ext.data as data_mod
-import cda2_ext.image_folder as imf
+import cda2_ext.data.image_folder as imf
 from cda2_ext.data import (CIFAR10_CLASSES, DATA_ENV, DataError, data_locations, data_note,
                            default_data_dir, download_dir, ensure_cifar10, load_cifar10,
                            load_image_folder, load_images, note_data_source, resolve_data)
-from cda2_ext.image_folder import CACHE_ENV, cache_dir, read_image_folder
+from cda2_ext.data.image_folder import CACHE_ENV, cache_dir, read_image_folder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 JPEG_ZIP = SHARED / "cifar-10-jpeg.zip"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from cda2_ext.checkpoint import DOCUMENT_KEY, FORMAT, document_digest, load_checkpoint
+from cda2_ext.files.checkpoint import DOCUMENT_KEY, FORMAT, document_digest, load_checkpoint
 from cda2_ext.cli import main
 from cda2_ext.errors import ConfigError
 from cda2_ext.models import Collaboration
@@ -23,6 +23,7 @@ from cda2_ext.training.methods.dverge import (derangement, distill, dverge_loss,
                                               round_robin)
 from cda2_ext.training.methods.ensemble import ensemble_ce_loss, ensemble_log_probs, ensemble_pgd
 from cda2_ext.training.methods.gal import gal_loss
+from helpers import tiny_train
 
 IMG = 8
 BACKENDS = pytest.mark.parametrize("backend", [FUSED, REFERENCE], ids=["fused", "reference"])
@@ -348,10 +349,8 @@ def test_options_of_other_methods_and_bad_values_are_refused(method, change, nee
 
 
 # ----- smoke runs through the CLI, with checkpoint and exact resume --------------------------------
-TINY = ["--dataset", "synthetic", "--depth", "8", "--num-models", "2", "--steps", "1",
-        "--batch-size", "8", "--train-limit", "16", "--eval-every", "0", "--no-progress",
-        "--device", "cpu", "--lr", "0.01", "--schedule", "constant",  # (so 1 epoch + resume = 2)
-        "--distill-steps", "2"]
+TINY = tiny_train(depth=8, batch_size=8, train_limit=16, test_limit=None, epochs=None, lr=0.01,
+                  schedule="constant")  # (so 1 epoch + resume = 2)
 SMOKE = {"ensemble": [], "ensemble-adv": ["--adv"], "adp": [], "adp-adv": ["--adv"], "gal": [],
          "dverge": ["--init-from", "{ensemble}"], "dverge-plus-adv": ["--plus-adv"]}
 
@@ -359,7 +358,7 @@ SMOKE = {"ensemble": [], "ensemble-adv": ["--adv"], "adp": [], "adp-adv": ["--ad
 def _argv(name, run, tmp_path, epochs, *extra):
     method = name.split("-")[0]
     opts = [a.format(ensemble=str(tmp_path / "ensemble-base")) for a in SMOKE[name]]
-    tiny = TINY if method == "dverge" else TINY[:-2]   # --distill-steps is DVERGE's only
+    tiny = [*TINY, "--distill-steps", "2"] if method == "dverge" else TINY  # DVERGE's only
     return ["train", "--method", method, *tiny, *opts, "--epochs", str(epochs),
             "--out-dir", str(tmp_path / run), *extra]
 

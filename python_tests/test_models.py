@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cda2_ext import reference
+from cda2_ext.ops import reference
 from cda2_ext.models import (Collaboration, CollaborationConfig, collaborate,
                              ensemble_probs, majority_vote, selection_score)
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 
-from cda2_ext import reference
+from cda2_ext.ops import reference
 
 pytestmark = pytest.mark.requires_extension
 

@@ -7,7 +7,7 @@ Four kinds of tests live here:
   inputs over the shapes, layouts, sigmas, reductions and dtypes the kernels must handle, with both
   CUDA forward kernels (K <= 2048 and above), unaligned and non-contiguous inputs;
 * properties that hold for any correct implementation, run against both ``cda2_ext.ops`` and
-  ``cda2_ext.reference`` (the ``impl`` fixture) and checked against independent oracles
+  ``cda2_ext.ops.reference`` (the ``impl`` fixture) and checked against independent oracles
   (``F.cross_entropy``, ``F.binary_cross_entropy_with_logits``, Eq. 8, finite differences, the
   hash written out in plain Python), so they can fail without the extension too;
 * the operator registration: ``torch.library.opcheck`` on every raw op, ``torch.compile`` and meta
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cda2_ext
-from cda2_ext import ops, reference
+from cda2_ext import ops
+from cda2_ext.ops import reference
 from helpers import (FLOATS, HALF, OUTPUTS, RAW_OPS, RED_CODE, REDUCTIONS, REQUIRE_CUDA, cuda_missing,
                      eps, make_logits, make_target, schema_args, stat_dtype)
 
@@ -689,9 +690,15 @@ IMAGE_SHAPES = [
 IMAGE_IDS = [shape_id(x) + ("-broadcast" if len(x) != len(n) else "-same") for x, n in IMAGE_SHAPES]
 
 
-@requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shapes", IMAGE_SHAPES, ids=IMAGE_IDS)
+def over_image_shapes(test):
+    """The fused attack ops (``requires_extension``) for every dtype and every ``IMAGE_SHAPES``
+    case: ``test(shapes, dtype, ...)``."""
+    test = pytest.mark.parametrize("shapes", IMAGE_SHAPES, ids=IMAGE_IDS)(test)
+    test = pytest.mark.parametrize("dtype", FLOATS, ids=str)(test)
+    return requires_extension(test)
+
+
+@over_image_shapes
 def test_sign_step_shapes_match_reference(shapes, dtype, device, gen):
     xs, ns = shapes
     x, g, n = make_step_inputs(xs, dtype, gen, broadcast=len(xs) != len(ns), device=device)
@@ -854,9 +861,7 @@ def test_random_start_bit_identical_edge_cases(case, dtype, device, gen):
         assert torch.equal(a, x_nat.expand_as(a))
 
 
-@requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shapes", IMAGE_SHAPES, ids=IMAGE_IDS)
+@over_image_shapes
 def test_random_start_shapes_match_reference(shapes, dtype, device, gen):
     xs, ns = shapes
     x_nat = _rand(ns, gen, device, dtype)
@@ -1461,9 +1466,7 @@ def test_ppd_bce_cuda_matches_cpu(shape, reduction, dtype, cuda, gen):
                                RAW.ppd_bce_backward(g.cpu(), s.cpu(), t.cpu(), code), **bwd)
 
 
-@requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shapes", IMAGE_SHAPES, ids=IMAGE_IDS)
+@over_image_shapes
 def test_pgd_ops_cuda_match_cpu_bit_for_bit(shapes, dtype, cuda, gen):
     xs, ns = shapes
     x, g, n = make_step_inputs(xs, dtype, gen, broadcast=len(xs) != len(ns), device=cuda)

@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from cda2_ext.checkpoint import checkpoint_files, load_checkpoint
+from cda2_ext.files.checkpoint import checkpoint_files, load_checkpoint
 from cda2_ext.cli import main as cda2_main
 from cda2_ext.reproduce import (EXPERIMENTS, ReproduceError, StepRunner, plan_experiment,
                                 run_experiment)
 from cda2_ext.reproduce import paper
 from cda2_ext.reproduce.experiments import BUDGETS, Budget
+from cda2_ext.errors import ConfigError
+from cda2_ext.jobs.train import TrainJob
+from cda2_ext.jobs.xor import XorJob
 from cda2_ext.reproduce.runner import output_step, train_step
+from helpers import tiny_options
 
-TINY = ["--dataset", "synthetic", "--depth", "2", "--num-models", "2", "--phases", "standard",
-        "--batch-size", "16", "--train-limit", "32", "--eval-every", "0", "--no-progress",
-        "--device", "cpu"]
+TINY = tiny_options(phases="standard", steps=None, test_limit=None, epochs=None)  # each step sets epochs
 
 
 def _epoch(run: Path) -> int:
@@ -122,15 +124,15 @@ def test_missing_methods_and_bad_budget_fail_before_anything_runs(tmp_path, monk
 def test_train_steps_run_then_reuse_then_resume_and_refuse_other_options(tmp_path):
     run = tmp_path / "run"
     runner = StepRunner(log=lambda s: None)
-    one = train_step(["train", *TINY, "--epochs", "1", "--out-dir", str(run)], run)
+    one = train_step(TrainJob.of(**TINY, epochs=1, out_dir=str(run)))
     assert runner.run(one) == "ran" and _epoch(run) == 1
     assert runner.run(one) == "reused"
     # the same run asked for longer: the finished 1-epoch checkpoint is an interrupted 2-epoch run
-    two = train_step(["train", *TINY, "--epochs", "2", "--out-dir", str(run)], run)
+    two = train_step(TrainJob.of(**TINY, epochs=2, out_dir=str(run)))
     assert StepRunner.train_state(two) == "interrupted"
     assert runner.run(two) == "resumed" and _epoch(run) == 2
     assert [r["status"] for r in runner.records] == ["ran", "reused", "resumed"]
-    other = train_step(["train", *TINY, "--epochs", "2", "--lr", "0.2", "--out-dir", str(run)], run)
+    other = train_step(TrainJob.of(**TINY, epochs=2, lr=0.2, out_dir=str(run)))
     with pytest.raises(ReproduceError, match="lr"):
         runner.run(other)
     assert StepRunner(force=True, log=lambda s: None).run(other) == "ran"
@@ -140,8 +142,8 @@ def test_output_steps_rerun_when_their_command_or_their_run_changes(tmp_path):
     out = tmp_path / "x.json"
 
     def xor(steps):
-        return output_step(["xor", "--steps", str(steps), "--n-train", "8", "--n-test", "8",
-                            "--figure", "", "--json", str(out)], out, reads=[tmp_path / "r"])
+        return output_step(XorJob.of(steps=steps, n_train=8, n_test=8, figure="", json=str(out)),
+                           out, reads=[tmp_path / "r"])
 
     runner = StepRunner(log=lambda s: None)
     assert runner.run(xor(2)) == "ran" and out.is_file()
@@ -152,10 +154,10 @@ def test_output_steps_rerun_when_their_command_or_their_run_changes(tmp_path):
 
 
 def test_a_failing_step_names_its_command(tmp_path):
-    runner = StepRunner(log=lambda s: None, cli=lambda argv: 2)
+    runner = StepRunner(log=lambda s: None, execute=lambda job: 2)
     out = tmp_path / "x.json"
     with pytest.raises(ReproduceError, match="exit status 2: cda2 xor"):
-        runner.run(output_step(["xor", "--json", str(out)], out))
+        runner.run(output_step(XorJob.of(json=str(out)), out))
 
 
 # ----- whole experiments ----------------------------------------------------------------------------
@@ -290,3 +292,26 @@ def test_whitebox_then_square_reuse_the_runs_and_tabulate_paper_beside_measured(
     assert [r[1] for r in sq["rows"]] == [paper.TABLE3.get(m) for m in ("gal", "dverge", "adp",
                                                                          "cda2", "cda2-authors")]
     assert all(0 <= r[3] <= r[2] for r in sq["rows"])
+
+
+# ----- plans are jobs: checked when planned, printed as the commands that run them by hand -----------
+def test_a_misspelled_or_impossible_option_fails_when_planned_not_when_run(tmp_path):
+    with pytest.raises(ConfigError, match="no option 'epoch'.*epochs"):
+        TrainJob.of(epoch=2, out_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="depth"):
+        TrainJob.of(depth=7, out_dir=str(tmp_path / "r"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_planned_step_is_the_command_it_prints(tmp_path):
+    """Parsing a step's printed command gives back the same job (so a user can rerun any step by
+    hand), for every experiment and budget."""
+    from cda2_ext.cli import build_parser
+    for name, exp in EXPERIMENTS.items():
+        for budget in exp.budgets:
+            for step in plan_experiment(name, budget, tmp_path, data=str(tmp_path / "d")):
+                args = build_parser().parse_args(step.argv)
+                again = type(step.job).from_args(args)
+                assert again.namespace() == step.job.namespace(), step.command
+                if isinstance(step.job, TrainJob):
+                    assert again.config() == step.job.config()

@@ -17,27 +17,28 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from cda2_ext import _checks, ops, reference
+from cda2_ext.ops import _checks, reference
+from cda2_ext import ops
 from cda2_ext.attacks import graphs
 from cda2_ext.attacks.training import collaboration_pgd, per_model_pgd
 from cda2_ext.data import DataError, ImageSet, synthetic_images
 from cda2_ext.errors import NonFiniteLossError
 from cda2_ext.models.collaboration import Collaboration
 from cda2_ext.runtime import HostReads, cuda_graphs_mode, sync_free_mode
-from cda2_ext.training import TrainConfig, Trainer
+from cda2_ext.training import Trainer
 from cda2_ext.training.methods import Tally
-from test_reliability import _poison_first_batch  # the one way the tests make a NaN batch
+from helpers import poison_first_batch, tiny_config
 
 PHASES = ("standard", "adversarial", "natural")
 
 
 def _trainer(phase: str = "standard", device: str = "cpu", depth: int = 8,
              train_set: Optional[ImageSet] = None, **kw) -> Trainer:
-    cfg = dict(dataset="synthetic", num_models=3, depth=depth, batch_size=16, steps=2, phases=phase,
-               train_limit=32, progress=False, eval_every=0, device=device, out_dir="unused")
-    cfg.update(kw)
-    data = train_set if train_set is not None else synthetic_images(cfg["train_limit"], size=16)
-    return Trainer(TrainConfig(**cfg), train_set=data, log=None)
+    three = dict(num_models=3, depth=depth, steps=2, phases=phase, device=device, epochs=None,
+                 test_limit=None)  # epochs, test_limit: the library's defaults
+    cfg = tiny_config("unused", **{**three, **kw})
+    data = train_set if train_set is not None else synthetic_images(cfg.train_limit, size=16)
+    return Trainer(cfg, train_set=data, log=None)
 
 
 def _state(tr: Trainer) -> Dict[str, torch.Tensor]:
@@ -138,7 +139,7 @@ def test_a_skipped_first_update_leaves_no_optimizer_state_behind(optimizer):
 
 def test_stop_raises_at_the_epoch_end_naming_the_first_bad_step(monkeypatch):
     tr = _trainer(epochs=1)
-    _poison_first_batch(monkeypatch)
+    poison_first_batch(monkeypatch)
     before, steps = _state(tr), []
     with pytest.raises(NonFiniteLossError, match="standard loss is nan at epoch 1, step 1 of 2"):
         tr.train_epoch(lambda step, losses: steps.append(step))

@@ -7,13 +7,14 @@ import torch.nn.functional as Fn
 
 from cda2_ext.attacks import collaboration_pgd, per_model_pgd, sign_attack
 from cda2_ext.attacks.training import selected_ce_objective
-from cda2_ext.checkpoint import load_checkpoint, load_collaboration
+from cda2_ext.files.checkpoint import load_checkpoint
+from cda2_ext.training.restore import load_collaboration
 from cda2_ext.data import synthetic_images
 from cda2_ext.models import Collaboration
 from cda2_ext.errors import CheckpointError, ConfigError
 from cda2_ext.runtime import REFERENCE
 from cda2_ext.training import TrainConfig, Trainer
-from helpers import pgd_oracle
+from helpers import pgd_oracle, tiny_config, tiny_trainer
 
 IMG = 16
 EPS, ALPHA = 0.03, 0.01
@@ -24,14 +25,13 @@ def _data(n=32, seed=0):
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", num_models=2, depth=8, epochs=2, batch_size=8, steps=1,
-                lr=0.05, progress=False, eval_every=0, out_dir=str(tmp_path / "run"), device="cpu")
-    base.update(kw)
-    return TrainConfig(**base)
+    """The tiny run at depth 8, for two epochs of batches of 8 at lr 0.05, no image limits."""
+    return tiny_config(tmp_path / "run", **{**dict(depth=8, epochs=2, batch_size=8, lr=0.05,
+                                                   train_limit=None, test_limit=None), **kw})
 
 
 def _trainer(cfg, n=16):
-    return Trainer(cfg, train_set=_data(n), test_set=_data(16, seed=1), log=None)
+    return tiny_trainer(cfg, n, size=IMG, test_set=_data(16, seed=1))
 
 
 def _model(M=3):
@@ -217,6 +217,10 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_bad_configs_fail_clearly(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, **change).validate()
+
+
+def test_steps_zero_is_fine_without_an_attack(tmp_path):
+    tiny_config(tmp_path, phases="standard", steps=0).validate()
 
 
 def test_lr_schedules():

@@ -15,7 +15,7 @@ from cda2_ext.training import TrainConfig, Trainer
 from cda2_ext.training.weighting import (WEIGHTINGS, detector_weights, true_label_prob,
                                          weighted_loss)
 
-from helpers import make_logits, make_target
+from helpers import make_logits, make_target, tiny_config
 
 BACKENDS = pytest.mark.parametrize("backend", [FUSED, REFERENCE], ids=["fused", "reference"])
 
@@ -118,10 +118,9 @@ def test_maxprob_selects_the_most_confident_model_ignoring_the_ppd_head():
 @pytest.mark.parametrize("weights", WEIGHTINGS)
 def test_one_training_epoch_with_each_weighting_is_finite(weights, tmp_path):
     extra = {"temp_c": 3.0} if weights == "detector" else {"sigma": 2.0}
-    cfg = TrainConfig(dataset="synthetic", depth=2, num_models=3, phases="standard", epochs=1,
-                      batch_size=16, train_limit=64, eval_every=0, progress=False, device="cpu",
-                      weights=weights, ppd_grad="trunk", ppd_loss="soe", select_score="soe",
-                      out_dir=str(tmp_path / "run"), **extra)
+    cfg = tiny_config(tmp_path / "run", num_models=3, phases="standard", steps=None, train_limit=64,
+                      test_limit=None, weights=weights, ppd_grad="trunk", ppd_loss="soe",
+                      select_score="soe", **extra)
     (m,) = Trainer(cfg, log=None).fit()
     assert math.isfinite(m["loss"]) and m["skipped_steps"] == 0
     assert sum(m["assign_hist"]) == pytest.approx(1.0)

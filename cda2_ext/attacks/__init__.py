@@ -1,11 +1,15 @@
 """Adversarial attacks: batched L-inf attacks built on the fused sign step.
 
 * :mod:`.engine` - the one sign-step attack loop (:func:`~.engine.sign_attack`), losses (CE, CW,
-  DLR, margin), restarts and per-sample worst-case bookkeeping, shared by everything below.
+  DLR, margin), restarts and per-sample worst-case bookkeeping, shared by everything below, and
+  :class:`~.engine.AttackResult`, what every evaluation attack returns.
+* :mod:`.registry` - every evaluation attack by name, one face:
+  ``ATTACKS[name](model, x_nat, target, eps, **options) -> AttackResult``.
 * :mod:`.training` - Algorithm 1's PGD (per-sub-model variants, attacks on the collaboration).
 * :mod:`.whitebox` - the paper's PGD protocol; :class:`~.whitebox.CollaborationLogits` makes a
   collaboration an images -> logits function (hard / soft / BPDA selection).
-* :mod:`.adaptive` - attacks on the PPD selection and APGD (CE, DLR, decision margin).
+* :mod:`.adaptive` - attacks on the PPD selection (CE, DLR, decision margin), registered by name.
+* :mod:`.apgd` - Auto-PGD (the AutoAttack schedule) on any objective or model function.
 * :mod:`.decision` - Algorithm 2's decision margin, its (sub-model, class) targets, and the
   selection scale the adaptive attacks' temperatures follow.
 * :mod:`.autoattack` - AutoAttack "standard" through its reference implementation (optional extra).
@@ -13,7 +17,7 @@
 * :mod:`.square` - the Square attack (queries outputs only).
 
 A new gradient attack is an *objective* (``x [G, B, ...] -> (loss [G, B], logits)``) handed to
-:func:`~.engine.sign_attack` (or :func:`~.adaptive.apgd`); see :mod:`.engine`.
+:func:`~.engine.sign_attack` (or :func:`~.apgd.apgd`); see :mod:`.engine`.
 """
 from __future__ import annotations
 

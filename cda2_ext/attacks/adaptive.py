@@ -1,4 +1,4 @@
-"""Adaptive attacks on the collaboration's selection, and APGD (Croce & Hein 2020).
+"""Adaptive attacks on the collaboration's selection, each registered by name.
 
 Algorithm 2 answers with the sub-model whose PPD head is highest. That argmax has no gradient, so
 plain PGD (gradient through the selected sub-model only) can report robustness that is only the
@@ -15,8 +15,8 @@ selection itself; a sample counts as robust only if it survives *all* of them
               sub-model (capped), i.e. it tries to make a wrong sub-model win the selection - for
               every ``j``.
 ``bpda``      the hard answer forward, the soft selection's gradient backward (straight-through).
-``apgd-ce`` / ``apgd-dlr``  APGD with the cross-entropy / DLR loss against the collaboration's hard
-              output (AutoAttack's step-size schedule, momentum 0.75, checkpoints).
+``apgd-ce`` / ``apgd-dlr``  APGD (:mod:`~cda2_ext.attacks.apgd`) with the cross-entropy / DLR loss
+              against the collaboration's hard output.
 ``decision`` / ``apgd-decision``  the decision margin ``max_j min(lead_j / g, w_j)``, positive exactly
               when the hard answer is wrong (:mod:`~cda2_ext.attacks.decision`), with sign steps /
               APGD.
@@ -28,6 +28,11 @@ All of them judge candidates by the real (hard) collaboration and keep the worst
 sample; the relaxed outputs only steer the search. The ``submodels``/``ppd-push`` copies run as
 one ``[M, B, C, H, W]`` batch through the fused sign step.
 
+Each attack is one :class:`AdaptiveAttack` in :data:`ADAPTIVE_REGISTRY`: from what one call
+shares (:class:`AdaptiveSetting`: the batch, the configuration, the temperatures, the hard
+output) it makes its :class:`AdaptiveRun` s - an objective and its number of copies, run as
+sign-step or APGD restarts - so a new adaptive attack is one function and one registry entry.
+
 The temperatures and the decision margin's unit come from one number, the model's selection scale
 ``g`` (the median gap between its two highest selection scores on the evaluated samples,
 :func:`~cda2_ext.attacks.decision.selection_gap`), so the attacks do not depend on how the PPD
@@ -37,97 +42,29 @@ logits happen to be scaled; :func:`adaptive_attacks` measures it on its batch un
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property, partial
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
+from ..errors import ConfigError
+from ..runtime import OpsBackend, backend_of, eval_mode
+from .apgd import apgd
 from .decision import (Temperatures, choose_temperatures, decision_objective, selection_gap,
                        wrong_class_targets)
 from .engine import (AttackResult, Objective, check_attack_args, derive_generator,
-                     flatten_copies, merge_worst, model_objective, new_best, per_sample_loss,
-                     project_, run_restarts, sign_attack, update_best)
-from .whitebox import CollaborationLogits, ModelFn, predict_correct
+                     flatten_copies, merge_worst, per_sample_loss, run_restarts, sign_attack)
+from .whitebox import CollaborationLogits, predict_correct
 
-__all__ = ["ADAPTIVE_ATTACKS", "DECISION_ATTACKS", "AdaptiveConfig", "collaboration_objective",
-           "apgd", "apgd_attack", "adaptive_attacks"]
-
-#: The attacks on Algorithm 2's decision margin (:mod:`~cda2_ext.attacks.decision`).
-DECISION_ATTACKS = ("decision", "decision-targeted", "apgd-decision", "apgd-decision-targeted")
-ADAPTIVE_ATTACKS = ("soft", "submodels", "ppd-push", "bpda", "apgd-ce", "apgd-dlr", *DECISION_ATTACKS)
+__all__ = ["ADAPTIVE_ATTACKS", "DECISION_ATTACKS", "ADAPTIVE_REGISTRY", "AdaptiveAttack",
+           "AdaptiveRun", "AdaptiveSetting", "AdaptiveConfig", "collaboration_objective",
+           "adaptive_attacks", "adaptive_attack"]
 
 
-@dataclass
-class AdaptiveConfig:
-    """Budgets and knobs of the adaptive attacks (defaults: the white-box protocol's budget).
-
-    Attributes:
-        attacks: which of :data:`ADAPTIVE_ATTACKS` to run.
-        steps, restarts, alpha_factor, loss: the sign-gradient attacks (``soft``, ``submodels``,
-            ``ppd-push``, ``bpda``, ``decision``, ``decision-targeted``): steps, random starts,
-            step ``alpha_factor * eps``, loss (the decision attacks have their own loss).
-        temperature_fractions: one ``soft`` run per temperature ``fraction * g``, ``g`` the
-            model's selection scale (:func:`~cda2_ext.attacks.decision.choose_temperatures`
-            argues the defaults).
-        temperatures: one more ``soft`` run per fixed temperature the user names.
-        bpda_temperature: the temperature of the backward pass of ``bpda`` and ``ppd-push``
-            (``None``: ``g``).
-        decision_targets: wrong classes per sub-model of the multi-targeted decision attacks,
-            the highest-scoring ones at the clean point (``None``: all ``K - 1``).
-        push_weight, push_cap: ``ppd-push`` adds ``push_weight * min(s_j - max_{i!=j} s_i, cap)``.
-        apgd_steps, apgd_restarts: APGD's iterations (AutoAttack: 100) and random starts
-            (``apgd-*`` attacks).
-        apgd_selection: the collaboration output APGD differentiates (``"hard"``/``"bpda"``).
-        score: Algorithm 2's selection score (``"ppd"`` | ``"soe"``).
-    """
-
-    attacks: Tuple[str, ...] = ADAPTIVE_ATTACKS
-    steps: int = 50
-    restarts: int = 1
-    alpha_factor: float = 0.2
-    loss: str = "ce"
-    temperature_fractions: Tuple[float, ...] = (1.0, 0.25)
-    temperatures: Tuple[float, ...] = ()
-    bpda_temperature: Optional[float] = None
-    decision_targets: Optional[int] = 3
-    push_weight: float = 1.0
-    push_cap: float = 10.0
-    apgd_steps: int = 100
-    apgd_restarts: int = 1
-    apgd_selection: str = "hard"
-    score: str = "ppd"
-
-    def validate(self) -> "AdaptiveConfig":
-        bad = [a for a in self.attacks if a not in ADAPTIVE_ATTACKS]
-        if bad:
-            raise ValueError(f"adaptive attacks: unknown {bad}; expected some of {ADAPTIVE_ATTACKS}")
-        temps = (*self.temperature_fractions, *self.temperatures,
-                 *(() if self.bpda_temperature is None else (self.bpda_temperature,)))
-        if any(not (math.isfinite(t) and t > 0) for t in temps):
-            raise ValueError(f"adaptive attacks: temperatures and temperature fractions must be finite "
-                             f"and > 0, got {temps}")
-        if "soft" in self.attacks and not (self.temperature_fractions or self.temperatures):
-            raise ValueError("adaptive attacks: 'soft' needs at least one temperature or "
-                             "temperature fraction")
-        if self.decision_targets is not None and self.decision_targets < 1:
-            raise ValueError(f"adaptive attacks: decision_targets must be >= 1 (or None for all), "
-                             f"got {self.decision_targets}")
-        if self.steps < 0 or self.apgd_steps < 0 or self.restarts < 1 or self.apgd_restarts < 1:
-            raise ValueError("adaptive attacks: steps must be >= 0 and restarts >= 1")
-        per_sample_loss(self.loss)
-        return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    def choose_temperatures(self, gap: float) -> Temperatures:
-        """This configuration's temperatures for a model of selection scale ``gap``."""
-        return choose_temperatures(gap, self.temperature_fractions, self.temperatures,
-                                   self.bpda_temperature)
-
-
+# ----- the objectives on a collaboration ----------------------------------------------------------
 def _diag_copies(t: Tensor, G: int) -> Tensor:
     """``t [M, G*B, ...]`` with ``G == M`` -> ``[G, B, ...]``: copy ``j`` seen by sub-model ``j``."""
     M = t.shape[0]
@@ -171,129 +108,119 @@ def collaboration_objective(model: CollaborationLogits, target: Tensor, mode: st
     return objective
 
 
-# ----- APGD ---------------------------------------------------------------------------------------
-def _grouped_sign_step_(x: Tensor, grad: Tensor, x_nat: Tensor, eps: float, step: Tensor,
-                        lo: float, hi: float, backend: OpsBackend) -> None:
-    """Fused sign step with a per-sample step size: one fused call per distinct step size.
+# ----- what one call's attacks share, and what each attack makes of it ----------------------------
+@dataclass(frozen=True)
+class AdaptiveRun:
+    """One search of an adaptive attack: restarts of one objective, reported as one result.
 
-    APGD halves step sizes per sample, so there are only a handful of distinct values (2*eps/2^k);
-    grouping keeps the fused kernel (scalar alpha) instead of re-implementing the step.
+    Attributes:
+        label: its key in :func:`adaptive_attacks`' result (``"bpda"``, ``"soft(T=gap)"``, ...).
+        objective: the objective for the samples still attacked, given their index ``[b]``.
+        copies: ``G``, the copies of the batch it searches at once (one per sub-model, ...).
+        seed_key: what its random starts are drawn by (``derive_generator(seed, key, eps)``);
+            ``None``: the label.
     """
-    for value in torch.unique(step).tolist():
-        idx = (step == value).nonzero().squeeze(1)
-        if idx.numel() == x.shape[0]:
-            backend.pgd_sign_step_(x, grad, x_nat, eps, value, lo, hi)
-            return
-        part = x[idx]
-        backend.pgd_sign_step_(part, grad[idx], x_nat[idx], eps, value, lo, hi)
-        x[idx] = part
+
+    label: str
+    objective: Callable[[Tensor], Objective]
+    copies: int = 1
+    seed_key: Optional[str] = None
 
 
-def apgd(objective: Objective, x_nat: Tensor, target: Tensor, eps: float, steps: int, *,
-         x_init: Optional[Tensor] = None, rho: float = 0.75, momentum: float = 0.75,
-         lo: float = 0.0, hi: float = 1.0, backend: OpsBackend = FUSED) -> AttackResult:
-    """Auto-PGD (Croce & Hein 2020), L-inf, one run; the schedule of the AutoAttack code.
+@dataclass(frozen=True)
+class AdaptiveSetting:
+    """What the adaptive attacks of one :func:`adaptive_attacks` call share.
 
-    Step size starts at ``2 eps`` per sample and is halved at checkpoints (the first after
-    ``0.22 * steps`` iterations, then shorter intervals, never below ``0.06 * steps``) where fewer
-    than ``rho`` of the steps since the last checkpoint increased the loss, or where the step was
-    not reduced last time and the best loss did not improve; a halved sample restarts from its
-    best point. Steps mix the new sign step with the last move (``momentum`` 0.75).
-
-    ``G`` copies of the batch (e.g. one per target of a multi-targeted objective) run as one
-    batch of ``G * B`` independent APGD runs: every copy of every sample has its own step size
-    and checkpoints, as if run one after another, with one forward/backward per iteration.
-
-    Args:
-        objective: as in :mod:`~cda2_ext.attacks.engine`, called on ``[G, B, ...]``; its logits
-            are required (APGD keeps the best point).
-        x_init: ``[G, B, ...]`` start (default ``x_nat``, ``G = 1``).
-
-    Returns:
-        ``AttackResult`` with ``x_adv [G, B, ...]``: the worst case over all iterates per copy.
+    Attributes:
+        net: the collaboration, ``x -> (logits [M, B, K], ppd_logit [M, B])``.
+        x_nat, target: the batch ``[B, C, H, W]`` and its labels ``[B]``. eps: the radius.
+        cfg: the validated configuration. temps: the temperatures and the selection scale.
+        hard: Algorithm 2's answer as a model function, which judges every candidate.
+        seed: keys every run's random starts. backend: the operators. lo, hi: the box.
+        initially_correct: ``[B]`` the samples worth attacking (``None``: all).
     """
-    x_nat = x_nat.detach()
-    x0 = (x_nat.unsqueeze(0) if x_init is None else x_init).detach()
-    if x0.shape[1:] != x_nat.shape:
-        raise ValueError(f"x_init: expected [G, {', '.join(map(str, x_nat.shape))}], got {list(x0.shape)}")
-    G, B = x0.shape[:2]
-    copies = x0.shape[:2]
-    x = flatten_copies(x0).clone()  # [G*B, ...]: each row one independent run
-    x_ref = flatten_copies(x_nat.unsqueeze(0).expand(G, *x_nat.shape))
 
-    def evaluate(xc: Tensor, with_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        with torch.enable_grad() if with_grad else torch.no_grad():
-            xg = xc.view(*copies, *xc.shape[1:]).requires_grad_(with_grad)
-            loss, logits = objective(xg)
-            if logits is None:
-                raise ValueError("apgd: the objective must report the evaluated model's logits")
-            g = flatten_copies(torch.autograd.grad(loss.sum(), xg)[0]) if with_grad else None
-        return loss.detach().reshape(G * B).float(), logits.detach(), g
+    net: nn.Module
+    x_nat: Tensor
+    target: Tensor
+    eps: float
+    cfg: AdaptiveConfig
+    temps: Temperatures
+    hard: CollaborationLogits
+    seed: int
+    backend: OpsBackend
+    lo: float = 0.0
+    hi: float = 1.0
+    initially_correct: Optional[Tensor] = None
 
-    best = new_best(x0)
-    loss, logits, grad = evaluate(x, steps > 0)
-    update_best(best, x.view_as(x0), logits, target)
-    if steps == 0:
-        return best
-    n2, nmin, decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
-    runs = G * B  # every copy of every sample is a run of its own
-    step = torch.full((runs,), 2.0 * eps, device=x.device)
-    x_max, loss_max, grad_max = x.clone(), loss.clone(), grad.clone()
-    history = torch.empty(steps + 1, runs, device=x.device)
-    history[0] = loss
-    x_old = x.clone()
-    k, counter = n2, 0
-    loss_max_last = loss_max.clone()
-    reduced_last = torch.zeros(runs, dtype=torch.bool, device=x.device)
-    for i in range(steps):
-        a = momentum if i > 0 else 1.0
-        z = x.clone()
-        _grouped_sign_step_(z, grad, x_ref, eps, step, lo, hi, backend)
-        x_new = x + a * (z - x) + (1 - a) * (x - x_old)
-        project_(x_new, x_ref, eps, lo, hi)
-        x_old, x = x, x_new
-        loss, logits, g = evaluate(x, i < steps - 1)
-        update_best(best, x.view_as(x0), logits, target)
-        history[i + 1] = loss
-        up = loss > loss_max
-        x_max[up], loss_max[up] = x[up], loss[up]
-        if g is not None:
-            grad = g
-            grad_max[up] = g[up]
-        counter += 1
-        if counter == k and i < steps - 1:
-            increases = (history[i + 2 - k:i + 2] > history[i + 1 - k:i + 1]).sum(0)
-            oscillating = increases.double() <= k * rho
-            stalled = ~reduced_last & (loss_max_last >= loss_max)
-            reduce = oscillating | stalled
-            reduced_last, loss_max_last = reduce, loss_max.clone()
-            if reduce.any():
-                step[reduce] /= 2.0
-                x[reduce] = x_max[reduce]
-                grad[reduce] = grad_max[reduce]
-            k, counter = max(k - decr, nmin), 0
-    return best
+    def selection(self, kind: str, temperature: float) -> CollaborationLogits:
+        """The collaboration as a model function with the ``kind`` selection at ``temperature``."""
+        return CollaborationLogits(self.net, kind, temperature, self.cfg.score, self.backend)
 
+    def on_output(self, model: CollaborationLogits, mode: str = "output",
+                  loss: Optional[str] = None) -> Callable[[Tensor], Objective]:
+        """:func:`collaboration_objective` of ``model`` (``loss`` default: ``cfg.loss``) for the
+        samples still attacked."""
+        cfg = self.cfg
+        loss = cfg.loss if loss is None else loss
+        return lambda idx: collaboration_objective(model, self.target[idx], mode, loss,
+                                                   cfg.push_weight, cfg.push_cap)
 
-def apgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, steps: int = 100,
-                loss: str = "ce", restarts: int = 1, *, only_correct: bool = True,
-                lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
-                backend: OpsBackend = FUSED) -> AttackResult:
-    """APGD with ``loss`` (``"ce"`` or ``"dlr"``) against any model function; worst case over
-    ``restarts`` fused random starts. Returns a folded result (``x_adv [B, ...]``)."""
-    check_attack_args(x_nat, target, eps, steps)
-    with eval_mode(model):
-        start_ok = predict_correct(model, x_nat, target) if only_correct else None
+    @cached_property
+    def n_models(self) -> int:
+        """``M``, from the output of one image (so any collaboration-like net will do)."""
+        with torch.no_grad():
+            return int(self.net(self.x_nat[:1])[0].shape[0])
+
+    @cached_property
+    def decision_targets(self) -> Tuple[Tensor, Tensor]:
+        """``(models [G], classes [G, B])``: the (sub-model, wrong class) pairs of the
+        multi-targeted decision attacks, the ``cfg.decision_targets`` highest-scoring wrong
+        classes of each sub-model at the clean point (all where that is every wrong class)."""
+        with torch.no_grad():
+            clean = self.net(self.x_nat)[0]
+        top, K = self.cfg.decision_targets, int(clean.shape[-1])
+        return wrong_class_targets(clean, self.target, top if top is not None and top < K - 1 else None)
+
+    def search(self, attack: str, run: AdaptiveRun) -> AttackResult:
+        """``run``'s restarts with ``attack``'s search (sign steps or APGD) and budget
+        (:meth:`AdaptiveConfig.budget`); the folded per-sample worst case."""
+        cfg, eps, x_nat, target = self.cfg, self.eps, self.x_nat, self.target
+        use_apgd = ADAPTIVE_REGISTRY[attack].apgd
+        steps, restarts = cfg.budget(attack)
 
         def once(idx: Tensor, x0: Tensor) -> AttackResult:
-            obj = model_objective(model, target[idx], loss)
-            return apgd(obj, x_nat[idx], target[idx], eps, steps, x_init=x0, lo=lo, hi=hi, backend=backend)
+            obj = run.objective(idx)
+            if use_apgd:
+                return apgd(obj, x_nat[idx], target[idx], eps, steps, x_init=x0, lo=self.lo,
+                            hi=self.hi, backend=self.backend)
+            return sign_attack(obj, x_nat[idx], target[idx], eps, cfg.alpha_factor * eps, steps,
+                               x_init=x0, lo=self.lo, hi=self.hi, backend=self.backend)
 
-        return run_restarts(once, x_nat, target, eps, restarts, initially_correct=start_ok,
-                            lo=lo, hi=hi, generator=generator, backend=backend)
+        key = run.label if run.seed_key is None else run.seed_key
+        return run_restarts(once, x_nat, target, eps, restarts, copies=run.copies,
+                            initially_correct=self.initially_correct, lo=self.lo, hi=self.hi,
+                            generator=derive_generator(self.seed, key, eps), backend=self.backend)
 
 
-# ----- all adaptive attacks -----------------------------------------------------------------------
+#: ``(setting, attack name) -> runs``: what a registered attack makes of one call's setting.
+RunPlan = Callable[[AdaptiveSetting, str], List[AdaptiveRun]]
+
+
+@dataclass(frozen=True)
+class AdaptiveAttack:
+    """A registered adaptive attack.
+
+    Attributes:
+        runs: its searches for one call (:data:`RunPlan`); ``soft`` makes one per temperature.
+        apgd: they search with APGD (``apgd_steps``, ``apgd_restarts``) rather than sign steps
+            (``steps``, ``restarts``, step ``alpha_factor * eps``).
+    """
+
+    runs: RunPlan
+    apgd: bool = False
+
+
 def _soft_seed_key(label: str, temperature: float) -> str:
     """The random-start key of a ``soft`` run: its label for a scale-relative temperature (so a
     model with rescaled PPD logits gets the same starts), ``soft{T}`` for a fixed one (the key
@@ -301,15 +228,153 @@ def _soft_seed_key(label: str, temperature: float) -> str:
     return label if "gap" in label else f"soft{temperature}"
 
 
+def _soft(s: AdaptiveSetting, name: str) -> List[AdaptiveRun]:
+    """The soft selection attacked end to end, one run per temperature."""
+    return [AdaptiveRun(label, s.on_output(s.selection("soft", T)), seed_key=_soft_seed_key(label, T))
+            for label, T in s.temps.soft]
+
+
+def _submodels(s: AdaptiveSetting, name: str) -> List[AdaptiveRun]:
+    """Copy ``j`` follows sub-model ``j``'s loss."""
+    return [AdaptiveRun(name, s.on_output(s.hard, "submodel"), s.n_models)]
+
+
+def _ppd_push(s: AdaptiveSetting, name: str) -> List[AdaptiveRun]:
+    """Copy ``j`` follows sub-model ``j``'s loss plus its capped PPD lead (BPDA's gradient)."""
+    return [AdaptiveRun(name, s.on_output(s.selection("bpda", s.temps.bpda), "push"), s.n_models)]
+
+
+def _bpda(s: AdaptiveSetting, name: str) -> List[AdaptiveRun]:
+    """The hard answer forward, the soft selection's gradient backward."""
+    return [AdaptiveRun(name, s.on_output(s.selection("bpda", s.temps.bpda)))]
+
+
+def _output_loss(s: AdaptiveSetting, name: str, *, loss: str) -> List[AdaptiveRun]:
+    """``loss`` of the output ``cfg.apgd_selection`` names (the hard answer by default)."""
+    kind = s.cfg.apgd_selection
+    judge = s.hard if kind == "hard" else s.selection(kind, s.temps.bpda)
+    return [AdaptiveRun(name, s.on_output(judge, loss=loss))]
+
+
+def _decision(s: AdaptiveSetting, name: str, *, targeted: bool) -> List[AdaptiveRun]:
+    """The decision margin; ``targeted``: one copy per (sub-model, wrong class) pair."""
+    if not targeted:
+        return [AdaptiveRun(name, lambda idx: decision_objective(s.hard, s.target[idx], s.temps.gap))]
+    models, classes = s.decision_targets
+    return [AdaptiveRun(name, lambda idx: decision_objective(
+        s.hard, s.target[idx], s.temps.gap, (models, classes[:, idx])), len(models))]
+
+
+#: The adaptive attacks by name, in the order they run (and their rows appear).
+ADAPTIVE_REGISTRY: Mapping[str, AdaptiveAttack] = MappingProxyType({
+    "soft": AdaptiveAttack(_soft),
+    "submodels": AdaptiveAttack(_submodels),
+    "ppd-push": AdaptiveAttack(_ppd_push),
+    "bpda": AdaptiveAttack(_bpda),
+    "apgd-ce": AdaptiveAttack(partial(_output_loss, loss="ce"), apgd=True),
+    "apgd-dlr": AdaptiveAttack(partial(_output_loss, loss="dlr"), apgd=True),
+    "decision": AdaptiveAttack(partial(_decision, targeted=False)),
+    "decision-targeted": AdaptiveAttack(partial(_decision, targeted=True)),
+    "apgd-decision": AdaptiveAttack(partial(_decision, targeted=False), apgd=True),
+    "apgd-decision-targeted": AdaptiveAttack(partial(_decision, targeted=True), apgd=True),
+})
+ADAPTIVE_ATTACKS: Tuple[str, ...] = tuple(ADAPTIVE_REGISTRY)
+#: The attacks on Algorithm 2's decision margin (:mod:`~cda2_ext.attacks.decision`).
+DECISION_ATTACKS = ("decision", "decision-targeted", "apgd-decision", "apgd-decision-targeted")
+
+
+# ----- configuration ------------------------------------------------------------------------------
+@dataclass
+class AdaptiveConfig:
+    """Budgets and knobs of the adaptive attacks (defaults: the white-box protocol's budget).
+
+    Attributes:
+        attacks: which of :data:`ADAPTIVE_ATTACKS` to run.
+        steps, restarts, alpha_factor, loss: the sign-gradient attacks (``soft``, ``submodels``,
+            ``ppd-push``, ``bpda``, ``decision``, ``decision-targeted``): steps, random starts,
+            step ``alpha_factor * eps``, loss (the decision attacks have their own loss).
+        temperature_fractions: one ``soft`` run per temperature ``fraction * g``, ``g`` the
+            model's selection scale (:func:`~cda2_ext.attacks.decision.choose_temperatures`
+            argues the defaults).
+        temperatures: one more ``soft`` run per fixed temperature the user names.
+        bpda_temperature: the temperature of the backward pass of ``bpda`` and ``ppd-push``
+            (``None``: ``g``).
+        decision_targets: wrong classes per sub-model of the multi-targeted decision attacks,
+            the highest-scoring ones at the clean point (``None``: all ``K - 1``).
+        push_weight, push_cap: ``ppd-push`` adds ``push_weight * min(s_j - max_{i!=j} s_i, cap)``.
+        apgd_steps, apgd_restarts: APGD's iterations (AutoAttack: 100) and random starts
+            (``apgd-*`` attacks).
+        apgd_selection: the collaboration output APGD differentiates (``"hard"``/``"bpda"``).
+        score: Algorithm 2's selection score (``"ppd"`` | ``"soe"``).
+    """
+
+    attacks: Tuple[str, ...] = ADAPTIVE_ATTACKS
+    steps: int = 50
+    restarts: int = 1
+    alpha_factor: float = 0.2
+    loss: str = "ce"
+    temperature_fractions: Tuple[float, ...] = (1.0, 0.25)
+    temperatures: Tuple[float, ...] = ()
+    bpda_temperature: Optional[float] = None
+    decision_targets: Optional[int] = 3
+    push_weight: float = 1.0
+    push_cap: float = 10.0
+    apgd_steps: int = 100
+    apgd_restarts: int = 1
+    apgd_selection: str = "hard"
+    score: str = "ppd"
+
+    def validate(self) -> "AdaptiveConfig":
+        """Raise :class:`~cda2_ext.errors.ConfigError` (naming the field) for a setting no attack
+        can run; ``self``."""
+        bad = [a for a in self.attacks if a not in ADAPTIVE_REGISTRY]
+        if bad:
+            raise ConfigError(f"adaptive.attacks: unknown {bad}; expected some of {ADAPTIVE_ATTACKS}")
+        bpda = () if self.bpda_temperature is None else (self.bpda_temperature,)
+        for name, temps in (("temperature_fractions", self.temperature_fractions),
+                            ("temperatures", self.temperatures), ("bpda_temperature", bpda)):
+            if any(not (math.isfinite(t) and t > 0) for t in temps):
+                raise ConfigError(f"adaptive.{name}: every value must be a finite number > 0, "
+                                  f"got {getattr(self, name)!r}")
+        if "soft" in self.attacks and not (self.temperature_fractions or self.temperatures):
+            raise ConfigError("adaptive.temperatures: 'soft' needs at least one temperature or "
+                              "temperature fraction")
+        if self.decision_targets is not None and self.decision_targets < 1:
+            raise ConfigError(f"adaptive.decision_targets: must be >= 1 (or None for all), "
+                              f"got {self.decision_targets}")
+        for name, low in (("steps", 0), ("restarts", 1), ("apgd_steps", 0), ("apgd_restarts", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"adaptive.{name}: must be >= {low}, got {getattr(self, name)}")
+        per_sample_loss(self.loss, "adaptive.loss")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def budget(self, attack: str) -> Tuple[int, int]:
+        """``(steps, restarts)`` of the registered attack ``attack``: APGD's budget where it
+        searches with APGD, the sign-step attacks' otherwise."""
+        if ADAPTIVE_REGISTRY[attack].apgd:
+            return self.apgd_steps, self.apgd_restarts
+        return self.steps, self.restarts
+
+    def choose_temperatures(self, gap: float) -> Temperatures:
+        """This configuration's temperatures for a model of selection scale ``gap``."""
+        return choose_temperatures(gap, self.temperature_fractions, self.temperatures,
+                                   self.bpda_temperature)
+
+
+# ----- running them -------------------------------------------------------------------------------
 def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
                      config: Optional[AdaptiveConfig] = None, *, seed: int = 0,
                      only_correct: bool = True, backend: Optional[OpsBackend] = None, lo: float = 0.0,
                      hi: float = 1.0, temperatures: Optional[Temperatures] = None) -> Dict[str, AttackResult]:
-    """Run the adaptive attacks against a collaboration ``net`` (``x -> (logits, ppd_logit)``).
+    """Run the adaptive attacks ``config.attacks`` (names of :data:`ADAPTIVE_REGISTRY`) against a
+    collaboration ``net`` (``x -> (logits, ppd_logit)``).
 
-    Returns ``{name: folded AttackResult}`` with one entry per attack (``soft`` once per
+    Returns ``{name: folded AttackResult}`` with one entry per run (``soft`` once per
     temperature, as ``soft(T=gap)``, ``soft(T=0.25*gap)``, ``soft(T=1)``, ...) and ``"worst"``,
-    the per-sample worst case over all of them. Each attack draws its random starts from
+    the per-sample worst case over all of them. Each run draws its random starts from
     ``derive_generator(seed, name, eps)``, so results do not depend on which other attacks ran.
 
     Args:
@@ -321,64 +386,26 @@ def adaptive_attacks(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
     check_attack_args(x_nat, target, eps, cfg.steps)
     backend = backend if backend is not None else backend_of(net)
     hard = CollaborationLogits(net, "hard", score=cfg.score, backend=backend)
-    alpha = cfg.alpha_factor * eps
     out: Dict[str, AttackResult] = {}
     with eval_mode(net):
         start_ok = predict_correct(hard, x_nat, target) if only_correct else None
         temps = temperatures if temperatures is not None else cfg.choose_temperatures(
             selection_gap(net, x_nat, cfg.score))
-        targeted = any(a.endswith("decision-targeted") for a in cfg.attacks)
-        with torch.no_grad():  # sub-models (any collaboration-like net) and the targets' classes
-            clean_logits = net(x_nat if targeted else x_nat[:1])[0]
-        M, K = int(clean_logits.shape[0]), int(clean_logits.shape[-1])
-        pairs = None
-        if targeted:
-            top = cfg.decision_targets  # None (all) where it asks for every wrong class or more
-            pairs = wrong_class_targets(clean_logits, target, top if top is not None and top < K - 1 else None)
-
-        def run(name: str, make_objective: Callable[[Tensor], Objective], copies: int,
-                use_apgd: bool) -> AttackResult:
-            """``name``'s restarts, each a sign-step or APGD run of ``make_objective(active)``."""
-            def once(idx: Tensor, x0: Tensor) -> AttackResult:
-                obj = make_objective(idx)
-                if use_apgd:
-                    return apgd(obj, x_nat[idx], target[idx], eps, cfg.apgd_steps, x_init=x0,
-                                lo=lo, hi=hi, backend=backend)
-                return sign_attack(obj, x_nat[idx], target[idx], eps, alpha, cfg.steps, x_init=x0,
-                                   lo=lo, hi=hi, backend=backend)
-            return run_restarts(once, x_nat, target, eps, cfg.apgd_restarts if use_apgd else cfg.restarts,
-                                copies=copies, initially_correct=start_ok, lo=lo, hi=hi,
-                                generator=derive_generator(seed, name, eps), backend=backend)
-
-        def on_output(model: CollaborationLogits, mode: str = "output",
-                      loss: str = cfg.loss) -> Callable[[Tensor], Objective]:
-            return lambda idx: collaboration_objective(model, target[idx], mode, loss, cfg.push_weight,
-                                                       cfg.push_cap)
-
-        relaxed = CollaborationLogits(net, "bpda", temps.bpda, cfg.score, backend)
+        setting = AdaptiveSetting(net, x_nat, target, eps, cfg, temps, hard, seed, backend, lo, hi,
+                                  start_ok)
         for name in cfg.attacks:
-            if name == "soft":
-                for label, T in temps.soft:
-                    soft = CollaborationLogits(net, "soft", T, cfg.score, backend)
-                    out[label] = run(_soft_seed_key(label, T), on_output(soft), 1, False)
-            elif name == "submodels":
-                out[name] = run(name, on_output(hard, "submodel"), M, False)
-            elif name == "ppd-push":
-                out[name] = run(name, on_output(relaxed, "push"), M, False)
-            elif name == "bpda":
-                out[name] = run(name, on_output(relaxed), 1, False)
-            elif name in ("apgd-ce", "apgd-dlr"):
-                judge = hard if cfg.apgd_selection == "hard" else CollaborationLogits(
-                    net, cfg.apgd_selection, temps.bpda, cfg.score, backend)
-                out[name] = run(name, on_output(judge, loss=name.split("-", 1)[1]), 1, True)
-            else:  # the decision-margin attacks
-                is_targeted = name.endswith("targeted")
-
-                def decision(idx: Tensor, is_targeted: bool = is_targeted) -> Objective:
-                    sub = (pairs[0], pairs[1][:, idx]) if is_targeted else None
-                    return decision_objective(hard, target[idx], temps.gap, sub)
-                out[name] = run(name, decision, len(pairs[0]) if is_targeted else 1,
-                                name.startswith("apgd-"))
+            for run in ADAPTIVE_REGISTRY[name].runs(setting, name):
+                out[run.label] = setting.search(name, run)
     if out:
         out["worst"] = merge_worst(list(out.values()))
     return out
+
+
+def adaptive_attack(net: nn.Module, x_nat: Tensor, target: Tensor, eps: float,
+                    config: Optional[AdaptiveConfig] = None, *, attack: str,
+                    **options: Any) -> AttackResult:
+    """The one adaptive attack ``attack`` (a name of :data:`ADAPTIVE_REGISTRY`) with ``config``'s
+    budgets, folded; for ``soft``, the per-sample worst case over its temperatures. ``options``:
+    the keyword arguments of :func:`adaptive_attacks` (``seed``, ``temperatures``, ...)."""
+    cfg = replace(config or AdaptiveConfig(), attacks=(attack,))
+    return adaptive_attacks(net, x_nat, target, eps, cfg, **options)["worst"]

@@ -1,7 +1,8 @@
 """The shared machinery of the evaluation attacks: losses, worst-case bookkeeping, one PGD loop.
 
 Every gradient attack in :mod:`~cda2_ext.attacks.whitebox`, :mod:`~cda2_ext.attacks.adaptive` and
-:mod:`~cda2_ext.attacks.transfer` is :func:`sign_attack` with a different *objective*:
+:mod:`~cda2_ext.attacks.transfer` is :func:`sign_attack` (or APGD's schedule on the same sign step,
+:func:`~cda2_ext.attacks.apgd.apgd`) with a different *objective*:
 
 ``objective(x) -> (loss, logits)`` for a batch of candidates ``x [G, B, C, H, W]``
     ``G`` independent copies of the ``B`` samples (parallel restarts, one copy per attacked
@@ -32,7 +33,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from ..reference import draw_seed
+from ..errors import ConfigError
+from ..ops.reference import draw_seed
 from ..runtime import FUSED, OpsBackend
 
 __all__ = [
@@ -86,12 +88,13 @@ def dlr_loss(logits: Tensor, target: Tensor) -> Tensor:
 LOSSES: Dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": ce_loss, "cw": cw_loss, "dlr": dlr_loss}
 
 
-def per_sample_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """The loss called ``name`` (``"ce"``, ``"cw"`` or ``"dlr"``); ``ValueError`` otherwise."""
+def per_sample_loss(name: str, option: str = "loss") -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss called ``name`` (``"ce"``, ``"cw"`` or ``"dlr"``); otherwise
+    :class:`~cda2_ext.errors.ConfigError` naming ``option`` (the field that holds the name)."""
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"loss: expected one of {sorted(LOSSES)}, got {name!r}") from None
+        raise ConfigError(f"{option}: expected one of {sorted(LOSSES)}, got {name!r}") from None
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -159,7 +162,11 @@ def model_objective(model: ModelFn, target: Tensor,
 # ----- results ------------------------------------------------------------------------------------
 @dataclass
 class AttackResult:
-    """The worst case an attack found.
+    """The worst case an attack found: what every evaluation attack returns.
+
+    The attacks that know more return a subclass that adds only that
+    (:class:`~cda2_ext.attacks.square.SquareResult`: queries spent;
+    :class:`~cda2_ext.attacks.autoattack.AutoAttackResult`: AutoAttack's warnings and time).
 
     Attributes:
         x_adv: ``[G, B, C, H, W]`` adversarial inputs (``G`` copies; 1 unless the attack keeps

@@ -23,26 +23,22 @@ import torch
 from torch import Tensor
 
 from ..runtime import FUSED, OpsBackend, eval_mode
-from .engine import ModelFn, check_attack_args, margin
+from .engine import AttackResult, ModelFn, check_attack_args, margin
 
 __all__ = ["SquareResult", "QueryCounter", "square_p_schedule", "square_attack"]
 
 
-@dataclass
-class SquareResult:
-    """Outcome of :func:`square_attack`.
+@dataclass(kw_only=True)
+class SquareResult(AttackResult):
+    """Outcome of :func:`square_attack`: a folded :class:`~cda2_ext.attacks.engine.AttackResult`
+    (``x_adv [B, C, H, W]``, the best point found; its ``margin`` and ``correct``, ``[B]``) plus
+    what a query budget adds.
 
     Attributes:
-        x_adv: ``[B, C, H, W]`` best point found (the adversarial one where the attack succeeded).
-        margin: ``[B]`` ``max_{k != y} z_k - z_y`` at ``x_adv`` (> 0: misclassified).
-        correct: ``[B]`` the model still answers the label at ``x_adv``.
         queries: ``[B]`` model queries spent per sample (never above the budget).
         out_of_budget: ``[B]`` still correct when the budget ran out.
     """
 
-    x_adv: Tensor
-    margin: Tensor
-    correct: Tensor
     queries: Tensor
     out_of_budget: Tensor
 
@@ -144,4 +140,5 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
             upd = active[better]
             x_best[upd], m_best[upd] = cand[better], m_new[better]
     correct = m_best <= 0
-    return SquareResult(x_best, m_best, correct, queries, correct & (queries >= n_queries))
+    return SquareResult(x_best, m_best, correct, queries=queries,
+                        out_of_budget=correct & (queries >= n_queries))

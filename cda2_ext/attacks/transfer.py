@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..runtime import FUSED, OpsBackend, eval_mode
-from .engine import (ModelFn, check_attack_args, cw_loss, derive_generator, 
+from .engine import (AttackResult, ModelFn, check_attack_args, cw_loss, derive_generator,
                      model_objective, per_sample_loss, sign_attack)
 from .whitebox import predict_correct
 
@@ -85,20 +86,25 @@ class TransferConfig:
         elif name == "table5":
             base = cls(losses=("ce", "cw"), mi_restarts=3)
         else:
-            raise ValueError(f"transfer preset: expected 'table2' or 'table5', got {name!r}")
+            raise ConfigError(f"transfer.preset: expected 'table2' or 'table5', got {name!r}")
         return replace(base, **overrides).validate()
 
     def validate(self) -> "TransferConfig":
+        """Raise :class:`~cda2_ext.errors.ConfigError` (naming the field) for a setting no
+        transfer attack can run; ``self``."""
         bad = [m for m in self.methods if m not in TRANSFER_METHODS]
         if bad or not self.methods:
-            raise ValueError(f"transfer methods: expected some of {TRANSFER_METHODS}, "
-                             f"got {list(self.methods)}")
+            raise ConfigError(f"transfer.methods: expected some of {TRANSFER_METHODS}, "
+                              f"got {list(self.methods)}")
         for loss in self.losses:
             if loss not in ("ce", "cw"):
-                raise ValueError(f"transfer losses: expected 'ce' and/or 'cw', got {loss!r}")
-        if self.steps < 0 or self.mi_restarts < 1 or not 0 <= self.di_prob <= 1 or self.di_resize < 1:
-            raise ValueError("transfer config: need steps >= 0, mi_restarts >= 1, 0 <= di_prob <= 1, "
-                             "di_resize >= 1")
+                raise ConfigError(f"transfer.losses: expected 'ce' and/or 'cw', got {loss!r}")
+        for name, ok, need in (("steps", self.steps >= 0, ">= 0"),
+                               ("mi_restarts", self.mi_restarts >= 1, ">= 1"),
+                               ("di_prob", 0 <= self.di_prob <= 1, "in [0, 1]"),
+                               ("di_resize", self.di_resize >= 1, ">= 1")):
+            if not ok:
+                raise ConfigError(f"transfer.{name}: must be {need}, got {getattr(self, name)}")
         return self
 
     def variants_per_surrogate(self) -> int:
@@ -192,9 +198,11 @@ def _loss_fn(loss: str, kappa: float):
 def transfer_attack(surrogate: ModelFn, x_nat: Tensor, target: Tensor, eps: float, method: str,
                     loss: str = "ce", config: Optional[TransferConfig] = None, *,
                     generator: Optional[torch.Generator] = None, lo: float = 0.0, hi: float = 1.0,
-                    backend: OpsBackend = FUSED) -> Tensor:
-    """One transfer method against ``surrogate``; returns ``[V, B, C, H, W]`` variants
-    (``V = mi_restarts`` for ``mi-pgd``, else 1). Final iterates: nothing of the target is used."""
+                    backend: OpsBackend = FUSED) -> AttackResult:
+    """One transfer method against ``surrogate``: an :class:`~cda2_ext.attacks.engine.AttackResult`
+    whose ``x_adv [V, B, C, H, W]`` holds the variants (``V = mi_restarts`` for ``mi-pgd``, else 1),
+    the final iterates; ``margin`` and ``correct`` are ``None``, as nothing of the target is used
+    (:func:`transfer_correct` judges the variants)."""
     cfg = (config or TransferConfig()).validate()
     check_attack_args(x_nat, target, eps, cfg.steps)
     if method not in TRANSFER_METHODS:
@@ -212,7 +220,7 @@ def transfer_attack(surrogate: ModelFn, x_nat: Tensor, target: Tensor, eps: floa
     ctx = skip_gradient(surrogate, cfg.sgm_gamma) if method == "sgm" else contextlib.nullcontext()
     with eval_mode(surrogate), ctx:
         return sign_attack(obj, x_nat, target, eps, alpha, cfg.steps, x_init=x_init,
-                           momentum=momentum, lo=lo, hi=hi, backend=backend).x_adv
+                           momentum=momentum, lo=lo, hi=hi, backend=backend)
 
 
 @dataclass
@@ -238,7 +246,7 @@ class TransferSet:
         """Write one safetensors file; the names, eps and config travel in its metadata."""
         from safetensors.torch import save
 
-        from ..checkpoint import atomic_write
+        from ..files.checkpoint import atomic_write
         path = Path(path)
         tensors = {"x_adv": self.x_adv.detach().float().contiguous().cpu(),
                    "labels": self.labels.detach().long().contiguous().cpu()}
@@ -304,7 +312,7 @@ def generate_transfer_set(surrogates: Mapping[str, ModelFn], x_nat: Tensor, targ
             for method in cfg.methods:
                 g = derive_generator(seed, "transfer", sname, loss, method, eps)
                 v = transfer_attack(surrogate, x_nat, target, eps, method, loss, cfg, generator=g,
-                                    lo=lo, hi=hi, backend=backend)
+                                    lo=lo, hi=hi, backend=backend).x_adv
                 xs.append(v)
                 names += ([f"{sname}/{loss}/{method}#{r}" for r in range(v.shape[0])]
                           if method == "mi-pgd" else [f"{sname}/{loss}/{method}"])

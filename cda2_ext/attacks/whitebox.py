@@ -29,9 +29,10 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..models.collaboration import selection_score
 from ..runtime import FUSED, OpsBackend, backend_of, eval_mode
-from .engine import (AttackResult, ModelFn, check_attack_args, model_objective,
+from .engine import (AttackResult, ModelFn, check_attack_args, model_objective, per_sample_loss,
                      run_restarts, sign_attack)
 
 __all__ = ["SELECTIONS", "ppd_gradients", "CollaborationLogits", "EnsembleLogits", "SubModelLogits",
@@ -183,6 +184,15 @@ class PGDConfig:
     random_start: bool = True
     last_iterate: bool = False
 
+    def validate(self) -> "PGDConfig":
+        """Raise :class:`~cda2_ext.errors.ConfigError` (naming the field) for a protocol no attack
+        can run; ``self``."""
+        for name, low in (("steps", 0), ("restarts", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"pgd.{name}: must be >= {low}, got {getattr(self, name)}")
+        per_sample_loss(self.loss, "pgd.loss")
+        return self
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
@@ -203,7 +213,7 @@ def pgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float,
     Returns:
         Folded :class:`~cda2_ext.attacks.engine.AttackResult` (``x_adv [B, ...]``, ``correct [B]``).
     """
-    cfg = config or PGDConfig()
+    cfg = (config or PGDConfig()).validate()
     check_attack_args(x_nat, target, eps, cfg.steps)
     alpha = cfg.alpha_factor * eps
     with eval_mode(model):

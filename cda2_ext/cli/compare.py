@@ -20,12 +20,12 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..checkpoint import atomic_write, checkpoint_files, read_document
-from ..errors import CheckpointError, CLIError, one_line, os_reason
+from ..files.checkpoint import atomic_write, checkpoint_files, read_document
+from ..errors import CheckpointError, CLIError, one_line
 from ..evaluation.rows import ADAPTIVE_WORST, WORST
-from ..run_dir import check_output, save_or_rescue
+from ..files.run_folder import RobustnessRecord, check_output, save_or_rescue, training_time
 from ..training.config import TrainConfig
 
 __all__ = ["register", "run", "RunSummary", "summarize_run", "find_robustness", "GROUPS",
@@ -100,43 +100,19 @@ _CONFIG_KEYS = ("method", "adv", "num_models", "depth", "epochs", "batch_size", 
                 "eps", "alpha", "steps", "train_limit", "dataset", "init_from", "seed")
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found ({what})") from None
-    except OSError as err:
-        raise CheckpointError(f"cannot read {os_reason(err)} ({what})") from None
-    except (ValueError, RecursionError) as err:  # RecursionError: nested thousands deep
-        raise CheckpointError(f"{path} is unreadable ({what}): {one_line(err)}") from None
-
-
-def _training_time(folder: Path) -> Tuple[float, float]:
-    """``(seconds, images/s)`` summed over ``metrics.json``'s epochs."""
-    path = folder / "metrics.json"
-    history = _read_json(path, "the run's per-epoch metrics")
-    if not isinstance(history, list) or not history:
-        raise CheckpointError(f"{path} holds no finished epoch")
-    try:
-        seconds = sum(float(h.get("seconds", 0.0)) for h in history)
-        images = sum(float(h.get("images_per_s", 0.0)) * float(h.get("seconds", 0.0)) for h in history)
-    except (AttributeError, TypeError, ValueError) as err:  # not what cda2 train writes
-        raise CheckpointError(f"{path} is not a cda2 run's metrics ({one_line(err)})") from None
-    return seconds, images / max(seconds, 1e-9)
-
-
 def summarize_run(run: str) -> RunSummary:
     """A run folder's method, options and training cost (no robustness yet); the run's options
     come from its checkpoint document, digest-checked and validated like the command line's."""
     folder = checkpoint_files(run)[0].parent
     doc = read_document(run)
     cfg = TrainConfig.from_meta(doc, checkpoint_files(run)[1]).to_dict()
-    seconds, speed = _training_time(folder)
+    cost = training_time(folder)
     method = cfg.get("method", "cda2") + ("+adv" if cfg.get("adv") else "")
-    s = RunSummary(str(run), method, {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg}, seconds, speed)
+    s = RunSummary(str(run), method, {k: cfg.get(k) for k in _CONFIG_KEYS if k in cfg}, cost.seconds,
+                   cost.images_per_s)
     if cfg.get("init_from"):
         try:
-            s.init_seconds = _training_time(checkpoint_files(cfg["init_from"])[0].parent)[0]
+            s.init_seconds = training_time(cfg["init_from"]).seconds
         except CheckpointError as err:
             s.notes.append(f"the starting run's time is unknown ({err})")
     return s
@@ -150,44 +126,46 @@ def find_robustness(summary: RunSummary, sources: Sequence[Path]) -> None:
     """Fill ``summary``'s clean accuracy and rows from the first robustness.json of ``sources``
     whose ``config.checkpoints`` names this run (compared as resolved paths)."""
     for src in sources:
-        doc = _read_json(src, "written by cda2 eval --out")
-        try:
-            if _take_rows(summary, src, doc):
-                return
-        except (AttributeError, TypeError, ValueError, OSError) as err:  # not what cda2 eval writes
-            raise CheckpointError(f"{src} is not a robustness.json of cda2 eval "
-                                  f"({one_line(err)})") from None
+        if _take_rows(summary, RobustnessRecord.read(src)):
+            return
     summary.notes.append("no robustness.json among the given ones evaluates this run "
                          "(cda2 eval --checkpoint RUN --out DIR, then --eval DIR)")
 
 
-def _take_rows(summary: RunSummary, src: Path, doc: Any) -> bool:
-    """Fill ``summary`` from one robustness.json document if it evaluates this run."""
-    checkpoints = (doc.get("config") or {}).get("checkpoints") or {}
-    for name, path in checkpoints.items():
-        if not _same_run(path, Path(summary.run)):
-            continue
-        summary.source = str(src)
-        clean = (doc.get("clean") or {}).get(name)
-        summary.clean = None if clean is None else float(clean)
-        summary.rows = (doc.get("robust_accuracy") or {}).get(name, {})
-        for label, by_eps in summary.rows.items():
-            group = _group(label)
-            if group is not None:
-                summary.groups.setdefault(group, {}).update(
-                    {float(e): float(v) for e, v in by_eps.items()})
-        targets = (doc.get("config") or {}).get("targets") or {}
-        selection_rows = [lab for lab in summary.rows if lab.startswith("adaptive: ")
-                          and not lab.startswith("adaptive: apgd-ce") and
-                          not lab.startswith("adaptive: apgd-dlr")]
-        if not summary.has_selection and (targets.get(name) == "collaboration" or
-                                          (not targets and selection_rows)):
-            summary.notes.append(
-                f"{summary.method} has no selection, but {src} evaluated it through Algorithm 2 "
-                "(its untrained PPD heads pick the answering sub-model): these rows are not the "
-                "ensemble's; evaluate it as an ensemble (mean probability)")
-        return True
-    return False
+def _take_rows(summary: RunSummary, record: RobustnessRecord) -> bool:
+    """Fill ``summary`` from one evaluation's record if it evaluates this run."""
+    src = record.source
+    try:
+        checkpoints = dict(record.config.get("checkpoints") or {})
+        targets = dict(record.config.get("targets") or {})
+        for name, path in checkpoints.items():
+            if not _same_run(path, Path(summary.run)):
+                continue
+            summary.source = str(src)
+            clean = record.clean.get(name)
+            summary.clean = None if clean is None else float(clean)
+            summary.rows = record.robust_accuracy.get(name, {})
+            for label, by_eps in summary.rows.items():
+                group = _group(label)
+                if group is not None:
+                    summary.groups.setdefault(group, {}).update(
+                        {float(e): float(v) for e, v in by_eps.items()})
+            break
+        else:
+            return False
+    except (AttributeError, TypeError, ValueError, OSError) as err:  # not what cda2 eval writes
+        raise CheckpointError(f"{src} is not a robustness.json of cda2 eval "
+                              f"({one_line(err)})") from None
+    selection_rows = [lab for lab in summary.rows if lab.startswith("adaptive: ")
+                      and not lab.startswith("adaptive: apgd-ce") and
+                      not lab.startswith("adaptive: apgd-dlr")]
+    if not summary.has_selection and (targets.get(name) == "collaboration" or
+                                      (not targets and selection_rows)):
+        summary.notes.append(
+            f"{summary.method} has no selection, but {src} evaluated it through Algorithm 2 "
+            "(its untrained PPD heads pick the answering sub-model): these rows are not the "
+            "ensemble's; evaluate it as an ensemble (mean probability)")
+    return True
 
 
 def _eps_columns(summaries: Sequence[RunSummary]) -> Dict[str, List[float]]:
@@ -255,7 +233,7 @@ def to_csv(summaries: Sequence[RunSummary], path: Path) -> Path:
 def plot(summaries: Sequence[RunSummary], path: Path) -> Path:
     """PNG: robust accuracy vs eps under PGD and under the worst case (eps 0 = clean), transfer
     vs eps, and training time per run."""
-    from ..plotting import new_figure, save_figure
+    from ..files.plotting import new_figure, save_figure
 
     fig, axes = new_figure(1, 3, figsize=(15, 4.8))
     for ax, groups, title in ((axes[0], ("pgd", "worst"), "white-box: PGD (solid), worst case (dotted)"),

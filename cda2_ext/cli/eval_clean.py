@@ -3,18 +3,8 @@ ensemble and sub-models, and how often each sub-model is chosen, as JSON."""
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from typing import Any, Dict
 
-from .. import limits
-from ..checkpoint import atomic_write, load_collaboration
-from ..data import load_images
-from ..errors import CLIError
-from ..models.collaboration import SCORES
-from ..evaluation.clean import evaluate_clean
-from ..run_dir import check_output, save_or_rescue
-from ..runtime import resolve_device
+from ..jobs.evaluate_clean import CleanEvalJob
 
 __all__ = ["register", "run"]
 
@@ -27,44 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "collaboration (Algorithm 2), the ensemble (mean probability and majority vote) "
                        "and each sub-model, plus how often each sub-model is chosen. Prints JSON.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="run folder or checkpoint .safetensors/.json file")
-    p.add_argument("--data", dest="data_dir", default=None,
-                   help="CIFAR-10 folder, image folder or zip (default: the one the run was "
-                   "trained on, else $CDA2_DATA, ./data, ~/.cache/cda2_ext/data)")
-    p.add_argument("--split", default="test", choices=("test", "train"), help="which split")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--score", default="ppd", choices=SCORES,
-                   help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
-                   "authors' code), or maxprob: the most confident sub-model (no PPD)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
-    p.add_argument("--out", default=None, help="also write the JSON to this file (checked before "
-                   "the evaluation starts; an existing file is kept unless --force)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    CleanEvalJob.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cda2 eval-clean``: clean accuracies of a checkpoint, printed (and written) as JSON."""
-    for flag, v in (("limit", args.limit), ("batch-size", args.batch_size)):
-        if v is not None and v < 1:
-            raise CLIError(f"{flag}: must be >= 1, got {v}")
-        limits.count(flag, v, 1, limits.ITEMS, optional=True)
-    out_path = check_output(args.out, option="--out", force=args.force) if args.out else None
-    device = resolve_device(args.device)
-    model, meta = load_collaboration(args.checkpoint, device, fused=not args.unfused)
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    dataset = cfg.get("dataset", "cifar10")
-    data = load_images(dataset, args.split, args.data_dir or cfg.get("data_dir"), cfg.get("seed", 0))
-    data = data.subset(args.limit)
-    t0 = time.perf_counter()
-    res = evaluate_clean(model, data.images, data.labels, args.batch_size, args.score, device)
-    out: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"),
-                           "dataset": dataset, "split": args.split, **res,
-                           "seconds": round(time.perf_counter() - t0, 2)}
-    text = json.dumps(out, indent=2)
-    print(text, flush=True)  # first: the results are on stdout even if the file cannot be written
-    if out_path is not None:
-        save_or_rescue(lambda: atomic_write(out_path, (text + "\n").encode()), text, option="--out")
-    return 0
+    """``cda2 eval-clean``: see :meth:`CleanEvalJob.run`."""
+    return CleanEvalJob.from_args(args).run()

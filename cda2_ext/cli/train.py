@@ -1,97 +1,16 @@
-"""``cda2 train``: Algorithm 1 on CIFAR-10 (or a synthetic set), with checkpoints and ``--resume``."""
+"""``cda2 train``: Algorithm 1 on CIFAR-10 (or a synthetic set), with checkpoints and ``--resume``
+(the options and the run itself: :class:`~cda2_ext.jobs.train.TrainJob`)."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
-from typing import List, Optional, Tuple
 
-from ..checkpoint import checkpoint_files, load_checkpoint
-from ..data import ensure_cifar10
-from ..errors import CLIError, LostPeerError
-from ..run_dir import check_run_folder
-from ..runtime import resolve_device
-from ..training.config import AMP, NONFINITE, OPTIMIZERS, TrainConfig
-from ..training.distributed import DistContext, from_environment
-from ..training.methods import METHODS
-from ..training.trainer import RESUMABLE_CHANGES, Trainer
+from ..jobs.train import TrainJob
 
 __all__ = ["register", "run"]
-
-# ----- options ----------------------------------------------------------------------------------
-_TRAIN_OPTIONS = [
-    # (flag, field, type, help)
-    ("--method", "method", str, f"what to train: {' | '.join(METHODS)}"),
-    ("--num-models", "num_models", int, "number of sub-models M"),
-    ("--depth", "depth", int, "ResNet depth: 2 (Table 6) or 6n+2 (8, 14, 20, ...)"),
-    ("--ppd-input", "ppd_input", str, "PPD head input (detached): features | logits"),
-    ("--phases", "phases", str, "adversarial (paper's implementation) | natural | both | standard"),
-    ("--weights", "weights", str, "how each sample is shared among the sub-models: softmin "
-     "(Eq. 7, the paper) | detector (the authors' latest code: softmax of --temp-c x max-prob x "
-     "sigmoid(PPD), detached, weighting each sub-model's CE)"),
-    ("--sigma", "sigma", float, "soft-min temperature of the surrogate (Eq. 7), > 0"),
-    ("--temp-c", "temp_c", float, "--weights detector: temperature of the weights' softmax"),
-    ("--temp-true", "temp_true", float, "temperature of p_y, the PPD BCE's target"),
-    ("--bce-weight", "bce_weight", float, "weight of the PPD-head BCE"),
-    ("--select-score", "select_score", str, "sub-model selection in the adversarial phase: ppd | soe"),
-    ("--eps", "eps", float, "L-inf radius of the training PGD (images in [0, 1])"),
-    ("--alpha", "alpha", float, "PGD step size"),
-    ("--steps", "steps", int, "PGD steps"),
-    # ----- choices the paper leaves open (paper default | authors' code) -----
-    ("--clean-weight", "clean_weight", float, "weight of soft-min + BCE on the clean batch added "
-     "to every update (paper: 0; the authors' code: 1)"),
-    ("--ppd-grad", "ppd_grad", str, "what the PPD BCE trains: head (paper, Alg. 1) | trunk (also "
-     "the shared layers, as in the authors' code)"),
-    ("--ppd-loss", "ppd_loss", str, "BCE of sigmoid(s) vs p_y (paper) | soe: of max-prob x "
-     "sigmoid(s), the authors' code; pair with --select-score soe"),
-    ("--pgd-bn", "pgd_bn", str, "BatchNorm during the training PGD: eval (here) | train (authors' "
-     "code; the attack's batches then also move the running statistics)"),
-    ("--epochs", "epochs", int, "training epochs"),
-    ("--batch-size", "batch_size", int, "batch size"),
-    ("--optimizer", "optimizer", str, f"{' | '.join(OPTIMIZERS)}"),
-    ("--lr", "lr", float, "learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--schedule", "schedule", str, "multistep (x gamma at 50%%/75%% of epochs) | cosine | constant"),
-    ("--gamma", "gamma", float, "multistep decay factor"),
-    ("--dataset", "dataset", str, "cifar10 | synthetic"),
-    ("--data", "data_dir", str, "CIFAR-10: a cifar-10-batches-py folder (or the folder holding "
-     "it), an image folder (train/<class>/, test/<class>/) or a zip of one, e.g. cifar-10-jpeg.zip "
-     "(decoded once into ~/.cache/cda2_ext; unset: $CDA2_DATA, else ./data if it exists, then "
-     "~/.cache/cda2_ext/data)"),
-    ("--train-limit", "train_limit", int, "use only the first N training images"),
-    ("--test-limit", "test_limit", int, "evaluate on the first N test images"),
-    ("--out-dir", "out_dir", str, "run folder (new, empty, or an earlier run's): "
-     "checkpoint.safetensors/.json, metrics.json"),
-    ("--seed", "seed", int, "random seed"),
-    ("--device", "device", str, "auto | cpu | cuda[:N]"),
-    ("--eval-every", "eval_every", int, "clean test accuracy every N epochs (0: never)"),
-    ("--on-nonfinite", "on_nonfinite", str, f"a non-finite loss: {' | '.join(NONFINITE)} (stop the "
-     "run, keeping the last checkpoint, or skip that update and count it in the metrics)"),
-    ("--amp", "amp", str, f"mixed precision of the forward passes: {' | '.join(AMP)} (losses and "
-     "the fused ops stay in fp32)"),
-    # ----- baseline methods: read only by the methods named; defaults per method -----
-    ("--adp-alpha", "adp_alpha", float, "adp: weight of the ensemble entropy"),
-    ("--adp-beta", "adp_beta", float, "adp: weight of the log-det of the non-true predictions"),
-    ("--gal-coeff", "gal_coeff", float, "gal: weight of the input-gradient coherence term"),
-    ("--gal-noise", "gal_noise", float, "gal: std of the Gaussian noise added to half the "
-     "training images (0: none)"),
-    ("--init-from", "init_from", str, "dverge: run folder of the trained `--method ensemble` run "
-     "to start from (unset: from scratch)"),
-    ("--distill-eps", "distill_eps", float, "dverge: L-inf radius of the feature distillation"),
-    ("--distill-alpha", "distill_alpha", float, "dverge: step of the feature distillation"),
-    ("--distill-steps", "distill_steps", int, "dverge: steps of the feature distillation"),
-    ("--distill-layer", "distill_layer", int, "dverge: distil at this layer (1..depth) every "
-     "epoch instead of a random one per epoch"),
-    ("--dverge-coeff", "dverge_coeff", float, "dverge --plus-adv: weight of the distillation loss"),
-]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``cda2 train``."""
-    d = TrainConfig()
     p = sub.add_parser("train", help="train a CDA² collaboration (Algorithm 1)",
                        description="Train M dual-head sub-models with Algorithm 1. Defaults follow the "
                        "paper (M=3, ResNet-20, eps=0.03, 100 epochs, adversarial phase only) and, where "
@@ -101,117 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "with, each with its own defaults where an option is not given (the DVERGE "
                        "authors' code: 200 epochs, x0.1 at 100/150; ensemble/dverge SGD 0.1, adp/gal "
                        "Adam 1e-3); the defaults shown below are CDA²'s.")
-    for flag, name, typ, help_ in _TRAIN_OPTIONS:
-        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
-                       help=f"{help_} (default: {getattr(d, name)})")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
-                   help="no random crop / flip")
-    start = p.add_mutually_exclusive_group()  # both spellings, the default stated
-    start.add_argument("--pgd-random-start", dest="random_start", action="store_true",
-                       default=argparse.SUPPRESS, help="training PGD starts uniformly in the "
-                       "eps-ball (default; Madry et al.)")
-    start.add_argument("--no-random-start", dest="random_start", action="store_false",
-                       default=argparse.SUPPRESS, help="training PGD starts at the clean image "
-                       "(the authors' default run)")
-    p.add_argument("--unfused", dest="unfused", action="store_true", default=argparse.SUPPRESS,
-                   help="use the plain-PyTorch reference ops instead of the fused ones")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                   help="no progress bars")
-    # baseline methods: one flag, the DVERGE code's name as an alias
-    p.add_argument("--adv", "--plus-adv", dest="adv", action="store_true", default=argparse.SUPPRESS,
-                   help="ensemble/adp/gal: also train on PGD (--eps/--alpha/--steps) of the averaged "
-                   "ensemble; dverge: DVERGE+AdvT (each sub-model also on PGD against itself)")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=argparse.SUPPRESS,
-                   help="under torchrun: BatchNorm statistics over the global batch, not each "
-                   "process's shard (the run then matches a one-process run of the same batch)")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue from --out-dir's checkpoint (its options, plus any given here "
-                       "that do not change the trajectory, e.g. --epochs)")
-    again.add_argument("--force", action="store_true",
-                       help="start over in --out-dir even if it holds an earlier run (its checkpoint "
-                       "and metrics are deleted) or other files (left alone)")
-    p.add_argument("--download", action="store_true",
-                   help="download CIFAR-10 into --data first if missing (MD5-checked; unset: "
-                   "into $CDA2_DATA, else ./data if it exists, else ~/.cache/cda2_ext/data)")
+    TrainJob.add_arguments(p)
     p.set_defaults(func=run)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's options: the given ones, or the stored run's plus resumable changes."""
-    given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_OPTIONS if hasattr(args, name)}
-    given.update({k: getattr(args, k) for k in ("augment", "random_start", "unfused", "progress",
-                                                "sync_bn", "adv") if hasattr(args, k)})
-    out_dir = given.get("out_dir", TrainConfig.out_dir)
-    st_path = checkpoint_files(out_dir)[0]
-    if args.resume and st_path.is_file():
-        stored = TrainConfig.from_meta(load_checkpoint(st_path)[1], st_path)
-        bad = sorted(k for k, v in given.items() if k not in RESUMABLE_CHANGES and getattr(stored, k) != v)
-        if bad:
-            raise CLIError(f"--resume: cannot change {', '.join(bad)} of the run in {out_dir}")
-        return stored.replace(**given).validate()
-    return TrainConfig.for_method(**given).validate()  # the method's own defaults where not given
-
-
 def run(args: argparse.Namespace) -> int:
-    """``cda2 train``: train (or resume) a run and print its final metrics as JSON.
-
-    Under ``torchrun`` every process runs this; rank 0 checks the folder, downloads, writes and
-    prints."""
-    cfg = _train_config(args)
-    # Both checked again by the trainer (the folder under the run's lock); here so that a wrong
-    # --device or --out-dir fails before anything is created or loaded.
-    resolve_device(cfg.device)
-    dist = from_environment()
-    t0 = time.perf_counter()
-    try:
-        trainer, trained = _train(cfg, args, dist)
-    except RuntimeError as err:  # a peer process ended: one line on every rank, not a traceback
-        lost = dist.lost_peer(err)
-        if lost is None:
-            raise
-        dist.abandon()
-        raise LostPeerError(f"{lost}; the checkpoint of the last finished epoch in {cfg.out_dir} "
-                            "is kept: run the same torchrun command with --resume to continue") from None
-    history = trainer.history
-    final = history[-1] if history else {}
-    if not dist.is_main:
-        return 0
-    if args.resume and not trained:
-        print(f"cda2: nothing to train: the run in {cfg.out_dir} has finished {trainer.epoch} "
-              f"epoch(s), --epochs is {cfg.epochs}; pass a larger --epochs to continue it",
-              file=sys.stderr)
-    print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch,
-                      "seconds": round(time.perf_counter() - t0, 2),
-                      "final": {k: final.get(k) for k in ("loss", "clean_acc", "adv_acc", "assign_hist",
-                                                          "select_hist", "test")}}, indent=2))
-    return 0
-
-
-def _train(cfg: TrainConfig, args: argparse.Namespace, dist: DistContext) -> Tuple[Trainer, bool]:
-    """Check the folder (rank 0), download if asked, train; returns the trainer and whether any
-    epoch was trained in this call (a resumed run may already be past ``--epochs``)."""
-    if dist.is_main:
-        check_run_folder(cfg.out_dir, resume=args.resume, force=args.force)
-    if args.download and cfg.dataset == "cifar10":
-        folder = resolve_download(cfg.data_dir, dist)
-        cfg = cfg.replace(data_dir=str(folder))
-    trainer = Trainer(cfg, dist=dist)
-    started: List[int] = []  # the first step of any epoch trained here
-    trainer.fit(lambda step, losses: started.append(step) if step == 0 else None,
-                resume=args.resume, force=args.force)
-    # Every rank leaves the job together and destroys the process group before Python shuts
-    # down; a group left to the interpreter's exit can abort a finished run with SIGABRT (see
-    # DistContext.close). Not on an error: a failed rank never reaches close()'s barrier, and
-    # torchrun ends the others.
-    trainer.close()
-    return trainer, bool(started)
-
-
-def resolve_download(folder: Optional[str], dist: DistContext) -> Path:
-    """Rank 0 downloads (if missing) into ``folder`` (``None``: the default data folder); the
-    others wait and then use the same data."""
-    if dist.is_main:
-        path = ensure_cifar10(folder)
-    dist.barrier()
-    return path if dist.is_main else ensure_cifar10(folder)
+    """``cda2 train``: train (or resume) a run and print its final metrics as JSON."""
+    return TrainJob.from_args(args).run()

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..attacks.adaptive import AdaptiveConfig
 from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
+from ..errors import ConfigError
 from .rows import ADAPTIVE, AUTOATTACK, PGD, SQUARE, TRANSFER
 
 __all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
@@ -28,6 +29,13 @@ DEFAULT_ATTACKS: Tuple[str, ...] = tuple(g for g in ATTACK_GROUPS if g != AUTOAT
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
 #: How the evaluated test images are drawn (:func:`select_subset`).
 SUBSETS = ("seeded", "dverge")
+
+
+def _check_subset(subset: str) -> str:
+    """``subset`` if it names a way of drawing the test images, else ``ConfigError``."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"subset: expected one of {SUBSETS}, got {subset!r}")
+    return subset
 
 
 @dataclass
@@ -68,23 +76,22 @@ class EvalConfig:
     subset: str = "seeded"   # "seeded": a torch permutation of `seed`; "dverge": DVERGE's scripts
 
     def validate(self) -> "EvalConfig":
-        """Raise ``ValueError`` (naming the field) for a setting no evaluation can run; ``self``."""
+        """Raise :class:`~cda2_ext.errors.ConfigError` (a ``ValueError``, naming the field) for a
+        setting no evaluation can run; ``self``."""
         bad = [a for a in self.attacks if a not in ATTACK_GROUPS]
         if bad:
-            raise ValueError(f"attacks: unknown {bad}; expected some of {ATTACK_GROUPS}")
-        for e in (*self.eps, *self.square_eps):
-            if not (math.isfinite(e) and 0 <= e <= 1):
-                raise ValueError(f"eps: every radius must be in [0, 1], got {e}")
-        if self.n_samples < 1 or self.batch_size < 1:
-            raise ValueError("n_samples and batch_size must be >= 1")
-        if self.square_queries < 1:
-            raise ValueError(f"square queries: must be >= 1, got {self.square_queries}")
-        if self.pgd.steps < 0 or self.pgd.restarts < 1:
-            raise ValueError("pgd: steps must be >= 0 and restarts >= 1")
+            raise ConfigError(f"attacks: unknown {bad}; expected some of {ATTACK_GROUPS}")
+        for name in ("eps", "square_eps"):
+            for e in getattr(self, name):
+                if not (math.isfinite(e) and 0 <= e <= 1):
+                    raise ConfigError(f"{name}: every radius must be in [0, 1], got {e}")
+        for name in ("n_samples", "batch_size", "square_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        self.pgd.validate()
         self.adaptive.validate()
         self.transfer.validate()
-        if self.subset not in SUBSETS:
-            raise ValueError(f"subset: expected one of {SUBSETS}, got {self.subset!r}")
+        _check_subset(self.subset)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -105,9 +112,7 @@ def select_subset(n_total: int, n: int, seed: int, subset: str = "seeded") -> Te
     them, so the global ``random`` state is left alone.
     """
     k = min(n, n_total)
-    if subset == "dverge":
+    if _check_subset(subset) == "dverge":
         return torch.tensor(random.Random(int(seed)).sample(range(n_total), k), dtype=torch.int64)
-    if subset != "seeded":
-        raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     g = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n_total, generator=g)[:k].sort().values

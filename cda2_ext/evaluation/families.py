@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..attacks.adaptive import AdaptiveConfig, adaptive_attacks, apgd_attack
+from ..attacks.adaptive import AdaptiveConfig, adaptive_attacks
+from ..attacks.apgd import apgd_attack
 from ..attacks.decision import Temperatures
 from ..attacks.engine import AttackResult, merge_worst
 from ..attacks.square import square_attack
@@ -209,11 +210,9 @@ def _doubled(ctx: EvalContext, name: str, row: Row, eps: float) -> Tuple[Dict[st
             attack, temps = "soft", dataclasses.replace(t, soft=soft)
     ac = dataclasses.replace(a, attacks=(attack,), steps=2 * a.steps, restarts=2 * a.restarts,
                              apgd_steps=2 * a.apgd_steps, apgd_restarts=2 * a.apgd_restarts)
-    apgd = attack.startswith("apgd-")
-    budget = {"steps": ac.apgd_steps if apgd else ac.steps,
-              "restarts": ac.apgd_restarts if apgd else ac.restarts}
-    return budget, lambda x, y, b: _adaptive_results(ctx, name, x, y, eps, ac, (BUDGET, eps, b),
-                                                     temps)[row.short]
+    steps, restarts = ac.budget(attack)
+    return {"steps": steps, "restarts": restarts}, lambda x, y, b: _adaptive_results(
+        ctx, name, x, y, eps, ac, (BUDGET, eps, b), temps)[row.short]
 
 
 def _rerun(ctx: EvalContext, attack: BatchAttack, idx: Tensor) -> Tensor:

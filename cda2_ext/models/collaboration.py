@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import limits
-from .._records import from_record
+from ..files.records import from_record
 from ..runtime import FUSED, OpsBackend, ops_backend
 from .fast import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
 from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,

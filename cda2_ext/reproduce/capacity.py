@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..jobs.evaluate_clean import CleanEvalJob
+from ..jobs.train import TrainJob
 from . import paper
 from .runner import Step, output_step, train_step
 
@@ -39,24 +41,25 @@ class Arm:
 
     Attributes:
         name: short name (run folders, JSON keys). label: what the table says.
-        num_models: M. train_args: the ``cda2 train`` options beyond the shared ones.
-        score: ``cda2 eval-clean --score`` (how the M sub-models give one answer).
+        num_models: M. train_options: the training options beyond the shared ones
+            (:class:`~cda2_ext.training.config.TrainConfig` fields, in the order written).
+        score: the evaluation's selection score (how the M sub-models give one answer).
     """
 
     name: str
     label: str
     num_models: int
-    train_args: Tuple[str, ...]
+    train_options: Tuple[Tuple[str, Any], ...]
     score: str
 
 
 ARMS: Tuple[Arm, ...] = (
-    Arm("single", "one model", 1, ("--phases", "standard"), "ppd"),
-    Arm("paper", "CDA², paper (Eq. 7, sigma 1)", 3, ("--phases", "standard"), "ppd"),
+    Arm("single", "one model", 1, (("phases", "standard"),), "ppd"),
+    Arm("paper", "CDA², paper (Eq. 7, sigma 1)", 3, (("phases", "standard"),), "ppd"),
     Arm("authors", "CDA², authors' weighting", 3,
-        ("--phases", "standard", "--weights", "detector", "--ppd-grad", "trunk", "--ppd-loss",
-         "soe", "--select-score", "soe"), "soe"),
-    Arm("control", "3 independent, most confident", 3, ("--method", "ensemble"), "maxprob"),
+        (("phases", "standard"), ("weights", "detector"), ("ppd_grad", "trunk"),
+         ("ppd_loss", "soe"), ("select_score", "soe")), "soe"),
+    Arm("control", "3 independent, most confident", 3, (("method", "ensemble"),), "maxprob"),
 )
 _BY_NAME = {a.name: a for a in ARMS}
 #: The arms that are CDA², each judged against ``single`` and ``control``.
@@ -88,26 +91,25 @@ def _eval(folder: Path, depth: int, arm: str, seed: int) -> Path:
     return folder / f"resnet{depth}_{arm}_seed{seed}.eval_clean.json"
 
 
-def depth_plan(params: Mapping[str, Any], folder: Path, train_args: Sequence[str],
-               eval_args: Sequence[str]) -> List[Step]:
-    """Every arm x depth x seed: ``cda2 train`` then ``cda2 eval-clean`` with the arm's score.
+def depth_plan(params: Mapping[str, Any], folder: Path, train_options: Mapping[str, Any],
+               eval_options: Mapping[str, Any]) -> List[Step]:
+    """Every arm x depth x seed: training, then the clean evaluation with the arm's score.
     Train steps first, so that a runner may train them concurrently."""
     trains, evals = [], []
+    train_limit = {"train_limit": params["train_limit"]} if params.get("train_limit") else {}
+    test_limit = {"limit": params["test_limit"]} if params.get("test_limit") else {}
     for depth in params["depths"]:
         for seed in params["seeds"]:
             for arm in (_BY_NAME[n] for n in params["arms"]):
                 run = _run(folder, depth, arm.name, seed)
-                argv = ["train", *arm.train_args, "--depth", str(depth), "--num-models",
-                        str(arm.num_models), "--epochs", str(params["epochs"]), "--seed", str(seed),
-                        "--eval-every", "0", *train_args]
-                if params.get("train_limit"):
-                    argv += ["--train-limit", str(params["train_limit"])]
-                trains.append(train_step(argv + ["--out-dir", str(run)], run))
+                trains.append(train_step(TrainJob.of(
+                    **dict(arm.train_options), depth=depth, num_models=arm.num_models,
+                    epochs=params["epochs"], seed=seed, eval_every=0, **train_options,
+                    **train_limit, out_dir=str(run))))
                 out = _eval(folder, depth, arm.name, seed)
-                ev = ["eval-clean", str(run), "--score", arm.score, "--out", str(out), *eval_args]
-                if params.get("test_limit"):
-                    ev += ["--limit", str(params["test_limit"])]
-                evals.append(output_step(ev, out, reads=[run]))
+                evals.append(output_step(CleanEvalJob.of(
+                    checkpoint=str(run), score=arm.score, out=str(out), **eval_options,
+                    **test_limit), out, reads=[run]))
     return trains + evals
 
 

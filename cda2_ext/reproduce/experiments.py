@@ -1,9 +1,9 @@
 """The experiments of ``cda2 reproduce``: one :class:`Experiment` entry each in :data:`EXPERIMENTS`.
 
-An entry says, per budget, which ``cda2`` commands to run (``plan``) and how to turn their outputs
-into a table with the paper's numbers beside the measured ones (``report``). Adding an experiment
-(e.g. Table 1's white-box sweep once the baselines train) is one more entry: a ``plan`` that lists
-``cda2 train`` / ``cda2 eval`` steps and a ``report`` that reads their JSON.
+An entry says, per budget, which jobs to run (``plan``: :mod:`cda2_ext.jobs`, each what one ``cda2``
+command does) and how to turn their outputs into a table with the paper's numbers beside the
+measured ones (``report``, reading them through :mod:`cda2_ext.files.run_folder`). Adding an
+experiment is one more entry: a ``plan`` that lists train and evaluation steps and a ``report``.
 
 Budgets: ``small`` fits a 2-core CPU on the shared CIFAR-10 subset in minutes; ``cpu`` (where an
 experiment has one) all of CIFAR-10 in about an hour of 2 CPU cores; ``gpu`` one device call of a
@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data import data_note
+from ..files.run_folder import ROBUSTNESS_NAME, RobustnessRecord, training_time
+from ..jobs.evaluate import EvalJob
+from ..jobs.train import TrainJob
+from ..jobs.xor import XorJob
 from . import capacity, paper
 from .runner import Step, output_step, train_step
+
+#: Options of a job, in the order given: ``(name, value)`` pairs (see :class:`~cda2_ext.jobs.base.Job`).
+Options = Tuple[Tuple[str, Any], ...]
 
 __all__ = ["Budget", "Context", "Report", "Experiment", "EXPERIMENTS", "BUDGETS"]
 
@@ -51,20 +58,20 @@ class Context:
     download: bool = False
     device: str = "auto"
 
-    def train_args(self) -> List[str]:
-        """The options every ``cda2 train`` step gets from the context."""
-        out = ["--device", self.device, "--no-progress"]
+    def train_options(self) -> Dict[str, Any]:
+        """The options every training job gets from the context."""
+        out: Dict[str, Any] = {"device": self.device, "progress": False}
         if self.data is not None:
-            out += ["--data", self.data]
+            out["data_dir"] = self.data
         if self.download:
-            out.append("--download")
+            out["download"] = True
         return out
 
-    def eval_args(self) -> List[str]:
-        """The options every evaluation step gets (evaluations read the run's own data folder)."""
-        out = ["--device", self.device]
+    def eval_options(self) -> Dict[str, Any]:
+        """The options every evaluation job gets (evaluations read the run's own data folder)."""
+        out: Dict[str, Any] = {"device": self.device}
         if self.data is not None:
-            out += ["--data", self.data]
+            out["data_dir"] = self.data
         return out
 
 
@@ -115,10 +122,6 @@ class Experiment:
     methods: Tuple[str, ...] = ()
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
 def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None else 100.0 * v
 
@@ -135,13 +138,13 @@ def _xor_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
         figure = str(ctx.folder / "fig4.png") if i == 0 else ""  # Fig. 4 from the first seed
         # --force: a rerun replaces this experiment's own Fig. 4 (the runner already removed
         # the step's earlier JSON)
-        steps.append(output_step(["xor", "--seed", str(seed), "--json", str(out), "--figure", figure,
-                                  "--force"], out))
+        steps.append(output_step(XorJob.of(seed=seed, json=str(out), figure=figure, force=True),
+                                 out))
     return steps
 
 
 def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
-    res = [_read_json(_xor_file(ctx, s)) for s in params["seeds"]]
+    res = [json.loads(_xor_file(ctx, s).read_text()) for s in params["seeds"]]
     rows, measured = [], {}
     # A linear rule is right on at most 3 of XOR's 4 equal clusters, so an ensemble (still linear,
     # Sec. 4.2) stays near 75%; "solves XOR" is read as >= 95% of fresh test points.
@@ -167,7 +170,7 @@ def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
 
 # ----- model capacity (Appendix E.1, Table 6): four arms, see .capacity ------------------------------
 def _depth_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    return capacity.depth_plan(params, ctx.folder, ctx.train_args(), ctx.eval_args())
+    return capacity.depth_plan(params, ctx.folder, ctx.train_options(), ctx.eval_options())
 
 
 def _depth_report(params: Mapping[str, Any], ctx: Context) -> Report:
@@ -180,15 +183,15 @@ def _depth_report(params: Mapping[str, Any], ctx: Context) -> Report:
 #: ADP on PGD examples of the averaged ensemble (App. C: "all methods except DVERGE achieve
 #: adversarial training by generating adversarial samples using PGD attack"), DVERGE by its
 #: feature distillation, CDA² by Algorithm 1.
-_DEFENSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("gal", ("--adv",)), ("dverge", ()), ("adp", ("--adv",)), ("cda2", ()))
+_DEFENSES: Tuple[Tuple[str, Options], ...] = (
+    ("gal", (("adv", True),)), ("dverge", ()), ("adp", (("adv", True),)), ("cda2", ()))
 #: The defenses of the white-box, transfer and Square tables: the paper's four, then CDA² trained
 #: as the authors' latest code does (their detector weighting, the BCE of max-prob x sigmoid(PPD)
-#: training the trunk, selection by that detector): ``(row name, method, flags, eval --score)``.
-_COMPARED: Tuple[Tuple[str, str, Tuple[str, ...], str], ...] = (
-    *((m, m, flags, "ppd") for m, flags in _DEFENSES),
-    ("cda2-authors", "cda2", ("--weights", "detector", "--ppd-grad", "trunk", "--ppd-loss", "soe",
-                              "--select-score", "soe"), "soe"))
+#: training the trunk, selection by that detector): ``(row name, method, options, eval --score)``.
+_COMPARED: Tuple[Tuple[str, str, Options, str], ...] = (
+    *((m, m, options, "ppd") for m, options in _DEFENSES),
+    ("cda2-authors", "cda2", (("weights", "detector"), ("ppd_grad", "trunk"), ("ppd_loss", "soe"),
+                              ("select_score", "soe")), "soe"))
 
 
 def _time_run(ctx: Context, method: str) -> Path:
@@ -197,14 +200,12 @@ def _time_run(ctx: Context, method: str) -> Path:
 
 def _time_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     steps = []
-    for method, flags in _DEFENSES:
-        run = _time_run(ctx, method)
-        argv = ["train", "--method", method, *flags, "--depth", str(params["depth"]),
-                "--num-models", str(params["num_models"]), "--epochs", str(params["epochs"]),
-                "--seed", "0", "--eval-every", "0", *ctx.train_args()]
-        if params.get("train_limit"):
-            argv += ["--train-limit", str(params["train_limit"])]
-        steps.append(train_step(argv + ["--out-dir", str(run)], run))
+    for method, options in _DEFENSES:
+        limit = {"train_limit": params["train_limit"]} if params.get("train_limit") else {}
+        steps.append(train_step(TrainJob.of(
+            method=method, **dict(options), depth=params["depth"], num_models=params["num_models"],
+            epochs=params["epochs"], seed=0, eval_every=0, **ctx.train_options(), **limit,
+            out_dir=str(_time_run(ctx, method)))))
     return steps
 
 
@@ -213,11 +214,10 @@ def _time_report(params: Mapping[str, Any], ctx: Context) -> Report:
     every: Dict[str, List[float]] = {}
     images = None
     for method, _ in _DEFENSES:
-        history = _read_json(_time_run(ctx, method) / "metrics.json")
-        every[method] = [round(m["seconds"], 1) for m in history]
-        warm = history[1:] or history  # the first epoch also pays for warm-up
-        per_epoch[method] = sum(m["seconds"] for m in warm) / len(warm)
-        images = round(history[-1]["images_per_s"] * history[-1]["seconds"])
+        cost = training_time(_time_run(ctx, method))
+        every[method] = [round(s, 1) for s in cost.epoch_seconds]
+        per_epoch[method] = cost.warm_seconds_per_epoch  # the first epoch also pays for warm-up
+        images = cost.images_per_epoch
     rows = []
     for method, _ in _DEFENSES:
         p_min = paper.TABLE4[method]
@@ -256,30 +256,26 @@ def _runs_dir(params: Mapping[str, Any], ctx: Context) -> Path:
     return ctx.folder.parent / params["runs"]
 
 
-def _train_argv(params: Mapping[str, Any], ctx: Context, method: str, flags: Sequence[str],
-                run: Path, num_models: Optional[int] = None, seed: int = 0) -> List[str]:
-    """``cda2 train`` of one defense or surrogate at the budget's size (``None``: the method's own
+def _train_job(params: Mapping[str, Any], ctx: Context, method: str, options: Options,
+               run: Path, num_models: Optional[int] = None, seed: int = 0) -> TrainJob:
+    """The training of one defense or surrogate at the budget's size (``None``: the method's own
     default, cited in ``cda2_ext/training/methods/``)."""
-    argv = ["train", "--method", method, *flags, "--depth", str(params["depth"]),
-            "--num-models", str(num_models or params["num_models"]), "--seed", str(seed),
-            "--eval-every", "0", *ctx.train_args()]
-    adversarial = "--adv" in flags or method == "cda2"  # --steps: the training PGD's steps
-    for flag, key in (("--epochs", "epochs"), ("--train-limit", "train_limit"),
-                      ("--steps", "train_steps")):
-        if params.get(key) is not None and (key != "train_steps" or adversarial):
-            argv += [flag, str(params[key])]
-    return argv + ["--out-dir", str(run)]
+    adversarial = dict(options).get("adv", False) or method == "cda2"  # steps: the training PGD's
+    sized = {field: params[key] for field, key in (("epochs", "epochs"), ("train_limit", "train_limit"),
+                                                   ("steps", "train_steps"))
+             if params.get(key) is not None and (key != "train_steps" or adversarial)}
+    return TrainJob.of(method=method, **dict(options), depth=params["depth"],
+                       num_models=num_models or params["num_models"], seed=seed, eval_every=0,
+                       **ctx.train_options(), **sized, out_dir=str(run))
 
 
 def _defense_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     """Train the plain ensemble DVERGE starts from, then the compared defenses."""
     runs = _runs_dir(params, ctx)
-    steps = [train_step(_train_argv(params, ctx, "ensemble", (), runs / "ensemble"),
-                        runs / "ensemble")]
-    for name, method, flags, _ in _COMPARED:
-        extra = ("--init-from", str(runs / "ensemble")) if method == "dverge" else ()
-        run = runs / name
-        steps.append(train_step(_train_argv(params, ctx, method, (*flags, *extra), run), run))
+    steps = [train_step(_train_job(params, ctx, "ensemble", (), runs / "ensemble"))]
+    for name, method, options, _ in _COMPARED:
+        extra = (("init_from", str(runs / "ensemble")),) if method == "dverge" else ()
+        steps.append(train_step(_train_job(params, ctx, method, (*options, *extra), runs / name)))
     return steps
 
 
@@ -289,7 +285,7 @@ def _surrogate_runs(params: Mapping[str, Any], ctx: Context) -> List[Path]:
 
 def _surrogate_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     """The hold-out ensembles the transfer attacks come from (plain training, other seeds)."""
-    return [train_step(_train_argv(params, ctx, "ensemble", (), run, num_models=m, seed=seed), run)
+    return [train_step(_train_job(params, ctx, "ensemble", (), run, num_models=m, seed=seed))
             for (m, seed), run in zip(params["surrogates"], _surrogate_runs(params, ctx))]
 
 
@@ -297,7 +293,7 @@ def _eval_folder(ctx: Context, name: str, score: str) -> Path:
     return ctx.folder / (name if score == "ppd" else f"{name}-{score}")
 
 
-def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack_args: Sequence[str],
+def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack: Mapping[str, Any],
                 extra_reads: Sequence[Path] = ()) -> List[Step]:
     """``cda2 eval`` of the compared defenses (same images and seeds for all), one per selection
     score (a CDA² run answers by the rule it was trained for), into
@@ -306,47 +302,35 @@ def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack_args:
     for score in dict.fromkeys(d[3] for d in _COMPARED):
         runs = [_runs_dir(params, ctx) / d[0] for d in _COMPARED if d[3] == score]
         out = _eval_folder(ctx, name, score)
-        argv = ["eval", "--checkpoint", *map(str, runs), *attack_args,
-                "--n-samples", str(params["n_samples"]), "--subset", params["subset"], "--seed",
-                "0", *(["--score", score] if score != "ppd" else []), *ctx.eval_args(),
-                "--no-progress", "--out", str(out), "--force"]
-        steps.append(output_step(argv, out / "robustness.json", reads=[*runs, *extra_reads]))
+        job = EvalJob.of(checkpoint=[str(r) for r in runs], **attack, n_samples=params["n_samples"],
+                         subset=params["subset"], seed=0,
+                         **({"score": score} if score != "ppd" else {}), **ctx.eval_options(),
+                         progress=False, out=str(out), force=True)
+        steps.append(output_step(job, out / ROBUSTNESS_NAME, reads=[*runs, *extra_reads]))
     return steps
 
 
-def _eval_results(ctx: Context, name: str) -> Dict[str, Any]:
-    """The robustness.json files of :func:`_eval_steps` as one: every defense's rows side by side
+def _eval_results(ctx: Context, name: str) -> RobustnessRecord:
+    """The evaluations of :func:`_eval_steps` as one record: every defense's rows side by side
     (the evaluations share images and seeds), their checks one after the other."""
-    merged: Dict[str, Any] = {}
-    for score in dict.fromkeys(d[3] for d in _COMPARED):
-        res = _read_json(_eval_folder(ctx, name, score) / "robustness.json")
-        if not merged:
-            merged = {**res, "robust_accuracy": {}, "clean": {}, "checks": []}
-        merged["robust_accuracy"].update(res["robust_accuracy"])
-        merged["clean"].update(res["clean"])
-        merged["checks"] += res.get("checks", [])
-    return merged
+    return RobustnessRecord.merge([RobustnessRecord.read(_eval_folder(ctx, name, score))
+                                   for score in dict.fromkeys(d[3] for d in _COMPARED)])
 
 
-def _row(rows: Mapping[str, Mapping[str, float]], prefix: str) -> Mapping[str, float]:
-    """The attack row whose label starts with ``prefix`` (e.g. ``PGD-``), ``{}`` when none."""
-    return next((r for label, r in rows.items() if label.startswith(prefix)), {})
-
-
-def _defense_table(results: Mapping[str, Any], prefix: str, keys: Sequence[str],
+def _defense_table(results: RobustnessRecord, prefix: str, keys: Sequence[str],
                    paper_rows: Mapping[str, Mapping[str, float]], with_clean: bool
                    ) -> Tuple[List[str], List[List[Any]]]:
-    """Rows ``method, [paper clean, clean], (paper, measured) per key`` from a robustness.json."""
+    """Rows ``method, [paper clean, clean], (paper, measured) per key`` from the evaluations."""
     columns = ["method"] + (["paper clean %", "clean %"] if with_clean else [])
     for k in keys:
         columns += [f"paper {k} %", f"{k} %"]
     rows = []
     for name, *_ in _COMPARED:
-        measured = _row(results["robust_accuracy"].get(name, {}), prefix)
+        measured = results.row(name, prefix)
         paper_row = paper_rows.get(name, {})  # the paper has no row for the authors' CDA²
         row: List[Any] = [name]
         if with_clean:
-            row += [paper_row.get("clean"), _pct(results["clean"].get(name))]
+            row += [paper_row.get("clean"), _pct(results.clean.get(name))]
         for k in keys:
             row += [paper_row.get(k), _pct(measured.get(k))]
         rows.append(row)
@@ -357,10 +341,10 @@ def _eps_keys(params: Mapping[str, Any]) -> List[str]:
     return [f"{e:g}" for e in params["eps"]]
 
 
-def _protocol_note(params: Mapping[str, Any], results: Mapping[str, Any]) -> str:
-    clean = [100 * v for v in results["clean"].values()]
+def _protocol_note(params: Mapping[str, Any], results: RobustnessRecord) -> str:
+    clean = [100 * v for v in results.clean.values()]
     p_clean = [paper.TABLE1[m]["clean"] for m, _ in _DEFENSES]
-    return (f"{results['n']} test images ({params['subset']} subset, seed 0), the same for every "
+    return (f"{results.n} test images ({params['subset']} subset, seed 0), the same for every "
             f"method; training: ResNet-{params['depth']} x {params['num_models']}, "
             + (f"{params['epochs']} epochs" if params.get("epochs") else "each method's own epochs")
             + (f" on the first {params['train_limit']} images" if params.get("train_limit") else "")
@@ -392,10 +376,10 @@ def _ranking_notes(what: str, keys: Sequence[str], paper_rows: Mapping[str, Mapp
 
 
 def _whitebox_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    attack = ["--attack", "pgd", "--eps", *_eps_keys(params), "--steps", str(params["steps"]),
-              "--restarts", str(params["restarts"])]
+    attack = {"attack": ["pgd"], "eps": list(params["eps"]), "steps": params["steps"],
+              "restarts": params["restarts"]}
     if params["last_iterate"]:
-        attack.append("--last-iterate")
+        attack["last_iterate"] = True
     return _defense_steps(params, ctx) + _eval_steps(params, ctx, "whitebox", attack)
 
 
@@ -417,11 +401,11 @@ def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
                 "(stronger than the paper's last-iterate protocol)."),
              "Table 1 is the paper's white-box row only; `cda2 eval --attack adaptive` attacks "
              "CDA²'s selection itself (docs/evaluation.md).",
-             *[f"check: {c}" for c in res.get("checks", [])]]
+             *[f"check: {c}" for c in res.checks]]
     # cda2 eval's robust accuracy vs eps, of the defenses selecting by PPD (the paper's four)
     fig = ctx.folder / "whitebox" / "robustness.png"
     return Report(columns, rows, notes, fig if fig.is_file() else None,
-                  {"robustness": res["robust_accuracy"], "clean": res["clean"]})
+                  {"robustness": res.robust_accuracy, "clean": res.clean})
 
 
 #: The transfer tables: ``(preset, paper table, its name)``; Table 2 attacks from the first
@@ -438,8 +422,9 @@ def _transfer_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     steps = _defense_steps(params, ctx) + _surrogate_steps(params, ctx)
     for preset, _, _ in _TRANSFER_TABLES:
         used = _used_surrogates(preset, surrogates)
-        attack = ["--attack", "transfer", "--surrogate", *map(str, used), "--transfer-preset", preset,
-                  "--transfer-steps", str(params["transfer_steps"]), "--eps", *_eps_keys(params)]
+        attack = {"attack": ["transfer"], "surrogate": [str(u) for u in used],
+                  "transfer_preset": preset, "transfer_steps": params["transfer_steps"],
+                  "eps": list(params["eps"])}
         steps += _eval_steps(params, ctx, f"transfer_{preset}", attack, extra_reads=used)
     return steps
 
@@ -452,8 +437,8 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
         cols, part = _defense_table(res, "transfer (", keys, table, with_clean=False)
         columns = ["table"] + cols
         rows += [[ref] + r for r in part]
-        measured[preset] = res["robust_accuracy"]
-        label = next((lbl for by_row in res["robust_accuracy"].values() for lbl in by_row
+        measured[preset] = res.robust_accuracy
+        label = next((lbl for by_row in res.robust_accuracy.values() for lbl in by_row
                       if lbl.startswith("transfer (")), "transfer")
         sizes = [m for m, _ in _used_surrogates(preset, params["surrogates"])]
         notes.append(f"{ref}: `--transfer-preset {preset}`, {label}, {params['transfer_steps']} "
@@ -468,8 +453,8 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
 
 
 def _square_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    attack = ["--attack", "square", "--queries", str(params["queries"]),
-              "--square-eps", f"{params['square_eps']:g}", "--eps", f"{params['square_eps']:g}"]
+    attack = {"attack": ["square"], "queries": params["queries"],
+              "square_eps": [params["square_eps"]], "eps": [params["square_eps"]]}
     return _defense_steps(params, ctx) + _eval_steps(params, ctx, "square", attack)
 
 
@@ -478,15 +463,15 @@ def _square_report(params: Mapping[str, Any], ctx: Context) -> Report:
     key = f"{params['square_eps']:g}"
     rows = []
     for name, *_ in _COMPARED:
-        got = _row(res["robust_accuracy"].get(name, {}), "Square-").get(key)
-        rows.append([name, paper.TABLE3.get(name), _pct(res["clean"].get(name)), _pct(got)])
+        got = res.row(name, "Square-").get(key)
+        rows.append([name, paper.TABLE3.get(name), _pct(res.clean.get(name)), _pct(got)])
     square = {r[0]: {key: r[3]} for r in rows}
     table3 = {m: {key: v} for m, v in paper.TABLE3.items()}
     notes = [_protocol_note(params, res), *_ranking_notes("Square", [key], table3, square),
              f"Square (query-only) with {params['queries']} queries per sample at eps {key} "
              "(Table 3: 5000 queries, eps 0.03) against each defense's hard output."]
     return Report(["method", f"paper Square eps {key} %", "clean %", f"Square eps {key} %"], rows,
-                  notes, None, {"robustness": res["robust_accuracy"], "clean": res["clean"]})
+                  notes, None, {"robustness": res.robust_accuracy, "clean": res.clean})
 
 
 _DEFENSES_SHOW = {

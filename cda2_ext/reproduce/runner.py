@@ -1,5 +1,6 @@
-"""How ``cda2 reproduce`` runs an experiment: each step is a ``cda2`` command, run in this process,
-recorded verbatim, and skipped when its result is already in the output folder.
+"""How ``cda2 reproduce`` runs an experiment: each step is a job (:mod:`cda2_ext.jobs`: what one
+``cda2`` command does, typed), run in this process, recorded as the command that does the same by
+hand, and skipped when its result is already in the output folder.
 
 * A **train step** (``cda2 train ... --out-dir RUN``) is *reused* when ``RUN`` holds a finished
   checkpoint (its epoch equals its ``epochs``) of the same options, *resumed* (``--resume``) when it
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import Cda2Error
+from ..errors import Cda2Error, CheckpointError
+from ..files.checkpoint import checkpoint_files, load_checkpoint
+from ..files.run_folder import training_time
+from ..jobs.base import Job, command_line
+from ..jobs.train import TrainJob
+from ..training.config import TrainConfig
 
 __all__ = ["ReproduceError", "Step", "train_step", "output_step", "StepRunner", "command_line"]
 
@@ -34,61 +39,58 @@ class ReproduceError(Cda2Error, RuntimeError):
     """A step of ``cda2 reproduce`` failed or its output folder holds something else."""
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """``argv`` as the shell command a user would type (``cda2 ...``, quoted where needed)."""
-    return shlex.join(["cda2", *map(str, argv)])
-
-
 @dataclass
 class Step:
-    """One ``cda2`` command of an experiment.
+    """One job of an experiment.
 
     Attributes:
-        argv: the arguments after ``cda2`` (strings).
+        job: what to run (a :class:`~cda2_ext.jobs.train.TrainJob` for a train step).
         kind: ``"train"`` (``out`` is the run folder) or ``"output"`` (``out`` is the file written).
         out: see ``kind``.
         reads: run folders an output step reads (a change to any of them reruns it).
     """
 
-    argv: List[str]
+    job: Job
     kind: str
     out: Path
     reads: List[Path] = field(default_factory=list)
 
     @property
+    def argv(self) -> List[str]:
+        """The arguments after ``cda2`` that run this step by hand."""
+        return self.job.argv()
+
+    @property
     def command(self) -> str:
-        return command_line(self.argv)
+        return self.job.command
 
 
-def train_step(argv: Sequence[str], out_dir: Path) -> Step:
-    """A ``cda2 train`` step; ``argv`` must contain ``--out-dir out_dir``."""
-    argv = [str(a) for a in argv]
-    if argv[:1] != ["train"] or "--out-dir" not in argv or argv[argv.index("--out-dir") + 1] != str(out_dir):
-        raise ValueError(f"train step: expected 'train ... --out-dir {out_dir}', got {argv}")
-    return Step(argv, "train", Path(out_dir))
+def train_step(job: TrainJob) -> Step:
+    """A training step: ``job``'s run folder is the step's result."""
+    if not isinstance(job, TrainJob) or "out_dir" not in job.given:
+        raise ValueError(f"train step: expected a TrainJob with an out_dir, got {job!r}")
+    return Step(job, "train", Path(job.out_dir))
 
 
-def output_step(argv: Sequence[str], out_file: Path, reads: Sequence[Path] = ()) -> Step:
-    """A step whose result is the file ``out_file``, named in ``argv`` itself or through the
-    output folder it is written into (``cda2 eval --out DIR`` writes ``DIR/robustness.json``)."""
-    argv = [str(a) for a in argv]
+def output_step(job: Job, out_file: Path, reads: Sequence[Path] = ()) -> Step:
+    """A step whose result is the file ``out_file``, named in the job's options itself or through
+    the output folder it is written into (``cda2 eval --out DIR`` writes ``DIR/robustness.json``)."""
+    argv = job.argv()
     if str(out_file) not in argv and str(Path(out_file).parent) not in argv:
         raise ValueError(f"output step: {out_file} does not appear in {argv}")
-    return Step(argv, "output", Path(out_file), [Path(r) for r in reads])
+    return Step(job, "output", Path(out_file), [Path(r) for r in reads])
 
 
 def _train_seconds(run: Path) -> Optional[float]:
-    """The summed epoch times in ``run``'s metrics.json (``None`` when unreadable)."""
+    """The summed epoch times of ``run`` (``None`` when its metrics are unreadable)."""
     try:
-        history = json.loads((Path(run) / "metrics.json").read_text())
-        return round(sum(float(m["seconds"]) for m in history), 1)
-    except (OSError, ValueError, KeyError, TypeError):
+        return round(training_time(run).seconds, 1)
+    except CheckpointError:
         return None
 
 
-def _default_cli(argv: List[str]) -> int:
-    from ..cli import main  # the CLI imports this package: import it only when a step runs
-    return main(argv)
+def _run_job(job: Job) -> int:
+    return job.run()
 
 
 class StepRunner:
@@ -97,15 +99,15 @@ class StepRunner:
     Args:
         force: rerun every step from scratch.
         log: where one-line progress notes go (default: stderr).
-        cli: ``argv -> exit status`` (default: the ``cda2`` command in this process); the
-            commands' own stdout goes to stderr, so that stdout carries only the final table.
+        execute: ``job -> exit status`` (default: :meth:`Job.run` in this process); the jobs'
+            own stdout goes to stderr, so that stdout carries only the final table.
     """
 
     def __init__(self, force: bool = False, log: Optional[Callable[[str], None]] = None,
-                 cli: Callable[[List[str]], int] = _default_cli) -> None:
+                 execute: Callable[[Job], int] = _run_job) -> None:
         self.force = force
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-        self.cli = cli
+        self.execute = execute
         self.changed: set = set()                   # run folders trained in this invocation
         self.records: List[Dict[str, Any]] = []     # {"command", "status", "seconds"} per step
 
@@ -114,21 +116,13 @@ class StepRunner:
     def train_state(step: Step) -> str:
         """``"finished"``, ``"interrupted"`` or ``"new"``; :class:`ReproduceError` when the folder
         holds a checkpoint of other options than the step asks for."""
-        from ..checkpoint import checkpoint_files, load_checkpoint
-        from ..cli import build_parser
-        from ..cli.train import _train_config
-        from ..training.config import TrainConfig
-        from ..training.trainer import RESUMABLE_CHANGES
-
         st = checkpoint_files(step.out)[0]
         if not st.is_file():
             return "new"
         _, meta = load_checkpoint(st)
         stored = TrainConfig.from_meta(meta, st)
-        args = build_parser().parse_args(step.argv)
-        wanted = _train_config(args)  # without --resume: exactly the step's options
-        differ = sorted(k for k, v in wanted.to_dict().items()
-                        if k not in RESUMABLE_CHANGES and stored.to_dict().get(k) != v)
+        wanted = step.job.config()  # without --resume: exactly the step's options
+        differ = stored.resume_conflicts(wanted)
         if differ:
             raise ReproduceError(f"{step.out} holds a run with other options ({', '.join(differ)}) "
                                  "than this experiment trains; pass --force to retrain it there, "
@@ -151,12 +145,12 @@ class StepRunner:
         return same and not any(Path(r) in self.changed for r in step.reads)
 
     # ----- running -----------------------------------------------------------------------------------
-    def _call(self, argv: List[str]) -> None:
-        self.log(f"$ {command_line(argv)}")
+    def _call(self, job: Job) -> None:
+        self.log(f"$ {job.command}")
         with contextlib.redirect_stdout(sys.stderr):
-            rc = self.cli(argv)
+            rc = self.execute(job)
         if rc != 0:
-            raise ReproduceError(f"step failed with exit status {rc}: {command_line(argv)}")
+            raise ReproduceError(f"step failed with exit status {rc}: {job.command}")
 
     def run_all(self, steps: Sequence[Step], jobs: int = 1) -> None:
         """Run ``steps`` in order; with ``jobs > 1`` the train steps first, up to ``jobs`` at a
@@ -196,42 +190,45 @@ class StepRunner:
                                  f"first: {failed[0]}")
         return {s.out for s in steps}
 
-    def _drain(self, pending: List[Tuple[Step, List[str], str]], running: List[Any],
+    def _drain(self, pending: List[Tuple[Step, TrainJob, str]], running: List[Any],
                failed: List[str], jobs: int, env: Dict[str, str]) -> None:
         """Start pending runs while fewer than ``jobs`` run, until all have ended."""
         while pending or running:
             while pending and len(running) < jobs:
-                step, argv, status = pending.pop(0)
+                step, job, status = pending.pop(0)
                 log_path = step.out.with_name(step.out.name + ".log")
                 log_path.parent.mkdir(parents=True, exist_ok=True)
-                self.log(f"$ {command_line(argv)}  # in the background, output in {log_path}")
+                self.log(f"$ {job.command}  # in the background, output in {log_path}")
                 log_file = open(log_path, "w")
-                proc = subprocess.Popen([sys.executable, "-m", "cda2_ext.cli", *argv], env=env,
+                # the printed command itself, in a child: what a user would run by hand
+                proc = subprocess.Popen([sys.executable, "-m", "cda2_ext.cli", *job.argv()], env=env,
                                         stdout=log_file, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
-                running.append((step, argv, status, proc, time.perf_counter(), log_file))
+                running.append((step, job, status, proc, time.perf_counter(), log_file))
             time.sleep(0.2)
             for item in [r for r in running if r[3].poll() is not None]:
                 running.remove(item)
-                step, argv, status, proc, t0, log_file = item
+                step, job, status, proc, t0, log_file = item
                 log_file.close()
                 self.changed.add(step.out)
                 if proc.returncode != 0:
-                    failed.append(f"{command_line(argv)} (exit status {proc.returncode}; see "
+                    failed.append(f"{job.command} (exit status {proc.returncode}; see "
                                   f"{log_file.name})")
                     continue
                 self.records.append({"command": step.command, "status": status,
                                      "seconds": round(time.perf_counter() - t0, 1),
                                      "train_seconds": _train_seconds(step.out)})
 
-    def _train_call(self, step: Step) -> Optional[Tuple[List[str], str]]:
-        """The command that brings train ``step`` up to date and the status that gives it
+    def _train_call(self, step: Step) -> Optional[Tuple[TrainJob, str]]:
+        """The job that brings train ``step`` up to date and the status that gives it
         (``"ran"`` or ``"resumed"``), or ``None`` when its run is finished."""
         state = "new" if self.force else self.train_state(step)
         if state == "finished":
             return None
-        extra = ["--resume"] if state == "interrupted" else (["--force"] if self.force else [])
-        return step.argv + extra, "resumed" if state == "interrupted" else "ran"
+        job = step.job
+        if state == "interrupted":
+            return job.with_options(resume=True), "resumed"
+        return (job.with_options(force=True) if self.force else job), "ran"
 
     def run(self, step: Step) -> str:
         """Run (or reuse, or resume) ``step``; returns ``"reused"``, ``"resumed"`` or ``"ran"``."""
@@ -241,8 +238,8 @@ class StepRunner:
             if call is None:
                 status = "reused"
             else:
-                argv, status = call
-                self._call(argv)
+                job, status = call
+                self._call(job)
                 self.changed.add(step.out)
         elif step.kind == "output":
             if not self.force and self.output_current(step):
@@ -252,7 +249,7 @@ class StepRunner:
                     if f.is_file():
                         f.unlink()
                 step.out.parent.mkdir(parents=True, exist_ok=True)
-                self._call(step.argv)
+                self._call(step.job)
                 if not step.out.is_file():
                     raise ReproduceError(f"step wrote no {step.out}: {step.command}")
                 self._sidecar(step).write_text(json.dumps({"argv": step.argv}, indent=1) + "\n")

@@ -44,10 +44,11 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from .. import _checks, limits
-from .._records import from_record
+from ..ops import _checks
+from .. import limits
+from ..files.records import from_record
 from ..errors import CheckpointError, ConfigError
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
@@ -55,7 +56,13 @@ from .methods import METHODS
 from .weighting import WEIGHTINGS
 
 __all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS",
-           "METHOD_OPTIONS"]
+           "METHOD_OPTIONS", "RESUMABLE_CHANGES"]
+
+#: Options that may differ between the run that wrote a checkpoint and the run resuming it: they
+#: change where/how fast/how long the run goes, not the training trajectory (on_nonfinite only
+#: matters once a loss is non-finite, and a run stopped by one may resume skipping such batches).
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_every",
+                               "eval_batch_size", "data_dir", "out_dir", "on_nonfinite"})
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
@@ -329,4 +336,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    def resume_conflicts(self, other: "TrainConfig | Mapping[str, Any]") -> List[str]:
+        """The options (sorted) in which ``other`` - a config, or just some options - differs from
+        this one beyond :data:`RESUMABLE_CHANGES`: a run of ``self`` cannot continue as ``other``."""
+        mine = self.to_dict()
+        theirs = other.to_dict() if isinstance(other, TrainConfig) else dict(other)
+        return sorted(k for k, v in theirs.items() if k not in RESUMABLE_CHANGES and mine.get(k) != v)
 

@@ -16,7 +16,7 @@ Algorithm 1 by default): per batch it makes its inputs (an attack, or none) and 
   global batch, with the global batch's randomness, inside ``DistributedDataParallel``; rank 0
   writes checkpoints, metrics and logs.
 * **Safety**: :meth:`Trainer.fit` owns ``out_dir`` for the run's lifetime
-  (:class:`~cda2_ext.run_dir.RunFolder`: checked, locked, stale temporary files removed), and an
+  (:class:`~cda2_ext.files.run_folder.RunFolder`: checked, locked, stale temporary files removed), and an
   update whose loss is non-finite is never applied (:mod:`.nonfinite`: decided on the device, so a
   step never waits for it): it stops the run with :class:`~cda2_ext.errors.NonFiniteLossError`,
   raised at the next host read of the verdict (every :attr:`Trainer.check_every` steps and at the
@@ -24,7 +24,7 @@ Algorithm 1 by default): per batch it makes its inputs (an attack, or none) and 
   epoch, is finite and kept) or, with ``on_nonfinite="skip"``, is skipped and counted in the
   epoch's ``skipped_steps``.
 * **No host sync in a step**: the training set's labels are checked once, here, so the
-  ops skip their per-call label checks (:func:`~cda2_ext._checks.labels_checked`); tallies stay on
+  ops skip their per-call label checks (:func:`~cda2_ext.ops._checks.labels_checked`); tallies stay on
   the device; the attacks' shapes do not depend on the data on a GPU
   (:func:`~cda2_ext.runtime.sync_free`).
 """
@@ -39,26 +39,21 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor
 
-from .._checks import labels_checked, labels_in_range
-from ..checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
+from ..ops._checks import labels_checked, labels_in_range
+from ..files.checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
 from ..data import ImageSet, load_images, note_training_size, random_crop_flip, to_float
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
 from ..models.collaboration import Collaboration
-from ..run_dir import RunFolder
+from ..files.run_folder import METRICS_NAME, RunFolder
 from ..runtime import resolve_device
 from .config import TrainConfig
 from .distributed import DistContext, convert_sync_batchnorm
 from .methods import Tally, method_class
 from .nonfinite import UpdateGuard
 
-__all__ = ["Trainer", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer"]
 
-# Options that may differ between the run that wrote a checkpoint and the run resuming it: they
-# change where/how fast/how long the run goes, not the training trajectory (on_nonfinite only
-# matters once a loss is non-finite, and a run stopped by one may resume skipping such batches).
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_every",
-                               "eval_batch_size", "data_dir", "out_dir", "on_nonfinite"})
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimiser state entries are stored as ``optim.<name>.<parameter>``; SGD's momentum buffer keeps
@@ -279,7 +274,7 @@ class Trainer:
             resume: Optional[bool] = None, force: bool = False) -> List[Dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done, checkpointing after each one.
 
-        ``config.out_dir`` is held as a :class:`~cda2_ext.run_dir.RunFolder` meanwhile: a folder
+        ``config.out_dir`` is held as a :class:`~cda2_ext.files.run_folder.RunFolder` meanwhile: a folder
         that already holds a checkpoint is continued with ``resume`` (loaded under the lock,
         unless this trainer was already restored from it; the default, ``None``, means "if it
         was") and started over with ``force``; anything else is refused before any training.
@@ -367,13 +362,13 @@ class Trainer:
         return t
 
     def save(self, path: Optional[str] = None) -> None:
-        """Write the checkpoint (``<out_dir>/checkpoint.{safetensors,json}``) and metrics.json."""
+        """Write the checkpoint (``<out_dir>/checkpoint.{safetensors,json}``) and the metrics."""
         out = path or self.config.out_dir
         meta = {"epoch": self.epoch, "config": self.config.to_dict(),
                 "model": self.model.config.to_dict(), "history": self.history,
                 "world_size": self.dist.world_size}
         save_checkpoint(out, self.state_tensors(), meta)
-        atomic_write(checkpoint_files(out)[0].parent / "metrics.json",
+        atomic_write(checkpoint_files(out)[0].parent / METRICS_NAME,
                      (json.dumps(self.history, indent=1) + "\n").encode())
 
     def load(self, path: Optional[str] = None) -> None:
@@ -385,8 +380,7 @@ class Trainer:
         source = checkpoint_files(path or self.config.out_dir)[0]
         tensors, meta = load_checkpoint(source, "cpu")
         stored = TrainConfig.from_meta(meta, source)
-        changed = sorted(k for k, v in stored.to_dict().items()
-                         if self.config.to_dict()[k] != v and k not in RESUMABLE_CHANGES)
+        changed = self.config.resume_conflicts(stored)
         if changed:
             raise ConfigError(f"resume: options differ from the checkpoint's ({', '.join(changed)}); "
                               "use a new --out-dir for a different run")

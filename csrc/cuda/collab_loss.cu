@@ -18,7 +18,7 @@ using glue::mptr;
 // prob is always returned empty ([0]) on CUDA, whatever save_prob says: there the backward is
 // bandwidth-bound, and recomputing exp(z - lse) from z costs one read of z, while a saved softmax
 // costs a write of [M, B, K] in the forward and the same read in the backward (4 passes over
-// M*B*K instead of 3). The fake kernel in cda2_ext/ops.py must mirror this for CUDA tensors.
+// M*B*K instead of 3). The fake kernel in cda2_ext/ops/__init__.py must mirror this for CUDA tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> collab_loss_cuda(
     const at::Tensor& logits, const at::Tensor& target, double sigma, int64_t reduction, bool save_prob,
     bool check_target) {

@@ -20,7 +20,7 @@ enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 // ---- counter-based uniform noise -------------------------------------------------------------
 // u(seed, i) in [0, 1) on a 2^-24 grid. A stateless hash of (seed, i) instead of a generator
 // stream: every element's noise is independent of how the work is split across threads, blocks
-// or devices, so CPU, CUDA and the plain-PyTorch twin (cda2_ext/reference.py, hash_uniform)
+// or devices, so CPU, CUDA and the plain-PyTorch twin (cda2_ext/ops/reference.py, hash_uniform)
 // agree bit for bit. Constants are below 2^31 so the Python twin's int64 products never wrap.
 CDA2_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

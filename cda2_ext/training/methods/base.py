@@ -12,17 +12,16 @@ A new method is a subclass with a ``name`` registered in :data:`cda2_ext.trainin
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, List, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ...models.collaboration import Collaboration
+from ...runtime import OpsBackend
 from ..nonfinite import fused_optimizer
 
-if TYPE_CHECKING:  # the trainer imports the methods, not the other way round
-    from ..trainer import Trainer
-
-__all__ = ["Method", "Tally"]
+__all__ = ["Method", "Tally", "TrainerView"]
 
 
 class Tally:
@@ -67,13 +66,37 @@ class Tally:
         return v.item() if v.dim() == 0 else v.tolist()
 
 
+class TrainerView(Protocol):
+    """What a method uses of the :class:`~cda2_ext.training.Trainer` it runs in. The trainer
+    imports the methods, so they see it through this face rather than importing it back."""
+
+    #: the run's :class:`~cda2_ext.training.config.TrainConfig` (not named here: the config
+    #: imports the methods for their defaults)
+    config: Any
+    model: Collaboration
+    #: the model as the training forward pass calls it (wrapped for data parallelism)
+    train_forward: nn.Module
+    generator: torch.Generator
+    backend: OpsBackend
+    epoch: int
+
+    def log(self, line: str) -> None: ...
+
+    def autocast(self) -> ContextManager[Any]: ...
+
+    def random_start(self, x: Tensor, copies: Optional[int]) -> Optional[Tensor]: ...
+
+    def update(self, loss_fn: Callable[[], Tuple[Tensor, Any]], phase: str, tally: "Tally"
+               ) -> Tuple[Tensor, Any]: ...
+
+
 class Method:
     """Base class of the training methods (see the module docstring).
 
     Attributes:
         name: the ``--method`` value.
-        trainer: the :class:`~cda2_ext.training.Trainer` this method runs in (its ``model``,
-            ``config``, ``generator``, ``backend``, ``dist``, and :meth:`~Trainer.update`).
+        trainer: the trainer this method runs in, as far as a method sees it
+            (:class:`TrainerView`).
     """
 
     name: ClassVar[str] = ""
@@ -82,7 +105,7 @@ class Method:
     #: DistributedDataParallel does not wait for their gradients.
     uses_every_parameter: ClassVar[bool] = True
 
-    def __init__(self, trainer: "Trainer") -> None:
+    def __init__(self, trainer: TrainerView) -> None:
         self.trainer = trainer
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

@@ -26,7 +26,7 @@ def figure_format(path: Union[str, Path], option: str = "figure") -> str:
     (checked before the work whose figure it is, not after)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     known = FigureCanvasBase.get_supported_filetypes()
     if fmt not in known:

@@ -24,7 +24,7 @@ checkpoint anyway, with a one-line warning, still checking its tensors when it h
 Durability: each file is written to a temporary file in the same folder, flushed to disk, moved
 into place with ``os.replace`` and the folder is synced, so a crash leaves either the previous
 checkpoint or the new one, never a torn file (at worst a stale ``.*.tmp`` file, which the next run
-in that folder removes: :class:`cda2_ext.run_dir.RunFolder`).
+in that folder removes: :class:`cda2_ext.files.run_folder.RunFolder`).
 
 Every way a file can be unusable (missing, not safetensors, not ours, damaged metadata or tensors,
 tensors that do not fit the model) raises :class:`~cda2_ext.errors.CheckpointError` with one line
@@ -43,13 +43,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import limits
-from .errors import CheckpointError, one_line, os_reason
+from .. import limits
+from ..errors import CheckpointError, one_line, os_reason
 
 __all__ = ["FORMAT", "CHECKPOINT_NAME", "DIGEST_KEY", "DOCUMENT_KEY", "ALLOW_UNDIGESTED_ENV",
            "UndigestedCheckpointWarning", "checkpoint_files", "atomic_write", "fsync_dir",
            "tensors_digest", "document_digest", "save_checkpoint", "load_checkpoint",
-           "read_document", "load_state", "load_collaboration"]
+           "read_document", "load_state"]
 
 FORMAT = "cda2-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint"
@@ -266,29 +266,3 @@ def load_state(module: nn.Module, tensors: Mapping[str, Tensor], prefix: str, so
                               + ", ".join(problems))
     if not check_only:
         module.load_state_dict(state)
-
-
-def load_collaboration(path: PathLike, device: Union[str, torch.device] = "cpu", *,
-                       fused: bool = True):
-    """Rebuild the :class:`~cda2_ext.models.Collaboration` of a checkpoint (eval mode).
-
-    ``fused`` chooses the operator backend of the rebuilt model (see
-    :class:`~cda2_ext.models.Collaboration`). Returns ``(model, meta)``.
-    """
-    from .models.collaboration import Collaboration
-    from .training.config import TrainConfig
-
-    tensors, meta = load_checkpoint(path, device)
-    if not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"checkpoint {path} has no model config in its metadata")
-    if "config" in meta:  # what callers read next (dataset, seed, method): checked like options
-        TrainConfig.from_meta(meta, checkpoint_files(path)[0])
-    try:  # first without memory (shapes only): a config far larger than its tensors allocates nothing
-        with torch.device("meta"):
-            shell = Collaboration.from_config(meta["model"], fused=fused)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"checkpoint {path} has no usable model config: {one_line(err)}") from None
-    load_state(shell, tensors, "model.", path, check_only=True)
-    model = Collaboration.from_config(meta["model"], fused=fused)
-    load_state(model, tensors, "model.", path)
-    return model.to(device).eval(), meta

@@ -8,9 +8,9 @@ calls and no Python. This module adds what Python is best at:
 * a friendly functional API whose argument checks (_checks.py, shared with the reference twins
   and the fake kernels) raise TypeError/ValueError naming the argument; the kernels repeat them
   (csrc/checks.h) for direct ``torch.ops.cda2_ext`` calls,
-* a fallback to :mod:`cda2_ext.reference` (with one warning) where the extension was not built.
+* a fallback to :mod:`cda2_ext.ops.reference` (with one warning) where the extension was not built.
 
-Every function here has a plain-PyTorch twin of the same name in :mod:`cda2_ext.reference`.
+Every function here has a plain-PyTorch twin of the same name in :mod:`cda2_ext.ops.reference`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from . import _checks, reference
 from .reference import CollabLoss, _stat_dtype, draw_seed
 
 try:  # importing _C registers the operators with the dispatcher; nothing is compiled here
-    from . import _C  # type: ignore[attr-defined]  # noqa: F401
+    from .. import _C  # type: ignore[attr-defined]  # noqa: F401
 
     HAS_EXTENSION = True
     BUILD_INFO: str = _C.build_info()
@@ -33,8 +33,8 @@ except ImportError as _err:  # pragma: no cover - exercised only where the build
     HAS_EXTENSION = False
     BUILD_INFO = f"not built ({_err})"
     _hint = ""
-    if (Path(__file__).resolve().parents[1] / "CMakeLists.txt").is_file():
-        _hint = (f" This is the source tree ({Path(__file__).resolve().parent}): run from another "
+    if (Path(__file__).resolve().parents[2] / "CMakeLists.txt").is_file():
+        _hint = (f" This is the source tree ({Path(__file__).resolve().parents[1]}): run from another "
                  "directory to use an installed build, or install in place with "
                  "`pip install --no-build-isolation -e .`.")
     warnings.warn(f"cda2_ext: the compiled extension is unavailable ({_err}); falling back to the "
@@ -124,9 +124,9 @@ def collaboration_loss(logits: Tensor, target: Tensor, sigma: float = 1.0,
     """Fused soft-min collaboration loss (Eq. 7) with per-sub-model CE, weights and p_y.
 
     One pass over ``logits [M, B, K]`` forward and one backward; see
-    :func:`cda2_ext.reference.collaboration_loss` for the math and the arguments.
+    :func:`cda2_ext.ops.reference.collaboration_loss` for the math and the arguments.
     Labels outside ``[0, K)`` raise ``ValueError`` before the logits are read, except inside
-    :func:`~cda2_ext._checks.labels_checked` (the trainer, whose data set was checked once): there
+    :func:`~cda2_ext.ops._checks.labels_checked` (the trainer, whose data set was checked once): there
     the CUDA kernel skips the check, which would synchronise the host on every call.
     """
     if not HAS_EXTENSION:
@@ -147,7 +147,7 @@ def ppd_bce(ppd_logit: Tensor, target_prob: Tensor, reduction: str = "mean") -> 
     """Fused PPD-head BCE ``softplus(s) - t*s``; ``target_prob`` is treated as detached.
 
     ``target_prob`` is cast to ``ppd_logit``'s dtype when they differ (it carries no gradient).
-    See :func:`cda2_ext.reference.ppd_bce`.
+    See :func:`cda2_ext.ops.reference.ppd_bce`.
     """
     if not HAS_EXTENSION:
         return reference.ppd_bce(ppd_logit, target_prob, reduction)
@@ -163,7 +163,7 @@ def pgd_sign_step_(x_adv: Tensor, grad: Tensor, x_nat: Tensor, eps: float, alpha
     """Fused projected sign step over all ``M*B`` images, in place; returns ``x_adv``.
 
     Reads ``x_adv``, ``grad`` and ``x_nat`` once and writes ``x_adv`` once; bit-identical to
-    :func:`cda2_ext.reference.pgd_sign_step_` in float32/float64 (a NaN gradient does not move
+    :func:`cda2_ext.ops.reference.pgd_sign_step_` in float32/float64 (a NaN gradient does not move
     ``x``, as ``torch.sign(nan) == 0``). Not differentiable: raises if a tensor requires grad.
     """
     if not HAS_EXTENSION:
@@ -179,7 +179,7 @@ def pgd_random_start(x_nat: Tensor, eps: float, lo: float = 0.0, hi: float = 1.0
     """Uniform random start in the eps-ball, clipped to ``[lo, hi]``.
 
     The noise is a counter-based hash of ``(seed, element index)``: the same seed gives the same
-    start on CPU and CUDA and in :func:`cda2_ext.reference.pgd_random_start`. With ``seed=None`` a
+    start on CPU and CUDA and in :func:`cda2_ext.ops.reference.pgd_random_start`. With ``seed=None`` a
     seed is drawn from torch's RNG (``generator`` or the global one), so ``torch.manual_seed``
     makes runs repeatable; a given ``seed`` must be an integer in ``[0, 2**63)``. ``num_models=M``
     returns ``[M, *x_nat.shape]`` with independent noise.
@@ -198,7 +198,7 @@ def collaborative_select(ppd_logit: Tensor, logits: Tensor) -> Tuple[Tensor, Ten
     """Algorithm 2 fused: argmax over the PPD scores and a gather of the chosen logits.
 
     Returns ``(index [B] int64, chosen [B, K])``; gradients flow to the chosen sub-model's logits
-    only. See :func:`cda2_ext.reference.collaborative_select`.
+    only. See :func:`cda2_ext.ops.reference.collaborative_select`.
     """
     if not HAS_EXTENSION:
         return reference.collaborative_select(ppd_logit, logits)

@@ -7,6 +7,10 @@
   after an hour of compute).
 * :func:`save_or_rescue` - write finished results; when that fails, save them to a temporary file
   and say where, so computed results are never lost to a full disk or a vanished folder.
+* The folder's file names (:data:`METRICS_NAME`, :data:`ROBUSTNESS_NAME`, the checkpoint pair)
+  and typed readers of what the commands write there: :func:`training_time` (a run's
+  ``metrics.json`` as :class:`TrainingTime`) and :class:`RobustnessRecord` (``cda2 eval``'s
+  ``robustness.json``). Whoever reads a run's results reads them here, not by key from raw JSON.
 * :class:`RunFolder` - a training run's folder, owned by one process for the run's lifetime:
 
   - it is a folder that holds a run of this tool (its lock file or checkpoint) or is new/empty;
@@ -26,15 +30,17 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Callable, List, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from .checkpoint import CHECKPOINT_NAME, fsync_dir
-from .errors import ConfigError, one_line, os_reason
+from ..errors import CheckpointError, ConfigError, one_line, os_reason
+from .checkpoint import CHECKPOINT_NAME, checkpoint_files, fsync_dir
 
 try:  # POSIX; elsewhere runs are not locked (documented in docs/run-folder.md)
     import fcntl
@@ -42,15 +48,21 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["check_output", "save_or_rescue", "RunFolder", "check_run_folder", "LOCK_NAME",
-           "RUN_RESULTS"]
+           "RUN_RESULTS", "METRICS_NAME", "ROBUSTNESS_NAME", "read_json", "TrainingTime",
+           "training_time", "RobustnessRecord"]
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar("T")
 
 LOCK_NAME = ".cda2.lock"
+#: A run's per-epoch metrics: a JSON list with one object per finished epoch (its ``seconds``,
+#: ``images_per_s``, losses and accuracies), rewritten after every epoch.
+METRICS_NAME = "metrics.json"
+#: What ``cda2 eval --out DIR`` writes its results to, in ``DIR``.
+ROBUSTNESS_NAME = "robustness.json"
 #: What a training run writes into its folder (earlier results: kept unless resumed or forced).
-RUN_RESULTS = (f"{CHECKPOINT_NAME}.safetensors", f"{CHECKPOINT_NAME}.json", "metrics.json")
-#: The temporary files of :func:`~cda2_ext.checkpoint.atomic_write` for those results.
+RUN_RESULTS = (f"{CHECKPOINT_NAME}.safetensors", f"{CHECKPOINT_NAME}.json", METRICS_NAME)
+#: The temporary files of :func:`~cda2_ext.files.checkpoint.atomic_write` for those results.
 _RUN_TMP = tuple(f".{name}.*.tmp" for name in RUN_RESULTS)
 
 
@@ -236,3 +248,121 @@ class RunFolder:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+# ----- reading what the commands wrote -----------------------------------------------------------
+def read_json(path: PathLike, what: str) -> Any:
+    """The JSON document at ``path``; a :class:`~cda2_ext.errors.CheckpointError` naming the file
+    and ``what`` it should be when it is missing, unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found ({what})") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {os_reason(err)} ({what})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nested thousands deep
+        raise CheckpointError(f"{path} is unreadable ({what}): {one_line(err)}") from None
+
+
+@dataclass(frozen=True)
+class TrainingTime:
+    """What a run's epochs cost, from its ``metrics.json``.
+
+    Attributes:
+        epoch_seconds: each finished epoch's wall time.
+        epoch_images: each epoch's training images (its ``images_per_s`` x ``seconds``).
+    """
+
+    epoch_seconds: Tuple[float, ...]
+    epoch_images: Tuple[float, ...]
+
+    @property
+    def seconds(self) -> float:
+        """All epochs' time."""
+        return sum(self.epoch_seconds)
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second over all epochs."""
+        return sum(self.epoch_images) / max(self.seconds, 1e-9)
+
+    @property
+    def warm_seconds_per_epoch(self) -> float:
+        """Mean time of epochs 2.. (the first also pays for warm-up; epoch 1 when it is the only)."""
+        warm = self.epoch_seconds[1:] or self.epoch_seconds
+        return sum(warm) / len(warm)
+
+    @property
+    def images_per_epoch(self) -> int:
+        """The training images of one epoch (the last one's)."""
+        return round(self.epoch_images[-1])
+
+
+def training_time(run: PathLike) -> TrainingTime:
+    """The :class:`TrainingTime` of the run in folder (or checkpoint file) ``run``; a
+    :class:`~cda2_ext.errors.CheckpointError` when its metrics are missing, empty or not what
+    ``cda2 train`` writes."""
+    path = checkpoint_files(run)[0].parent / METRICS_NAME
+    history = read_json(path, "the run's per-epoch metrics")
+    if not isinstance(history, list) or not history:
+        raise CheckpointError(f"{path} holds no finished epoch")
+    try:
+        seconds = tuple(float(h["seconds"]) for h in history)
+        images = tuple(float(h.get("images_per_s", 0.0)) * s for h, s in zip(history, seconds))
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # not what cda2 train writes
+        raise CheckpointError(f"{path} is not a cda2 run's metrics ({one_line(err)})") from None
+    return TrainingTime(seconds, images)
+
+
+@dataclass
+class RobustnessRecord:
+    """What ``cda2 eval`` wrote to ``robustness.json``, as far as readers use it.
+
+    Attributes:
+        n: the number of test images. clean: ``{model: accuracy}``.
+        robust_accuracy: ``{model: {row label: {eps: accuracy}}}`` (eps as the strings written).
+        checks: the gradient-masking and budget checks, one line each.
+        config: the evaluation's configuration, with ``checkpoints`` (``{model: path}``) and
+            ``targets`` (``{model: "collaboration" | "ensemble"}``).
+        source: the file it was read from.
+    """
+
+    n: int
+    clean: Dict[str, float]
+    robust_accuracy: Dict[str, Dict[str, Dict[str, float]]]
+    checks: List[str] = field(default_factory=list)
+    config: Dict[str, Any] = field(default_factory=dict)
+    source: Optional[Path] = None
+
+    @classmethod
+    def read(cls, path: PathLike) -> "RobustnessRecord":
+        """Read a ``robustness.json`` file, or the one in the folder ``path``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / ROBUSTNESS_NAME
+        doc = read_json(path, "written by cda2 eval --out")
+        try:
+            return cls(int(doc.get("n", 0)), dict(doc.get("clean") or {}),
+                       dict(doc.get("robust_accuracy") or {}), list(doc.get("checks") or []),
+                       dict(doc.get("config") or {}), path)
+        except (AttributeError, TypeError, ValueError) as err:  # not what cda2 eval writes
+            raise CheckpointError(f"{path} is not a robustness.json of cda2 eval "
+                                  f"({one_line(err)})") from None
+
+    @classmethod
+    def merge(cls, records: Sequence["RobustnessRecord"]) -> "RobustnessRecord":
+        """Several evaluations of the same images (e.g. one per selection score) as one: every
+        model's rows side by side, the checks one after the other, the first one's ``n``."""
+        first = records[0]
+        out = cls(first.n, {}, {}, [], dict(first.config), first.source)
+        for r in records:
+            out.clean.update(r.clean)
+            out.robust_accuracy.update(r.robust_accuracy)
+            out.checks += r.checks
+        return out
+
+    def row(self, model: str, prefix: str) -> Mapping[str, float]:
+        """``model``'s row whose label starts with ``prefix`` (e.g. ``PGD-``), ``{}`` when none."""
+        rows = self.robust_accuracy.get(model, {})
+        return next((r for label, r in rows.items() if label.startswith(prefix)), {})

@@ -7,7 +7,7 @@ CIFAR-10 is read from either of:
   folder that contains it;
 * an image folder (``train/<class>/*``, ``test/<class>/*``; sorted class folder names are the
   labels) or a zip of one, such as ``cifar-10-jpeg.zip`` (all of CIFAR-10 re-encoded as JPEG q75),
-  read by :mod:`cda2_ext.image_folder` and decoded once into a cache (:func:`cache_dir`). A folder
+  read by :mod:`cda2_ext.data.image_folder` and decoded once into a cache (:func:`cache_dir`). A folder
   that holds ``cifar-10-jpeg.zip`` also works.
 
 Where to look (:func:`data_locations`): the ``root`` argument (``--data``), else ``$CDA2_DATA``,
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DataError, one_line
+from ..errors import ConfigError, DataError, one_line
 from .image_folder import CACHE_ENV, cache_dir, is_image_folder, read_image_folder
 
 __all__ = [
@@ -368,7 +368,7 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Image
 
 def load_image_folder(path: PathLike, split: str, *, use_cache: bool = True) -> ImageSet:
     """One split of an image folder or a zip of one, any number of classes (see
-    :func:`cda2_ext.image_folder.read_image_folder`: layout, order, cache, errors), with its
+    :func:`cda2_ext.data.image_folder.read_image_folder`: layout, order, cache, errors), with its
     :attr:`ImageSet.note`."""
     images, labels, classes = read_image_folder(path, split, use_cache=use_cache)
     kind = "zip" if Path(path).is_file() else "folder"

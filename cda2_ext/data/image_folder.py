@@ -47,7 +47,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ConfigError, DataError, one_line
+from ..errors import ConfigError, DataError, one_line
 
 __all__ = ["CACHE_ENV", "SPLITS", "FolderSplit", "cache_dir", "is_image_folder",
            "read_image_folder"]

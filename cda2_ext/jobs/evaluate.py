@@ -1,0 +1,244 @@
+"""``cda2 eval`` as a job (the command: :mod:`cda2_ext.cli.eval_robustness`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .. import limits
+from ..attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig
+from ..attacks.transfer import TransferConfig, TransferSet
+from ..attacks.whitebox import EnsembleLogits, PGDConfig
+from ..data import load_images
+from ..errors import ConfigError
+from ..evaluation import (ATTACK_GROUPS, DEFAULT_ATTACKS, DEFAULT_EPS, EvalConfig,
+                          evaluate_robustness)
+from ..files.run_folder import ROBUSTNESS_NAME, check_output, save_or_rescue
+from ..models.collaboration import SCORES
+from ..runtime import resolve_device
+from ..training.restore import load_collaboration
+from .base import Job, check_seed
+
+__all__ = ["EvalJob"]
+
+#: What ``cda2 eval`` writes into ``--out`` (the transfer sets only with ``--save-transfer``).
+REPORT_FILES = (ROBUSTNESS_NAME, "robustness.csv", "robustness.png")
+TRANSFER_FILES = "transfer_eps*.safetensors"
+
+
+def _names(paths: List[str]) -> List[str]:
+    """Short unique labels for checkpoint paths (their run folder names)."""
+    out: List[str] = []
+    for p in paths:
+        q = Path(p)
+        base = (q.parent.name if q.suffix in (".safetensors", ".json") else q.name) or str(q)
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}#{k}", k + 1
+        out.append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class EvalJob(Job):
+    """``cda2 eval`` as a typed request: its options by name (:meth:`Job.of`), run in this
+    process by :meth:`run`."""
+
+    command_name = "eval"
+
+    @classmethod
+    def of(cls, **options: Any) -> "EvalJob":
+        """An evaluation of ``options``; unknown names and settings no evaluation can run fail
+        at once (the :class:`~cda2_ext.evaluation.EvalConfig` is built and validated)."""
+        job = super().of(**options)
+        job.config()
+        return job
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        """The arguments of ``cda2 eval``."""
+        p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
+                       help="run folder(s) or checkpoint file(s) to evaluate (one table row group each)")
+        p.add_argument("--attack", nargs="+", default=["all"], choices=(*ATTACK_GROUPS, "all"),
+                       help="attack groups to run; all: every group but autoattack (AutoAttack standard, "
+                       "an optional extra: pip install 'cda2_ext[autoattack]'), which runs when named, "
+                       "e.g. --attack all autoattack")
+        p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
+                       help="hold-out checkpoints whose ensembles generate the transfer attacks")
+        p.add_argument("--transfer-set", nargs="+", default=[], metavar="FILE",
+                       help="evaluate saved transfer sets (.safetensors from --save-transfer) instead of "
+                       "generating them")
+        p.add_argument("--save-transfer", action="store_true",
+                       help="save the generated transfer sets to --out (one file per eps)")
+        p.add_argument("--transfer-preset", default="table2", choices=("table2", "table5"),
+                       help="table2: MI-PGD, M-DI2-FGSM, SGM with CE (3 variants per surrogate); "
+                       "table5: CE and CW, MI-PGD with 3 starts (10 per surrogate, 30 with 3 surrogates)")
+        p.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="L-inf radii")
+        p.add_argument("--n-samples", type=int, default=1000, help="size of the random test subset")
+        p.add_argument("--seed", type=int, default=0, help="picks the subset and seeds every attack")
+        p.add_argument("--subset", default="seeded", choices=("seeded", "dverge"),
+                       help="which test images: 'seeded' (a permutation drawn with --seed) or 'dverge' "
+                       "(Python's random.seed(0); random.sample(range(10000), 1000), the images of "
+                       "DVERGE's scripts and the paper's tables, with --seed 0 --n-samples 1000)")
+        p.add_argument("--batch-size", type=int, default=250, help="images per attack batch")
+        p.add_argument("--steps", type=int, default=50,
+                       help="PGD steps (also the adaptive sign-gradient attacks' steps)")
+        p.add_argument("--restarts", type=int, default=5, help="PGD random starts (worst case kept)")
+        p.add_argument("--last-iterate", action="store_true",
+                       help="judge each PGD restart by its final iterate only, as the published "
+                       "protocol does (DVERGE's scripts); the default also counts a sample as broken "
+                       "when an earlier iterate broke it, which can only be stronger")
+        p.add_argument("--adaptive-attacks", nargs="+", default=list(ADAPTIVE_ATTACKS),
+                       choices=ADAPTIVE_ATTACKS, help="which adaptive attacks to run")
+        p.add_argument("--adaptive-restarts", type=int, default=1,
+                       help="random starts of each adaptive sign-gradient attack")
+        p.add_argument("--temperature-fractions", nargs="*", type=float, default=[1.0, 0.25],
+                       help="soft-selection temperatures as multiples of the model's selection scale g "
+                       "(the median gap between its two highest selection scores on the evaluated "
+                       "samples; one run each)")
+        p.add_argument("--temperatures", nargs="*", type=float, default=[],
+                       help="fixed soft-selection temperatures, run besides the scale-relative ones")
+        p.add_argument("--bpda-temperature", type=float, default=None,
+                       help="temperature of BPDA's (and PPD push's) backward soft selection; "
+                       "None: the selection scale g")
+        p.add_argument("--decision-targets", default="3", metavar="T|all",
+                       help="wrong classes per sub-model of the multi-targeted decision-margin attacks "
+                       "(the highest-scoring ones at the clean point; all: every class)")
+        p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations")
+        p.add_argument("--transfer-steps", type=int, default=100, help="iterations of each transfer attack")
+        p.add_argument("--queries", type=int, default=5000, help="Square attack query budget per sample")
+        p.add_argument("--square-eps", nargs="+", type=float, default=[0.03],
+                       help="radii at which Square runs (Table 3: 0.03)")
+        p.add_argument("--sanity-eps", type=float, default=0.3,
+                       help="large radius where PGD must reach ~0%% accuracy (0: skip the check)")
+        p.add_argument("--score", default="ppd", choices=SCORES,
+                       help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
+                       "authors' code), or maxprob: the most confident sub-model (no PPD)")
+        p.add_argument("--data", dest="data_dir", default=None,
+                       help="CIFAR-10 folder, image folder or zip (default: the one the run was "
+                       "trained on, else $CDA2_DATA, ./data, ~/.cache/cda2_ext/data)")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+        p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
+        # SUPPRESS: the help formatter would print "(default: True)" beside a switch that turns off
+        p.add_argument("--no-progress", dest="progress", action="store_false",
+                       default=argparse.SUPPRESS, help="no progress bars")
+        p.add_argument("--out", default="eval", help="folder for robustness.json/.csv/.png (checked "
+                       "before the evaluation starts; earlier results there are kept unless --force)")
+        p.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
+
+    def config(self) -> EvalConfig:
+        """The evaluation's :class:`~cda2_ext.evaluation.EvalConfig` from the options (the
+        checkpoints, surrogates and output folder are the job's own: :meth:`run`)."""
+        args = self.namespace()
+        named = (*DEFAULT_ATTACKS, *args.attack) if "all" in args.attack else args.attack
+        attacks = tuple(a for a in dict.fromkeys(named) if a != "all")
+        try:
+            decision_targets = None if args.decision_targets == "all" else int(args.decision_targets)
+        except ValueError:
+            decision_targets = 0
+        if decision_targets is not None and not 1 <= decision_targets <= limits.CLASSES:
+            raise ConfigError(f"decision-targets: expected a number in [1, {limits.CLASSES}] or all, got "
+                           f"{args.decision_targets!r}")
+        bpda = [] if args.bpda_temperature is None else [args.bpda_temperature]
+        for flag, values in (("temperature-fractions", args.temperature_fractions),
+                             ("temperatures", args.temperatures), ("bpda-temperature", bpda)):
+            if any(not (math.isfinite(v) and v > 0) for v in values):
+                raise ConfigError(f"{flag}: every value must be a finite number > 0, got {values}")
+        for flag, v, lo, hi in (("n-samples", args.n_samples, 1, limits.ITEMS),
+                                ("batch-size", args.batch_size, 1, limits.ITEMS),
+                                ("steps", args.steps, 0, limits.ITERATIONS),
+                                ("restarts", args.restarts, 1, limits.ITERATIONS),
+                                ("adaptive-restarts", args.adaptive_restarts, 1, limits.ITERATIONS),
+                                ("apgd-steps", args.apgd_steps, 0, limits.ITERATIONS),
+                                ("transfer-steps", args.transfer_steps, 0, limits.ITERATIONS),
+                                ("queries", args.queries, 1, limits.ITERATIONS)):
+            if v < lo:
+                raise ConfigError(f"{flag}: must be >= {lo}, got {v}")
+            limits.count(flag, v, lo, hi)
+        if not 0 <= args.sanity_eps <= 1:
+            raise ConfigError(f"sanity-eps: must be in [0, 1], got {args.sanity_eps}")
+        check_seed(args.seed)
+        if "transfer" in attacks and "all" not in args.attack and not (args.surrogate or args.transfer_set):
+            raise ConfigError("--attack transfer needs at least one --surrogate checkpoint or --transfer-set file")
+        # the configs raise a ConfigError naming the field: no wrapping here
+        return EvalConfig(
+            attacks=attacks, eps=tuple(args.eps), n_samples=args.n_samples, seed=args.seed,
+            batch_size=args.batch_size,
+            pgd=PGDConfig(steps=args.steps, restarts=args.restarts, last_iterate=args.last_iterate),
+            adaptive=AdaptiveConfig(attacks=tuple(args.adaptive_attacks), steps=args.steps,
+                                    restarts=args.adaptive_restarts,
+                                    temperature_fractions=tuple(args.temperature_fractions),
+                                    temperatures=tuple(args.temperatures),
+                                    bpda_temperature=args.bpda_temperature,
+                                    decision_targets=decision_targets, apgd_steps=args.apgd_steps,
+                                    score=args.score),
+            transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps),
+            square_queries=args.queries, square_eps=tuple(args.square_eps),
+            sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
+            subset=args.subset,
+            progress=getattr(args, "progress", True)).validate()
+
+    def run(self) -> int:
+        """``cda2 eval``: evaluate, print the table and checks, write JSON/CSV/PNG."""
+        cfg = self.config()
+        args = self.namespace()
+        results = REPORT_FILES + ((TRANSFER_FILES,) if args.save_transfer else ())
+        out = check_output(args.out, option="--out", folder=True, force=args.force, results=results)
+        device = resolve_device(args.device)
+        models: Dict[str, Any] = {}
+        targets: Dict[str, str] = {}
+        metas = []
+        for name, path in zip(_names(args.checkpoint), args.checkpoint):
+            model, meta = load_collaboration(path, device, fused=not args.unfused)
+            config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+            # Only CDA² trains the PPD heads Algorithm 2 selects with: any other method's run is
+            # evaluated as the ensemble it is (mean probability), with APGD as its adaptive attack.
+            ensemble = config.get("method", "cda2") != "cda2"
+            models[name] = EnsembleLogits(model) if ensemble else model
+            targets[name] = "ensemble" if ensemble else "collaboration"
+            metas.append(config)
+        surrogates: Dict[str, Any] = {}
+        surrogate_paths: Dict[str, str] = {}
+        for name, path in zip(_names(args.surrogate), args.surrogate):
+            net, _ = load_collaboration(path, device, fused=not args.unfused)
+            surrogates[f"S:{name}"] = EnsembleLogits(net)
+            surrogate_paths[f"S:{name}"] = str(path)
+        tsets = {}
+        for f in args.transfer_set:
+            try:
+                ts = TransferSet.load(f)
+            except (ValueError, OSError) as err:  # not a transfer set, or unreadable: the user's file
+                raise ConfigError(str(err)) from None
+            tsets[ts.eps] = ts
+
+        datasets = {m.get("dataset", "cifar10") for m in metas}
+        if len(datasets) > 1:
+            raise ConfigError(f"checkpoints were trained on different datasets: {sorted(datasets)}")
+        first = metas[0]
+        data = load_images(datasets.pop(), "test", args.data_dir or first.get("data_dir"), first.get("seed", 0))
+
+        t0 = time.perf_counter()
+        try:
+            report = evaluate_robustness(models, data.images, data.labels, cfg, surrogates=surrogates,
+                                         transfer_sets=tsets, device=device,
+                                         save_transfer_dir=out if args.save_transfer else None)
+        except ValueError as err:  # an attack this model cannot take (e.g. SGM without residual blocks)
+            raise ConfigError(str(err)) from None
+        report.config.update({"checkpoints": dict(zip(models, args.checkpoint)), "targets": targets,
+                              "surrogates": surrogate_paths, "transfer_sets": list(args.transfer_set),
+                              "device": str(device)})
+        print(report.format_table())
+        print()
+        for line in report.checks:
+            print(line)
+        json_file, csv_file, png_file = (out / name for name in REPORT_FILES)
+        paths = save_or_rescue(
+            lambda: [report.to_json(json_file), report.to_csv(csv_file), report.plot(png_file)],
+            json.dumps(report.to_dict(), indent=2), option="--out")
+        print(f"\n{len(report.indices)} test images, seed {cfg.seed}, {time.perf_counter() - t0:.1f}s; "
+              f"wrote {', '.join(str(p) for p in paths)}")
+        return 0

@@ -1,0 +1,41 @@
+"""Rebuild a trained collaboration from its run folder or checkpoint file.
+
+It lives with training, not with the checkpoint format (:mod:`cda2_ext.files.checkpoint`),
+because it reads the stored :class:`~cda2_ext.training.config.TrainConfig`: the file layer stays
+below the library and knows nothing of what a run trains.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple, Union
+
+import torch
+
+from ..errors import CheckpointError, one_line
+from ..files.checkpoint import PathLike, checkpoint_files, load_checkpoint, load_state
+from ..models.collaboration import Collaboration
+from .config import TrainConfig
+
+__all__ = ["load_collaboration"]
+
+
+def load_collaboration(path: PathLike, device: Union[str, torch.device] = "cpu", *,
+                       fused: bool = True) -> Tuple[Collaboration, Dict[str, Any]]:
+    """Rebuild the :class:`~cda2_ext.models.Collaboration` of a checkpoint (eval mode).
+
+    ``fused`` chooses the operator backend of the rebuilt model (see
+    :class:`~cda2_ext.models.Collaboration`). Returns ``(model, meta)``.
+    """
+    tensors, meta = load_checkpoint(path, device)
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} has no model config in its metadata")
+    if "config" in meta:  # what callers read next (dataset, seed, method): checked like options
+        TrainConfig.from_meta(meta, checkpoint_files(path)[0])
+    try:  # first without memory (shapes only): a config far larger than its tensors allocates nothing
+        with torch.device("meta"):
+            shell = Collaboration.from_config(meta["model"], fused=fused)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} has no usable model config: {one_line(err)}") from None
+    load_state(shell, tensors, "model.", path, check_only=True)
+    model = Collaboration.from_config(meta["model"], fused=fused)
+    load_state(model, tensors, "model.", path)
+    return model.to(device).eval(), meta
