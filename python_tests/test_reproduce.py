@@ -31,7 +31,7 @@ def _with_budget(monkeypatch, name: str, **params) -> None:
     """Shrink experiment ``name``'s small budget for a test."""
     exp = EXPERIMENTS[name]
     small = exp.budgets["small"]
-    budget = Budget({**small.params, **params}, small.shows, small.cannot_show)
+    budget = Budget(dataclasses.replace(small.params, **params), small.shows, small.cannot_show)
     monkeypatch.setitem(EXPERIMENTS, name, dataclasses.replace(
         exp, budgets={**exp.budgets, "small": budget}))
 

@@ -25,10 +25,12 @@ from . import _checks, reference
 from .reference import CollabLoss, _stat_dtype, draw_seed
 
 try:  # importing _C registers the operators with the dispatcher; nothing is compiled here
-    from .. import _C  # type: ignore[attr-defined]  # noqa: F401
+    # (a name from it, not `from .. import _C`: where it is missing, that would be reported as a
+    # circular import of the package, which is importing this module)
+    from .._C import build_info as _build_info, has_cuda as _has_cuda  # type: ignore[import-not-found]
 
     HAS_EXTENSION = True
-    BUILD_INFO: str = _C.build_info()
+    BUILD_INFO: str = _build_info()
 except ImportError as _err:  # pragma: no cover - exercised only where the build is missing
     HAS_EXTENSION = False
     BUILD_INFO = f"not built ({_err})"
@@ -51,7 +53,7 @@ _REDUCTION_NAME = {v: k for k, v in _REDUCTION.items()}
 
 def cuda_available() -> bool:
     """True when the extension was built with CUDA kernels."""
-    return HAS_EXTENSION and bool(_C.has_cuda())
+    return HAS_EXTENSION and bool(_has_cuda())
 
 
 if HAS_EXTENSION:

@@ -141,7 +141,7 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
     report = dataclasses.replace(report, notes=[_portable(n, out, data) for n in report.notes])
     record = {
         "experiment": name, "title": exp.title, "paper": exp.paper_ref, "budget": budget,
-        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in b.params.items()},
+        "params": dataclasses.asdict(b.params),
         "shows": b.shows, "cannot_show": b.cannot_show,
         "commands": [_portable(s.command, out, data) for s in steps], "steps": portable,
         "columns": report.columns, "rows": report.rows, "notes": report.notes,

@@ -32,7 +32,7 @@ from ..jobs.train import TrainJob
 from . import paper
 from .runner import Step, output_step, train_step
 
-__all__ = ["Arm", "ARMS", "CRITERIA", "depth_params", "depth_plan", "depth_report", "verdict"]
+__all__ = ["Arm", "ARMS", "CRITERIA", "DepthParams", "depth_plan", "depth_report", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,24 @@ CRITERIA = (
     "'inconclusive'.")
 
 
-def depth_params(depths: Tuple[int, ...], epochs: int, seeds: Tuple[int, ...] = (0,),
-                 full_data: bool = False) -> Dict[str, Any]:
-    """A budget: the depths, epochs and seeds every arm runs; ``full_data`` marks budgets meant
-    for all of CIFAR-10 (the report warns when the data were smaller)."""
-    return {"depths": depths, "epochs": epochs, "seeds": seeds, "arms": [a.name for a in ARMS],
-            "full_data": full_data, "train_limit": None, "test_limit": None}
+@dataclass(frozen=True)
+class DepthParams:
+    """A budget of the experiment: what every arm runs.
+
+    Attributes:
+        depths: the ResNet depths (Table 6: 2, 8, 14, 20). epochs, seeds: of every run.
+        arms: the arms' names (:data:`ARMS`).
+        full_data: meant for all of CIFAR-10 (the report warns when the data were smaller).
+        train_limit, test_limit: only the first N training / test images (``None``: all).
+    """
+
+    depths: Tuple[int, ...]
+    epochs: int
+    seeds: Tuple[int, ...] = (0,)
+    arms: Tuple[str, ...] = tuple(a.name for a in ARMS)
+    full_data: bool = False
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
 
 
 def _run(folder: Path, depth: int, arm: str, seed: int) -> Path:
@@ -91,20 +103,20 @@ def _eval(folder: Path, depth: int, arm: str, seed: int) -> Path:
     return folder / f"resnet{depth}_{arm}_seed{seed}.eval_clean.json"
 
 
-def depth_plan(params: Mapping[str, Any], folder: Path, train_options: Mapping[str, Any],
+def depth_plan(params: DepthParams, folder: Path, train_options: Mapping[str, Any],
                eval_options: Mapping[str, Any]) -> List[Step]:
     """Every arm x depth x seed: training, then the clean evaluation with the arm's score.
     Train steps first, so that a runner may train them concurrently."""
     trains, evals = [], []
-    train_limit = {"train_limit": params["train_limit"]} if params.get("train_limit") else {}
-    test_limit = {"limit": params["test_limit"]} if params.get("test_limit") else {}
-    for depth in params["depths"]:
-        for seed in params["seeds"]:
-            for arm in (_BY_NAME[n] for n in params["arms"]):
+    train_limit = {"train_limit": params.train_limit} if params.train_limit else {}
+    test_limit = {"limit": params.test_limit} if params.test_limit else {}
+    for depth in params.depths:
+        for seed in params.seeds:
+            for arm in (_BY_NAME[n] for n in params.arms):
                 run = _run(folder, depth, arm.name, seed)
                 trains.append(train_step(TrainJob.of(
                     **dict(arm.train_options), depth=depth, num_models=arm.num_models,
-                    epochs=params["epochs"], seed=seed, eval_every=0, **train_options,
+                    epochs=params.epochs, seed=seed, eval_every=0, **train_options,
                     **train_limit, out_dir=str(run))))
                 out = _eval(folder, depth, arm.name, seed)
                 evals.append(output_step(CleanEvalJob.of(
@@ -144,7 +156,7 @@ def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None else 100.0 * v
 
 
-def depth_report(params: Mapping[str, Any], folder: Path, data_note: Optional[str]
+def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
                  ) -> Tuple[List[str], List[List[Any]], List[str], Dict[str, Any]]:
     """``(columns, rows, notes, measured)`` from the evaluations: a row per depth and arm."""
     columns = ["depth", "arm", "answer %", "± images", "± seeds", "ensemble %", "best sub-model %",
@@ -153,13 +165,13 @@ def depth_report(params: Mapping[str, Any], folder: Path, data_note: Optional[st
     measured: Dict[str, Any] = {}
     notes: List[str] = [CRITERIA]
     n_test = None
-    for depth in params["depths"]:
+    for depth in params.depths:
         per_arm: Dict[str, List[Dict[str, Any]]] = {}
-        for name in params["arms"]:
+        for name in params.arms:
             per_arm[name] = [json.loads(_eval(folder, depth, name, s).read_text())
-                             for s in params["seeds"]]
+                             for s in params.seeds]
         measured[str(depth)] = per_arm
-        n_test = per_arm[params["arms"][0]][0]["n"]
+        n_test = per_arm[params.arms[0]][0]["n"]
         answer = {a: [r["collaboration"] for r in rs] for a, rs in per_arm.items()}
         verdicts = {a: verdict(answer[a], answer["single"], answer["control"], n_test)
                     for a in _CDA2_ARMS if a in answer and {"single", "control"} <= set(answer)}
@@ -177,8 +189,8 @@ def depth_report(params: Mapping[str, Any], folder: Path, data_note: Optional[st
                          paper.TABLE6.get(depth, {}).get("gain") if name in _CDA2_ARMS else None,
                          verdicts.get(name, "")])
         measured[str(depth)]["verdicts"] = verdicts
-    seeds = params["seeds"]
-    notes.append(f"Standard training (no attack), {params['epochs']} epochs, seed(s) "
+    seeds = params.seeds
+    notes.append(f"Standard training (no attack), {params.epochs} epochs, seed(s) "
                  f"{', '.join(map(str, seeds))}; every arm on the same data, schedule and seed, "
                  f"evaluated on the same {n_test} test images. '± images' is the standard error "
                  "over test images, '± seeds' over seeds (blank with one seed); gain is in points.")
@@ -187,7 +199,7 @@ def depth_report(params: Mapping[str, Any], folder: Path, data_note: Optional[st
                  "(control); ensemble = mean probability; oracle = some sub-model is right.")
     notes.append(f"Data: {data_note}" if data_note else
                  f"Data: the official CIFAR-10 files ({n_test} test images).")
-    if params.get("full_data") and n_test is not None and n_test < 10000:
+    if params.full_data and n_test is not None and n_test < 10000:
         notes.append(f"This budget is meant for all of CIFAR-10, but the test set here has only "
                      f"{n_test} images: pass --data with the full set.")
     return columns, rows, notes, measured

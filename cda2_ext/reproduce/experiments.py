@@ -28,18 +28,89 @@ from .runner import Step, output_step, train_step
 #: Options of a job, in the order given: ``(name, value)`` pairs (see :class:`~cda2_ext.jobs.base.Job`).
 Options = Tuple[Tuple[str, Any], ...]
 
-__all__ = ["Budget", "Context", "Report", "Experiment", "EXPERIMENTS", "BUDGETS"]
+__all__ = ["Budget", "Context", "Report", "Experiment", "EXPERIMENTS", "BUDGETS", "XorParams",
+           "TimeParams", "DefenseParams", "WhiteboxParams", "TransferParams", "SquareParams"]
 
 BUDGETS = ("small", "cpu", "gpu", "paper")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One budget of an experiment: its parameters and what it can and cannot show."""
+    """One budget of an experiment: its parameters (a frozen dataclass of the experiment's own
+    type, e.g. :class:`~cda2_ext.reproduce.capacity.DepthParams`) and what it can and cannot
+    show."""
 
-    params: Mapping[str, Any]
+    params: Any
     shows: str
     cannot_show: str
+
+
+@dataclass(frozen=True)
+class XorParams:
+    """A budget of the XOR experiment: one run per seed."""
+
+    seeds: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TimeParams:
+    """A budget of the training-cost experiment: every method trained at this size
+    (``train_limit``: the first N images, ``None``: all)."""
+
+    depth: int
+    num_models: int
+    epochs: int
+    train_limit: Optional[int]
+
+
+@dataclass(frozen=True)
+class DefenseParams:
+    """What the white-box, transfer and Square experiments of one budget share.
+
+    Attributes:
+        runs: the folder beside the experiment's own that holds the defenses' training runs
+            (whichever of the three experiments runs first trains them, the others reuse them).
+        depth, num_models: of every defense. epochs, train_limit, train_steps: ``None`` is each
+            method's own default (all images).
+        surrogates: the hold-out ensembles of the transfer attacks, ``(M, seed)`` each.
+        n_samples, subset, last_iterate: the evaluation's test images and PGD protocol.
+    """
+
+    runs: str
+    depth: int
+    num_models: int
+    epochs: Optional[int]
+    train_limit: Optional[int]
+    train_steps: Optional[int]
+    surrogates: Tuple[Tuple[int, int], ...]
+    n_samples: int
+    subset: str
+    last_iterate: bool
+
+
+@dataclass(frozen=True)
+class WhiteboxParams(DefenseParams):
+    """Table 1: PGD with ``steps`` x ``restarts`` at every eps."""
+
+    eps: Tuple[float, ...]
+    steps: int
+    restarts: int
+
+
+@dataclass(frozen=True)
+class TransferParams(DefenseParams):
+    """Tables 2 and 5: transfer attacks of ``transfer_steps`` iterations at every eps."""
+
+    eps: Tuple[float, ...]
+    transfer_steps: int
+
+
+@dataclass(frozen=True)
+class SquareParams(DefenseParams):
+    """Table 3: Square with ``queries`` per sample at ``square_eps``."""
+
+    queries: int
+    square_eps: float
 
 
 @dataclass
@@ -117,8 +188,8 @@ class Experiment:
     title: str
     paper_ref: str
     budgets: Mapping[str, Budget]
-    plan: Callable[[Mapping[str, Any], Context], List[Step]]
-    report: Callable[[Mapping[str, Any], Context], Report]
+    plan: Callable[[Any, Context], List[Step]]
+    report: Callable[[Any, Context], Report]
     methods: Tuple[str, ...] = ()
 
 
@@ -131,9 +202,9 @@ def _xor_file(ctx: Context, seed: int) -> Path:
     return ctx.folder / f"xor_seed{seed}.json"
 
 
-def _xor_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _xor_plan(params: XorParams, ctx: Context) -> List[Step]:
     steps = []
-    for i, seed in enumerate(params["seeds"]):
+    for i, seed in enumerate(params.seeds):
         out = _xor_file(ctx, seed)
         figure = str(ctx.folder / "fig4.png") if i == 0 else ""  # Fig. 4 from the first seed
         # --force: a rerun replaces this experiment's own Fig. 4 (the runner already removed
@@ -143,8 +214,8 @@ def _xor_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     return steps
 
 
-def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
-    res = [json.loads(_xor_file(ctx, s).read_text()) for s in params["seeds"]]
+def _xor_report(params: XorParams, ctx: Context) -> Report:
+    res = [json.loads(_xor_file(ctx, s).read_text()) for s in params.seeds]
     rows, measured = [], {}
     # A linear rule is right on at most 3 of XOR's 4 equal clusters, so an ensemble (still linear,
     # Sec. 4.2) stays near 75%; "solves XOR" is read as >= 95% of fresh test points.
@@ -156,7 +227,7 @@ def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
         rows.append([key, paper.FIG4[key], 100 * sum(accs) / len(accs), 100 * min(accs),
                      100 * max(accs), f"{ok}/{len(accs)} seeds {bar}"])
     split = [min(r["assignment"]) for r in res]
-    notes = [f"{len(res)} seeds ({', '.join(map(str, params['seeds']))}), "
+    notes = [f"{len(res)} seeds ({', '.join(map(str, params.seeds))}), "
              f"{res[0]['config']['n_train']} training / {res[0]['config']['n_test']} test points, "
              f"{res[0]['config']['steps']} full-batch Adam steps each; Fig. 4 has no numbers, so the "
              "paper column is its claim.",
@@ -169,11 +240,11 @@ def _xor_report(params: Mapping[str, Any], ctx: Context) -> Report:
 
 
 # ----- model capacity (Appendix E.1, Table 6): four arms, see .capacity ------------------------------
-def _depth_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _depth_plan(params: capacity.DepthParams, ctx: Context) -> List[Step]:
     return capacity.depth_plan(params, ctx.folder, ctx.train_options(), ctx.eval_options())
 
 
-def _depth_report(params: Mapping[str, Any], ctx: Context) -> Report:
+def _depth_report(params: capacity.DepthParams, ctx: Context) -> Report:
     columns, rows, notes, measured = capacity.depth_report(params, ctx.folder, data_note(ctx.data))
     return Report(columns, rows, notes, None, measured)
 
@@ -198,18 +269,18 @@ def _time_run(ctx: Context, method: str) -> Path:
     return ctx.folder / method
 
 
-def _time_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _time_plan(params: TimeParams, ctx: Context) -> List[Step]:
     steps = []
     for method, options in _DEFENSES:
-        limit = {"train_limit": params["train_limit"]} if params.get("train_limit") else {}
+        limit = {"train_limit": params.train_limit} if params.train_limit else {}
         steps.append(train_step(TrainJob.of(
-            method=method, **dict(options), depth=params["depth"], num_models=params["num_models"],
-            epochs=params["epochs"], seed=0, eval_every=0, **ctx.train_options(), **limit,
+            method=method, **dict(options), depth=params.depth, num_models=params.num_models,
+            epochs=params.epochs, seed=0, eval_every=0, **ctx.train_options(), **limit,
             out_dir=str(_time_run(ctx, method)))))
     return steps
 
 
-def _time_report(params: Mapping[str, Any], ctx: Context) -> Report:
+def _time_report(params: TimeParams, ctx: Context) -> Report:
     per_epoch: Dict[str, float] = {}
     every: Dict[str, List[float]] = {}
     images = None
@@ -223,8 +294,8 @@ def _time_report(params: Mapping[str, Any], ctx: Context) -> Report:
         p_min = paper.TABLE4[method]
         rows.append([method, p_min * 60 / 100, p_min / paper.TABLE4["cda2"], per_epoch[method],
                      per_epoch[method] / per_epoch["cda2"], " / ".join(map(str, every[method]))])
-    notes = [f"Seconds per epoch of {images:,} training images, ResNet-{params['depth']} x "
-             f"{params['num_models']}, mean of epochs 2..{params['epochs']} (epoch 1 when only one); "
+    notes = [f"Seconds per epoch of {images:,} training images, ResNet-{params.depth} x "
+             f"{params.num_models}, mean of epochs 2..{params.epochs} (epoch 1 when only one); "
              "the paper's per epoch is Table 4's 100-epoch time on a GeForce RTX 2080 Ti / 100. "
              "Compare the ratios: absolute times depend on the machine.",
              "GAL and ADP train on PGD of the averaged ensemble (--adv), DVERGE on its feature "
@@ -252,24 +323,25 @@ _EVAL_SMALL: Dict[str, Any] = {"n_samples": 200, "subset": "seeded", "last_itera
 _EVAL_PAPER: Dict[str, Any] = {"n_samples": 1000, "subset": "dverge", "last_iterate": True}
 
 
-def _runs_dir(params: Mapping[str, Any], ctx: Context) -> Path:
-    return ctx.folder.parent / params["runs"]
+def _runs_dir(params: DefenseParams, ctx: Context) -> Path:
+    return ctx.folder.parent / params.runs
 
 
-def _train_job(params: Mapping[str, Any], ctx: Context, method: str, options: Options,
+def _train_job(params: DefenseParams, ctx: Context, method: str, options: Options,
                run: Path, num_models: Optional[int] = None, seed: int = 0) -> TrainJob:
     """The training of one defense or surrogate at the budget's size (``None``: the method's own
     default, cited in ``cda2_ext/training/methods/``)."""
     adversarial = dict(options).get("adv", False) or method == "cda2"  # steps: the training PGD's
-    sized = {field: params[key] for field, key in (("epochs", "epochs"), ("train_limit", "train_limit"),
-                                                   ("steps", "train_steps"))
-             if params.get(key) is not None and (key != "train_steps" or adversarial)}
-    return TrainJob.of(method=method, **dict(options), depth=params["depth"],
-                       num_models=num_models or params["num_models"], seed=seed, eval_every=0,
+    sized = {name: value for name, value in (("epochs", params.epochs),
+                                             ("train_limit", params.train_limit),
+                                             ("steps", params.train_steps if adversarial else None))
+             if value is not None}
+    return TrainJob.of(method=method, **dict(options), depth=params.depth,
+                       num_models=num_models or params.num_models, seed=seed, eval_every=0,
                        **ctx.train_options(), **sized, out_dir=str(run))
 
 
-def _defense_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _defense_steps(params: DefenseParams, ctx: Context) -> List[Step]:
     """Train the plain ensemble DVERGE starts from, then the compared defenses."""
     runs = _runs_dir(params, ctx)
     steps = [train_step(_train_job(params, ctx, "ensemble", (), runs / "ensemble"))]
@@ -279,21 +351,21 @@ def _defense_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
     return steps
 
 
-def _surrogate_runs(params: Mapping[str, Any], ctx: Context) -> List[Path]:
-    return [_runs_dir(params, ctx) / f"surrogate_m{m}_seed{seed}" for m, seed in params["surrogates"]]
+def _surrogate_runs(params: DefenseParams, ctx: Context) -> List[Path]:
+    return [_runs_dir(params, ctx) / f"surrogate_m{m}_seed{seed}" for m, seed in params.surrogates]
 
 
-def _surrogate_steps(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _surrogate_steps(params: DefenseParams, ctx: Context) -> List[Step]:
     """The hold-out ensembles the transfer attacks come from (plain training, other seeds)."""
     return [train_step(_train_job(params, ctx, "ensemble", (), run, num_models=m, seed=seed))
-            for (m, seed), run in zip(params["surrogates"], _surrogate_runs(params, ctx))]
+            for (m, seed), run in zip(params.surrogates, _surrogate_runs(params, ctx))]
 
 
 def _eval_folder(ctx: Context, name: str, score: str) -> Path:
     return ctx.folder / (name if score == "ppd" else f"{name}-{score}")
 
 
-def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack: Mapping[str, Any],
+def _eval_steps(params: DefenseParams, ctx: Context, name: str, attack: Mapping[str, Any],
                 extra_reads: Sequence[Path] = ()) -> List[Step]:
     """``cda2 eval`` of the compared defenses (same images and seeds for all), one per selection
     score (a CDA² run answers by the rule it was trained for), into
@@ -302,8 +374,8 @@ def _eval_steps(params: Mapping[str, Any], ctx: Context, name: str, attack: Mapp
     for score in dict.fromkeys(d[3] for d in _COMPARED):
         runs = [_runs_dir(params, ctx) / d[0] for d in _COMPARED if d[3] == score]
         out = _eval_folder(ctx, name, score)
-        job = EvalJob.of(checkpoint=[str(r) for r in runs], **attack, n_samples=params["n_samples"],
-                         subset=params["subset"], seed=0,
+        job = EvalJob.of(checkpoint=[str(r) for r in runs], **attack, n_samples=params.n_samples,
+                         subset=params.subset, seed=0,
                          **({"score": score} if score != "ppd" else {}), **ctx.eval_options(),
                          progress=False, out=str(out), force=True)
         steps.append(output_step(job, out / ROBUSTNESS_NAME, reads=[*runs, *extra_reads]))
@@ -337,18 +409,18 @@ def _defense_table(results: RobustnessRecord, prefix: str, keys: Sequence[str],
     return columns, rows
 
 
-def _eps_keys(params: Mapping[str, Any]) -> List[str]:
-    return [f"{e:g}" for e in params["eps"]]
+def _eps_keys(params: WhiteboxParams | TransferParams) -> List[str]:
+    return [f"{e:g}" for e in params.eps]
 
 
-def _protocol_note(params: Mapping[str, Any], results: RobustnessRecord) -> str:
+def _protocol_note(params: DefenseParams, results: RobustnessRecord) -> str:
     clean = [100 * v for v in results.clean.values()]
     p_clean = [paper.TABLE1[m]["clean"] for m, _ in _DEFENSES]
-    return (f"{results.n} test images ({params['subset']} subset, seed 0), the same for every "
-            f"method; training: ResNet-{params['depth']} x {params['num_models']}, "
-            + (f"{params['epochs']} epochs" if params.get("epochs") else "each method's own epochs")
-            + (f" on the first {params['train_limit']} images" if params.get("train_limit") else "")
-            + (f", training PGD {params['train_steps']} steps" if params.get("train_steps") else "")
+    return (f"{results.n} test images ({params.subset} subset, seed 0), the same for every "
+            f"method; training: ResNet-{params.depth} x {params.num_models}, "
+            + (f"{params.epochs} epochs" if params.epochs else "each method's own epochs")
+            + (f" on the first {params.train_limit} images" if params.train_limit else "")
+            + (f", training PGD {params.train_steps} steps" if params.train_steps else "")
             + f". Clean accuracy {min(clean):.1f}-{max(clean):.1f}% (the paper's: "
             f"{min(p_clean):.1f}-{max(p_clean):.1f}%)"
             + (": models this far from trained say little about the trained defenses."
@@ -375,15 +447,15 @@ def _ranking_notes(what: str, keys: Sequence[str], paper_rows: Mapping[str, Mapp
     return notes
 
 
-def _whitebox_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    attack = {"attack": ["pgd"], "eps": list(params["eps"]), "steps": params["steps"],
-              "restarts": params["restarts"]}
-    if params["last_iterate"]:
+def _whitebox_plan(params: WhiteboxParams, ctx: Context) -> List[Step]:
+    attack = {"attack": ["pgd"], "eps": list(params.eps), "steps": params.steps,
+              "restarts": params.restarts}
+    if params.last_iterate:
         attack["last_iterate"] = True
     return _defense_steps(params, ctx) + _eval_steps(params, ctx, "whitebox", attack)
 
 
-def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
+def _whitebox_report(params: WhiteboxParams, ctx: Context) -> Report:
     res = _eval_results(ctx, "whitebox")
     keys = _eps_keys(params)
     # The worst case of PGD and its budget check (the same attack with twice the steps and
@@ -391,13 +463,13 @@ def _whitebox_report(params: Mapping[str, Any], ctx: Context) -> Report:
     columns, rows = _defense_table(res, "worst case", keys, paper.TABLE1, with_clean=True)
     got = {r[0]: dict(zip(keys, r[4::2])) for r in rows}
     notes = [_protocol_note(params, res), *_ranking_notes("PGD", keys, paper.TABLE1, got),
-             f"Per sample the worst of PGD-{params['steps']}x{params['restarts']} and its budget "
-             f"check (PGD-{2 * params['steps']}x{2 * params['restarts']} on the samples still "
+             f"Per sample the worst of PGD-{params.steps}x{params.restarts} and its budget "
+             f"check (PGD-{2 * params.steps}x{2 * params.restarts} on the samples still "
              "standing), step eps/5, CE, on each defense's hard output (CDA²: Algorithm 2's PPD "
              "selection; cda2-authors: the authors' max-prob x sigmoid(PPD) selection; the others: "
              "the averaged ensemble); "
              + ("each restart judged by its last iterate, as the published protocol does."
-                if params["last_iterate"] else "a sample counts as broken if any iterate broke it "
+                if params.last_iterate else "a sample counts as broken if any iterate broke it "
                 "(stronger than the paper's last-iterate protocol)."),
              "Table 1 is the paper's white-box row only; `cda2 eval --attack adaptive` attacks "
              "CDA²'s selection itself (docs/evaluation.md).",
@@ -417,19 +489,19 @@ def _used_surrogates(preset: str, items: Sequence[Any]) -> Sequence[Any]:
     return items[:1] if preset == "table2" else items
 
 
-def _transfer_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
+def _transfer_plan(params: TransferParams, ctx: Context) -> List[Step]:
     surrogates = _surrogate_runs(params, ctx)
     steps = _defense_steps(params, ctx) + _surrogate_steps(params, ctx)
     for preset, _, _ in _TRANSFER_TABLES:
         used = _used_surrogates(preset, surrogates)
         attack = {"attack": ["transfer"], "surrogate": [str(u) for u in used],
-                  "transfer_preset": preset, "transfer_steps": params["transfer_steps"],
-                  "eps": list(params["eps"])}
+                  "transfer_preset": preset, "transfer_steps": params.transfer_steps,
+                  "eps": list(params.eps)}
         steps += _eval_steps(params, ctx, f"transfer_{preset}", attack, extra_reads=used)
     return steps
 
 
-def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
+def _transfer_report(params: TransferParams, ctx: Context) -> Report:
     keys = _eps_keys(params)
     columns, rows, measured, notes = [], [], {}, []
     for preset, table, ref in _TRANSFER_TABLES:
@@ -440,10 +512,10 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
         measured[preset] = res.robust_accuracy
         label = next((lbl for by_row in res.robust_accuracy.values() for lbl in by_row
                       if lbl.startswith("transfer (")), "transfer")
-        sizes = [m for m, _ in _used_surrogates(preset, params["surrogates"])]
-        notes.append(f"{ref}: `--transfer-preset {preset}`, {label}, {params['transfer_steps']} "
+        sizes = [m for m, _ in _used_surrogates(preset, params.surrogates)]
+        notes.append(f"{ref}: `--transfer-preset {preset}`, {label}, {params.transfer_steps} "
                      f"iterations each, from {len(sizes)} hold-out ensemble(s) of "
-                     f"{', '.join(map(str, sizes))} ResNet-{params['depth']}s; a sample is robust "
+                     f"{', '.join(map(str, sizes))} ResNet-{params.depth}s; a sample is robust "
                      "only if every variant is classified correctly.")
     for _, table, ref in _TRANSFER_TABLES:
         got = {r[1]: dict(zip(keys, r[3::2])) for r in rows if r[0] == ref}
@@ -452,15 +524,15 @@ def _transfer_report(params: Mapping[str, Any], ctx: Context) -> Report:
     return Report(columns, rows, notes, None, measured)
 
 
-def _square_plan(params: Mapping[str, Any], ctx: Context) -> List[Step]:
-    attack = {"attack": ["square"], "queries": params["queries"],
-              "square_eps": [params["square_eps"]], "eps": [params["square_eps"]]}
+def _square_plan(params: SquareParams, ctx: Context) -> List[Step]:
+    attack = {"attack": ["square"], "queries": params.queries,
+              "square_eps": [params.square_eps], "eps": [params.square_eps]}
     return _defense_steps(params, ctx) + _eval_steps(params, ctx, "square", attack)
 
 
-def _square_report(params: Mapping[str, Any], ctx: Context) -> Report:
+def _square_report(params: SquareParams, ctx: Context) -> Report:
     res = _eval_results(ctx, "square")
-    key = f"{params['square_eps']:g}"
+    key = f"{params.square_eps:g}"
     rows = []
     for name, *_ in _COMPARED:
         got = res.row(name, "Square-").get(key)
@@ -468,7 +540,7 @@ def _square_report(params: Mapping[str, Any], ctx: Context) -> Report:
     square = {r[0]: {key: r[3]} for r in rows}
     table3 = {m: {key: v} for m, v in paper.TABLE3.items()}
     notes = [_protocol_note(params, res), *_ranking_notes("Square", [key], table3, square),
-             f"Square (query-only) with {params['queries']} queries per sample at eps {key} "
+             f"Square (query-only) with {params.queries} queries per sample at eps {key} "
              "(Table 3: 5000 queries, eps 0.03) against each defense's hard output."]
     return Report(["method", f"paper Square eps {key} %", "clean %", f"Square eps {key} %"], rows,
                   notes, None, {"robustness": res.robust_accuracy, "clean": res.clean})
@@ -485,45 +557,48 @@ _DEFENSES_SHOW = {
 }
 
 
-def _defense_budgets(small: Mapping[str, Any], paper_: Mapping[str, Any]) -> Dict[str, Budget]:
-    return {"small": Budget({**_TRAIN_SMALL, **_EVAL_SMALL, **small}, *_DEFENSES_SHOW["small"]),
-            "paper": Budget({**_TRAIN_PAPER, **_EVAL_PAPER, **paper_}, *_DEFENSES_SHOW["paper"])}
+def _defense_budgets(kind: type, small: Mapping[str, Any], paper_: Mapping[str, Any]
+                     ) -> Dict[str, Budget]:
+    """The small and paper budgets of a defense experiment whose parameters are ``kind``: the
+    shared training and evaluation sizes, then the experiment's own attack settings."""
+    return {"small": Budget(kind(**_TRAIN_SMALL, **_EVAL_SMALL, **small), *_DEFENSES_SHOW["small"]),
+            "paper": Budget(kind(**_TRAIN_PAPER, **_EVAL_PAPER, **paper_), *_DEFENSES_SHOW["paper"])}
 
 
 #: The experiments, by ``cda2 reproduce`` name.
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
     Experiment(
         "xor", "XOR: ensemble vs collaboration", "Sec. 4.2, Fig. 4",
-        {"small": Budget({"seeds": (0, 1, 2, 3, 4)},
+        {"small": Budget(XorParams(seeds=(0, 1, 2, 3, 4)),
                          "the full experiment (it is cheap): whether averaging stays linear and "
                          "collaboration splits XOR, over 5 seeds",
                          "a tight seed-to-seed spread (5 seeds); there are no paper numbers to "
                          "match, only Fig. 4's claim"),
-         "paper": Budget({"seeds": tuple(range(20))},
+         "paper": Budget(XorParams(seeds=tuple(range(20))),
                          "the same over 20 seeds (the paper gives no seeds or numbers)",
                          "numbers to compare with: Fig. 4 has none")},
         _xor_plan, _xor_report),
     Experiment(
         "depth", "Does a collaboration beat one model? (standard training, four arms)",
         "Appendix E.1, Table 6",
-        {"small": Budget(capacity.depth_params((2, 8), epochs=15),
+        {"small": Budget(capacity.DepthParams((2, 8), epochs=15),
                          "on the shared subset (5,085 training, 1,017 test images), at depths 2 and "
                          "8, 15 epochs, one seed: the direction of each arm against one model and "
                          "the control",
                          "the paper's accuracies (50,000 images, ~100 epochs) or gains under ~3 "
                          "points (the standard error of one accuracy is ~1.5 points here)"),
-         "cpu": Budget(capacity.depth_params((2,), epochs=8, full_data=True),
+         "cpu": Budget(capacity.DepthParams((2,), epochs=8, full_data=True),
                        "all of CIFAR-10 (--data cifar-10-jpeg.zip: the JPEG re-encoding) at depth "
                        "2, 8 epochs, one seed: about an hour on 2 CPU cores (--jobs 2); the "
                        "capacity-starved end of Table 6 with 10,000 test images (se ~0.5 points)",
                        "depth 20, the paper's 100 epochs, seed-to-seed spread"),
-         "gpu": Budget(capacity.depth_params((2, 20), epochs=10, full_data=True),
+         "gpu": Budget(capacity.DepthParams((2, 20), epochs=10, full_data=True),
                        "all of CIFAR-10 at both ends of Table 6 (depths 2 and 20), every arm, "
                        "10 epochs, one seed, meant for one device call with --jobs 8; not yet "
                        "timed on a GPU (the epochs are an estimate from the H200's 71 s for the "
                        "subset's Table 6 budget; the first GPU session must time it)",
                        "the paper's 100 epochs, seed-to-seed spread"),
-         "paper": Budget(capacity.depth_params((2, 8, 14, 20), epochs=100, seeds=(0, 1, 2),
+         "paper": Budget(capacity.DepthParams((2, 8, 14, 20), epochs=100, seeds=(0, 1, 2),
                                                full_data=True),
                          "Table 6 itself with a control: all four depths, all of CIFAR-10, 100 "
                          "epochs, 3 seeds, 10,000 test images",
@@ -531,29 +606,30 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
         _depth_plan, _depth_report),
     Experiment(
         "time", "Training cost of each method on the same machine", "Appendix C, Table 4",
-        {"small": Budget({"depth": 8, "num_models": 3, "epochs": 2, "train_limit": 256},
+        {"small": Budget(TimeParams(depth=8, num_models=3, epochs=2, train_limit=256),
                          "each method's cost relative to CDA² on this machine (ResNet-8, "
                          "256 images, 2 epochs)",
                          "the paper's hours (another GPU, ResNet-20, 50,000 images); the ratios "
                          "shift with depth and with what else the machine runs"),
-         "paper": Budget({"depth": 20, "num_models": 3, "epochs": 2, "train_limit": None},
+         "paper": Budget(TimeParams(depth=20, num_models=3, epochs=2, train_limit=None),
                          "Table 4's setting per epoch (ResNet-20 x 3, full CIFAR-10): x100 is "
                          "comparable with its 100-epoch times on similar hardware",
                          "a 2080 Ti's times on other hardware")},
         _time_plan, _time_report, methods=("gal", "dverge", "adp", "cda2")),
     Experiment(
         "whitebox", "White-box PGD against CDA² and the ensemble defenses", "Sec. 4.3, Table 1",
-        _defense_budgets({"eps": (0.01, 0.02, 0.03), "steps": 10, "restarts": 1},
+        _defense_budgets(WhiteboxParams,
+                         {"eps": (0.01, 0.02, 0.03), "steps": 10, "restarts": 1},
                          {"eps": paper.EPS, "steps": 50, "restarts": 5}),
         _whitebox_plan, _whitebox_report, methods=("ensemble", "gal", "dverge", "adp", "cda2")),
     Experiment(
         "transfer", "Transfer attacks from hold-out ensembles", "Sec. 4.3, Tables 2 and 5",
-        _defense_budgets({"eps": (0.01, 0.02, 0.03), "transfer_steps": 10},
+        _defense_budgets(TransferParams, {"eps": (0.01, 0.02, 0.03), "transfer_steps": 10},
                          {"eps": paper.EPS, "transfer_steps": 100}),
         _transfer_plan, _transfer_report, methods=("ensemble", "gal", "dverge", "adp", "cda2")),
     Experiment(
         "square", "Square (query-only) attack", "Sec. 4.3, Table 3",
-        _defense_budgets({"queries": 200, "square_eps": 0.03},
+        _defense_budgets(SquareParams, {"queries": 200, "square_eps": 0.03},
                          {"queries": 5000, "square_eps": 0.03}),
         _square_plan, _square_report, methods=("ensemble", "gal", "dverge", "adp", "cda2")),
 )}
