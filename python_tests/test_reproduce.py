@@ -158,6 +158,11 @@ def test_a_failing_step_names_its_command(tmp_path):
     out = tmp_path / "x.json"
     with pytest.raises(ReproduceError, match="exit status 2: cda2 xor"):
         runner.run(output_step(XorJob.of(json=str(out)), out))
+    # a job's own error (what `cda2 xor` would print as its one line) names the step too
+    runner = StepRunner(log=lambda s: None)
+    with pytest.raises(ReproduceError, match=r"step failed \(sigma: .*\): cda2 xor --sigma -1"):
+        runner.run(output_step(XorJob.of(sigma=-1.0, json=str(out)), out))
+    assert not out.exists()
 
 
 # ----- whole experiments ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import Cda2Error, CheckpointError
+from ..errors import Cda2Error, CheckpointError, os_reason
 from ..files.checkpoint import checkpoint_files, load_checkpoint
 from ..files.run_folder import training_time
 from ..jobs.base import Job, command_line
@@ -147,8 +147,12 @@ class StepRunner:
     # ----- running -----------------------------------------------------------------------------------
     def _call(self, job: Job) -> None:
         self.log(f"$ {job.command}")
-        with contextlib.redirect_stdout(sys.stderr):
-            rc = self.execute(job)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                rc = self.execute(job)
+        except (Cda2Error, OSError) as err:  # what the command would print as its one error line
+            reason = os_reason(err) if isinstance(err, OSError) else str(err)
+            raise ReproduceError(f"step failed ({reason}): {job.command}") from None
         if rc != 0:
             raise ReproduceError(f"step failed with exit status {rc}: {job.command}")
 
