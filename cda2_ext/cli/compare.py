@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..files.checkpoint import atomic_write, checkpoint_files, read_document
 from ..errors import CheckpointError, CLIError, one_line
 from ..evaluation.rows import ADAPTIVE_WORST, WORST
-from ..files.run_folder import RobustnessRecord, check_output, save_or_rescue, training_time
+from ..files.run_folder import (ROBUSTNESS_NAME, RobustnessRecord, check_output, save_or_rescue,
+                                training_time)
 from ..training.config import TrainConfig
 
 __all__ = ["register", "run", "RunSummary", "summarize_run", "find_robustness", "GROUPS",
@@ -294,13 +295,13 @@ def _sources(args: argparse.Namespace) -> List[Path]:
     found: List[Path] = []
     for given in args.eval:
         p = Path(given)
-        p = p / "robustness.json" if p.is_dir() else p
+        p = p / ROBUSTNESS_NAME if p.is_dir() else p
         if not p.is_file():
-            raise CLIError(f"--eval: no robustness.json at {given}")
+            raise CLIError(f"--eval: no {ROBUSTNESS_NAME} at {given}")
         found.append(p)
     for r in args.runs:
         folder = checkpoint_files(r)[0].parent
-        found += [q for q in (folder / "eval" / "robustness.json", folder / "robustness.json")
+        found += [q for q in (folder / "eval" / ROBUSTNESS_NAME, folder / ROBUSTNESS_NAME)
                   if q.is_file()]
     return list(dict.fromkeys(found))
 
