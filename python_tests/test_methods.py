@@ -473,3 +473,16 @@ def test_compare_without_results_or_metrics_says_what_is_missing(tmp_path, capsy
     assert main(["compare", run, "--out", str(tmp_path / "o2")]) == 2
     assert "metrics.json" in capsys.readouterr().err
     assert main(["compare", run, "--eval", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3")]) == 2
+
+
+@pytest.mark.parametrize("doc", ['{"config": {"checkpoints": [1, 2]}}',
+                                 '{"config": {"checkpoints": {"r": "RUN"}}, "robust_accuracy": {"r": 3}}',
+                                 '[1, 2]'])
+def test_compare_refuses_a_damaged_robustness_json_in_one_line(tmp_path, capsys, doc):
+    run = _fake_run(tmp_path / "r", "gal")
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "robustness.json").write_text(doc.replace("RUN", run))
+    assert main(["compare", run, "--eval", str(tmp_path / "ev"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a robustness.json of cda2 eval" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

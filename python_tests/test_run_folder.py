@@ -174,6 +174,7 @@ def test_robustness_records_read_merge_and_find_rows(tmp_path):
     a = RobustnessRecord.read(tmp_path / "a")  # a folder: its robustness.json
     assert a.source == tmp_path / "a" / ROBUSTNESS_NAME and a.n == 200
     assert a.row("cda2", "PGD-") == {"0.03": 0.4} and a.row("cda2", "Square-") == {}
+    assert a.checkpoints == {"cda2": "runs/cda2"} and a.targets == {}
     both = RobustnessRecord.merge([a, RobustnessRecord.read(tmp_path / "b" / ROBUSTNESS_NAME)])
     assert both.clean == {"cda2": 0.8, "cda2-authors": 0.8}
     assert both.row("cda2-authors", "worst") == {"0.03": 0.25}

@@ -137,23 +137,20 @@ def _take_rows(summary: RunSummary, record: RobustnessRecord) -> bool:
     """Fill ``summary`` from one evaluation's record if it evaluates this run."""
     src = record.source
     try:
-        checkpoints = dict(record.config.get("checkpoints") or {})
-        targets = dict(record.config.get("targets") or {})
-        for name, path in checkpoints.items():
-            if not _same_run(path, Path(summary.run)):
-                continue
-            summary.source = str(src)
-            clean = record.clean.get(name)
-            summary.clean = None if clean is None else float(clean)
-            summary.rows = record.robust_accuracy.get(name, {})
-            for label, by_eps in summary.rows.items():
-                group = _group(label)
-                if group is not None:
-                    summary.groups.setdefault(group, {}).update(
-                        {float(e): float(v) for e, v in by_eps.items()})
-            break
-        else:
+        name = next((n for n, path in record.checkpoints.items()
+                     if _same_run(path, Path(summary.run))), None)
+        if name is None:
             return False
+        summary.source = str(src)
+        clean = record.clean.get(name)
+        summary.clean = None if clean is None else float(clean)
+        summary.rows = record.robust_accuracy.get(name, {})
+        for label, by_eps in summary.rows.items():
+            group = _group(label)
+            if group is not None:
+                summary.groups.setdefault(group, {}).update(
+                    {float(e): float(v) for e, v in by_eps.items()})
+        targets = record.targets
     except (AttributeError, TypeError, ValueError, OSError) as err:  # not what cda2 eval writes
         raise CheckpointError(f"{src} is not a robustness.json of cda2 eval "
                               f"({one_line(err)})") from None

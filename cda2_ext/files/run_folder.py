@@ -362,6 +362,16 @@ class RobustnessRecord:
             out.checks += r.checks
         return out
 
+    @property
+    def checkpoints(self) -> Dict[str, str]:
+        """``{model: checkpoint path}`` of the evaluated runs."""
+        return dict(self.config.get("checkpoints") or {})
+
+    @property
+    def targets(self) -> Dict[str, str]:
+        """``{model: "collaboration" | "ensemble"}``: what was attacked (empty in older records)."""
+        return dict(self.config.get("targets") or {})
+
     def row(self, model: str, prefix: str) -> Mapping[str, float]:
         """``model``'s row whose label starts with ``prefix`` (e.g. ``PGD-``), ``{}`` when none."""
         rows = self.robust_accuracy.get(model, {})
