@@ -7,8 +7,8 @@ derives from the built-in exception a Python caller would expect (``ValueError``
 """
 from __future__ import annotations
 
-__all__ = ["Cda2Error", "ConfigError", "DataError", "CheckpointError", "CLIError",
-           "NonFiniteLossError", "LostPeerError", "one_line", "os_reason"]
+__all__ = ["Cda2Error", "ConfigError", "ArchitectureError", "DataError", "CheckpointError",
+           "CLIError", "NonFiniteLossError", "LostPeerError", "one_line", "os_reason"]
 
 
 class Cda2Error(Exception):
@@ -17,6 +17,12 @@ class Cda2Error(Exception):
 
 class ConfigError(Cda2Error, ValueError):
     """An option has an unusable value; the message names the option."""
+
+
+class ArchitectureError(ConfigError):
+    """A model config names a user's own architecture (``package.module:function``) whose
+    constructor the caller did not name (a checkpoint never imports code by itself), or names
+    another one than the constructor given; the message says how to name it."""
 
 
 class DataError(Cda2Error, RuntimeError):

@@ -1,6 +1,7 @@
 """What the tests share: the CI switches, dtype and reduction tables and input makers of the op
-tests; the tiny training run (``TINY_TRAIN`` and its library twin ``tiny_config``) every test that
-trains starts from; and the checks of what a command says.
+tests (their tables of sample inputs, one per op, are in ``op_samples.py``); the tiny training
+run (``TINY_TRAIN`` and its library twin ``tiny_config``) every test that trains starts from; and
+the checks of what a command says.
 
 Fixtures (``gen``, ``device``, ``cuda``, ``trained``, ``run_copy``) live in ``conftest.py``; plain
 values and functions live here, so a test module (or a test's child process: ``test_bad_inputs.py``,

@@ -8,6 +8,10 @@ that kills it): a segfault there becomes one failed test with the exit status, n
 The contract (``cda2_ext/ops/_checks.py``, and ``csrc/checks.h`` for the raw operators): ``TypeError``
 for a wrong dtype or a non-tensor and ``ValueError`` for a wrong shape, value, device or reduction,
 and the message starts with the argument's name. Every case states the exact type it expects.
+The two sets of checks are one contract written twice, so ``test_python_and_cpp_checks_agree``
+runs every case that both faces can express through both (a functional case also as the raw call
+the face makes, a raw case of a forward op also as the functional call that makes it) and
+requires the same exception type naming the same argument.
 
 The last tests run a few of the raw checks in-process on each device (``device`` fixture), so
 the CUDA kernels' own checks (labels, shapes, mixed devices) are exercised too.
@@ -17,18 +21,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
 
 from cda2_ext import ops
 from cda2_ext.ops import reference
-from helpers import HAS_EXTENSION, RAW_OPS, make_logits, make_target, schema_args
+from helpers import HAS_EXTENSION, RAW_OPS, RED_CODE, make_logits, make_target, schema_args
 
 requires_extension = pytest.mark.requires_extension
 
@@ -358,10 +363,94 @@ FUNCTIONAL = [k for k, c in CASES.items() if c.api == "functional"]
 RAW = [k for k, c in CASES.items() if c.api == "raw"]
 
 
+# ---- the same case through the other face ----------------------------------------------------------
+# The Python checks (cda2_ext/ops/_checks.py, what cda2_ext.ops and the reference twins run) and the
+# C++ checks (csrc/checks.h, what torch.ops.cda2_ext.* run) are two implementations of one contract.
+# To keep them from drifting, every case above that both faces can express runs through both
+# (test_python_and_cpp_checks_agree): a functional case also as the raw call the face makes, a raw
+# case of a forward op also as the functional call that makes it.
+
+RED_NAME = {v: k for k, v in RED_CODE.items()}  # the raw ops' reduction codes, by name
+
+
+def raw_twin(op: str, kw: dict) -> Optional[Tuple[str, tuple]]:
+    """The raw call ``(raw op, args)`` that the functional op ``op`` makes with the arguments
+    ``kw``, or None where there is none: a reduction that is not one of the three names (the raw
+    ops take a code, with cases of their own), a ``num_models`` that is no count or an ``x_nat``
+    that is no tensor (the face needs both to allocate ``x_adv`` before any raw call)."""
+    if op in ("collaboration_loss", "ppd_bce"):
+        red = kw["reduction"]
+        if not (isinstance(red, str) and red in RED_CODE):
+            return None
+        if op == "collaboration_loss":
+            return "collab_loss", (kw["logits"], kw["target"], kw["sigma"], RED_CODE[red])
+        return "ppd_bce", (kw["ppd_logit"], kw["target_prob"], RED_CODE[red])
+    if op == "pgd_sign_step_":
+        return "sign_step_", tuple(kw[n] for n in ("x_adv", "grad", "x_nat", "eps", "alpha", "lo", "hi"))
+    if op == "pgd_random_start":
+        x, m = kw["x_nat"], kw["num_models"]
+        if not isinstance(x, torch.Tensor) or not (m is None or (type(m) is int and m >= 1)):
+            return None
+        # the output the face allocates: x_nat's dtype and device, a sub-model axis in front
+        x_adv = torch.empty(x.shape if m is None else (m, *x.shape), dtype=x.dtype, device=x.device)
+        return "random_start_", (x_adv, x, kw["eps"], kw["lo"], kw["hi"], kw["seed"])
+    if op == "collaborative_select":
+        return "collab_select", (kw["ppd_logit"], kw["logits"])
+    raise KeyError(op)
+
+
+def face_twin(op: str, args: tuple) -> Optional[Tuple[str, dict]]:
+    """The functional call ``(op, kwargs)`` that makes the raw call ``op(*args)``, or None where no
+    functional call does: the backward ops (no face of their own), a reduction code outside 0-2,
+    an ``x_adv`` other than the one ``pgd_random_start`` allocates from ``x_nat``, a
+    ``target_prob`` of another float dtype than ``ppd_logit`` (the face casts it first, by
+    design)."""
+    if op == "collab_loss":
+        z, y, sigma, r = args
+        return ("collaboration_loss", dict(logits=z, target=y, sigma=sigma, reduction=RED_NAME[r])) \
+            if r in RED_NAME else None
+    if op == "ppd_bce":
+        s, t, r = args
+        cast = s.is_floating_point() and t.is_floating_point() and s.dtype != t.dtype
+        return None if cast or r not in RED_NAME else (
+            "ppd_bce", dict(ppd_logit=s, target_prob=t, reduction=RED_NAME[r]))
+    if op == "sign_step_":
+        return "pgd_sign_step_", dict(zip(("x_adv", "grad", "x_nat", "eps", "alpha", "lo", "hi"), args))
+    if op == "random_start_":
+        x_adv, x, eps, lo, hi, seed = args
+        m = x_adv.shape[0] if x_adv.dim() == x.dim() + 1 else None
+        own = raw_twin("pgd_random_start", dict(x_nat=x, eps=eps, lo=lo, hi=hi, num_models=m, seed=seed))
+        same = own is not None and (own[1][0].shape, own[1][0].dtype, own[1][0].device) == \
+            (x_adv.shape, x_adv.dtype, x_adv.device)
+        return ("pgd_random_start", dict(x_nat=x, eps=eps, lo=lo, hi=hi, num_models=m, seed=seed)) \
+            if same else None
+    if op == "collab_select":
+        return "collaborative_select", dict(ppd_logit=args[0], logits=args[1])
+    return None
+
+
+def _twin(case: Case):
+    args, kwargs = case.make()
+    return raw_twin(case.op, kwargs) if case.api == "functional" else face_twin(case.op, args)
+
+
+#: The cases that run through both faces.
+TWINNED = [k for k, c in CASES.items() if _twin(c) is not None]
+
+
 # ---- running a case ------------------------------------------------------------------------------
 
 def _call(key: str, impl_name: str):
+    """Run a case: through ``impl_name`` = ``"ops"`` / ``"reference"`` (a functional case),
+    ``"raw"`` (a raw case), or through the other face (:func:`_twin`): ``"twin"`` (a functional
+    case's raw call, a raw case's call of ``cda2_ext.ops``) or ``"reference_twin"`` (a raw case's
+    call of ``cda2_ext.ops.reference``)."""
     case = CASES[key]
+    if impl_name in ("twin", "reference_twin"):
+        op, a = _twin(case)
+        if case.api == "functional":
+            return getattr(torch.ops.cda2_ext, op)(*a)
+        return getattr(ops if impl_name == "twin" else reference, op)(**a)
     args, kwargs = case.make()
     if case.api == "raw":
         return getattr(torch.ops.cda2_ext, case.op)(*args, **kwargs)
@@ -405,7 +494,8 @@ def compiled_outcomes() -> Dict[Tuple[str, str], dict]:
     """
     if not HAS_EXTENSION:
         pytest.skip("the compiled extension is not built")
-    return _run_in_children([(k, "ops") for k in FUNCTIONAL] + [(k, "raw") for k in RAW])
+    return _run_in_children([(k, "ops") for k in FUNCTIONAL] + [(k, "raw") for k in RAW]
+                            + [(k, "twin") for k in TWINNED])
 
 
 def _run_in_children(pending) -> Dict[Tuple[str, str], dict]:
@@ -464,6 +554,58 @@ def test_raw_op_rejects(key, compiled_outcomes):
 
 def test_every_raw_op_has_cases():
     assert {CASES[k].op for k in RAW} == set(RAW_OPS)
+
+
+#: The raw op's name for an argument of the face: pgd_random_start allocates x_adv from x_nat, so
+#: what is wrong with x_nat there (its dtype, its emptiness) the raw op finds in x_adv first.
+SAME_ARGUMENT = {"random_start_": {"x_adv": "x_nat"}}
+
+
+def _named(outcome: dict, raw_op: str) -> Tuple[str, str]:
+    """(exception type, argument named) of a raised outcome. An argument of the wrong Python type
+    never reaches csrc/checks.h: torch's dispatcher checks the schema first and raises
+    ``RuntimeError: ... Expected a value of type 'float' for argument 'sigma' ...``, which counts
+    as the ``TypeError`` that _checks.py raises for it (the one category the C++ side cannot
+    choose)."""
+    msg = outcome["msg"]
+    schema = re.search(r"Expected a value of type '[^']*' for argument '(\w+)'", msg)
+    if outcome["type"] == "RuntimeError" and schema:
+        return "TypeError", schema.group(1)
+    name = msg.split(":")[0].strip()
+    return outcome["type"], SAME_ARGUMENT.get(raw_op, {}).get(name, name)
+
+
+def test_both_faces_share_cases():
+    """The agreement test below has material: every forward op has cases through both faces."""
+    twinned_ops = {(_twin(CASES[k]) or ("", None))[0] if CASES[k].api == "functional" else CASES[k].op
+                   for k in TWINNED}
+    assert {"collab_loss", "ppd_bce", "sign_step_", "random_start_", "collab_select"} <= twinned_ops
+    assert len(TWINNED) > 80
+
+
+@pytest.mark.slow  # the compiled calls in child processes (compiled_outcomes)
+@requires_extension
+@pytest.mark.parametrize("key", TWINNED)
+def test_python_and_cpp_checks_agree(key, compiled_outcomes):
+    """One bad input, both faces: the functional ops (``cda2_ext.ops``, and the reference twins:
+    the Python checks of _checks.py) and the raw operator (``torch.ops.cda2_ext``: the C++ checks
+    of csrc/checks.h) all raise, with the same exception type, naming the same argument first."""
+    case = CASES[key]
+    if case.api == "functional":
+        raw_op = _twin(case)[0]
+        raw = compiled_outcomes[(key, "twin")]
+        faces = {"reference": _outcome(key, "reference"), "ops": compiled_outcomes[(key, "ops")]}
+    else:
+        raw_op = case.op
+        raw = compiled_outcomes[(key, "raw")]
+        faces = {"reference": _outcome(key, "reference_twin"), "ops": compiled_outcomes[(key, "twin")]}
+    for name, outcome in {**faces, "raw": raw}.items():
+        assert outcome["status"] == "raised", f"{name}: {outcome}"
+    want = _named(raw, raw_op)
+    for name, outcome in faces.items():
+        assert _named(outcome, raw_op) == want, (
+            f"{name} raised {outcome['type']}: {outcome['msg']}\n"
+            f"raw {raw_op} raised {raw['type']}: {raw['msg']}")
 
 
 # ---- the random start's seed: [0, 2**63), named when outside ------------------------------------

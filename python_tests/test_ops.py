@@ -1,24 +1,27 @@
 """The fused operators against their plain-PyTorch twins, finite differences and the paper, on
 every device (the ``device`` fixture: ``cpu`` and ``cuda``; ``pytest -k cuda`` runs the CUDA cases).
 
-Four kinds of tests live here:
+The inputs come from one table of samples per op (``op_samples.py``: ``COLLAB_LOSS``,
+``PPD_BCE``, ``SIGN_STEP``, ``RANDOM_START``, ``SELECT``), and every table feeds the same checks:
 
-* fused vs reference (``@requires_extension``): forward outputs and every gradient, on fresh random
-  inputs over the shapes, layouts, sigmas, reductions and dtypes the kernels must handle, with both
-  CUDA forward kernels (K <= 2048 and above), unaligned and non-contiguous inputs;
-* properties that hold for any correct implementation, run against both ``cda2_ext.ops`` and
-  ``cda2_ext.ops.reference`` (the ``impl`` fixture) and checked against independent oracles
-  (``F.cross_entropy``, ``F.binary_cross_entropy_with_logits``, Eq. 8, finite differences, the
-  hash written out in plain Python), so they can fail without the extension too;
-* the operator registration: ``torch.library.opcheck`` on every raw op, ``torch.compile`` and meta
-  tensors;
-* what only exists on CUDA (names with ``cuda``): the CUDA kernels registered, CUDA against the CPU
-  kernels on the same inputs (bit for bit where the math allows it), side streams, a second GPU.
+* ``test_<op>_matches_reference`` (``@requires_extension``): every sample, the fused op against
+  its reference twin, forward outputs and every gradient;
+* ``test_gradcheck_<op>``: the table's ``GRADCHECK`` samples (float64, small), finite differences
+  of both ``cda2_ext.ops`` and ``cda2_ext.ops.reference`` (the ``impl`` fixture);
+* ``test_opcheck_<raw op>``: the table's ``OPCHECK`` samples, ``torch.library.opcheck`` of the raw
+  operator (schema, autograd registration, fake kernels, AOT dispatch), and of its backward;
+* ``test_<op>_cuda_matches_cpu`` (names with ``cuda``): the table's ``CUDA_VS_CPU`` samples, the
+  CUDA kernels against the CPU kernels on the same inputs (bit for bit where the math allows it).
+
+Beside them: properties that hold for any correct implementation, run against both
+implementations (``impl``) and checked against independent oracles (``F.cross_entropy``,
+``F.binary_cross_entropy_with_logits``, Eq. 8, the hash written out in plain Python), so they can
+fail without the extension too; ``torch.compile`` and meta tensors; side streams and a second GPU.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -28,13 +31,13 @@ from torch import Tensor
 import cda2_ext
 from cda2_ext import ops
 from cda2_ext.ops import reference
-from helpers import (FLOATS, HALF, OUTPUTS, RAW_OPS, RED_CODE, REDUCTIONS, REQUIRE_CUDA, cuda_missing,
+from helpers import (HALF, OUTPUTS, RAW_OPS, RED_CODE, REDUCTIONS, REQUIRE_CUDA, cuda_missing,
                      eps, make_logits, make_target, schema_args, stat_dtype)
+from op_samples import (ALPHA, COLLAB_LOSS, CUDA_VS_CPU, EPS, F32_64, GRAD_OUTPUTS, GRADCHECK, OPCHECK,
+                        PPD_BCE, RANDOM_START, SEEDS, SELECT, SIGN_STEP, Args, Sample, make_step_inputs, rand,
+                        randn, sample_id, tagged)
 
 requires_extension = pytest.mark.requires_extension
-
-F32_64 = (torch.float32, torch.float64)
-SIGMAS = (1e-4, 1e-2, 1.0, 1e3)
 RAW = torch.ops.cda2_ext
 
 
@@ -44,8 +47,9 @@ def impl(request):
     return ops if request.param == "ops" else reference
 
 
-def shape_id(shape) -> str:
-    return "x".join(map(str, shape))
+def over(table):
+    """Parametrise a test over samples (``sample``), with the samples' ids."""
+    return pytest.mark.parametrize("sample", table, ids=sample_id)
 
 
 def ulp(dtype: torch.dtype) -> float:
@@ -53,52 +57,56 @@ def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-# ------------------------------------------------------------------------------------------------
-# collaboration loss: helpers
-
-def _ce64(z: Tensor, y: Tensor) -> Tensor:
-    M = z.shape[0]
-    return -torch.log_softmax(z.double(), -1).gather(-1, y.expand(M, -1).unsqueeze(-1)).squeeze(-1)
+def gradcheck_options(t: Tensor) -> dict:
+    """Tight finite differences for small inputs; above 1000 elements gradcheck's fast mode (a
+    random projection of the Jacobian) with its default tolerances."""
+    return dict(fast_mode=True) if t.numel() > 1000 else dict(eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def separate_ce(z: Tensor, y: Tensor, gap: float) -> Tensor:
-    """Nudge true-label logits until, per sample, the two smallest ce differ by >= gap.
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
 
-    With sigma tiny, the weights of a near-tie are ill-conditioned (an ulp of ce moves them by
-    ulp/sigma); float32 comparisons at sigma=1e-4 run on separated inputs, float64 on raw ones.
-    """
-    z = z.detach().clone()
-    if z.shape[0] < 2:
-        return z
-    for _ in range(50):
-        s, idx = _ce64(z, y).sort(0)
-        bad = ((s[1] - s[0]) < gap).nonzero().flatten()
-        if bad.numel() == 0:
-            return z
-        z[idx[0, bad], bad, y[bad]] += 0.25
-        z[idx[1, bad], bad, y[bad]] -= 0.25
-    raise AssertionError("could not separate the cross-entropies")
 
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+def _cpu(args) -> list:
+    return [a.cpu() if isinstance(a, Tensor) else a for a in args]
+
+
+def _twice(sample: Sample, gen: torch.Generator, device: str) -> Tuple[Args, Args]:
+    """Two identical, independent draws of a sample's arguments (one per implementation of an
+    in-place op)."""
+    state = gen.get_state()
+    a = sample.args(gen, device)
+    gen.set_state(state)
+    return a, sample.args(gen, device)
+
+
+def _storage(t: Tensor) -> Tensor:
+    """The tensor a view writes into (the tensor itself when it is no view)."""
+    return t if t._base is None else t._base
+
+
+# ================================================================================================
+# collaboration_loss
 
 def upstream_grads(M, B, reduction, dtype, gen, which=OUTPUTS, device="cpu") -> Dict[str, Tensor]:
     st = stat_dtype(dtype)
     shapes = {"loss": (B,) if reduction == "none" else (), "ce": (M, B), "weights": (M, B),
               "p_true": (M, B)}
-    return {n: torch.randn(shapes[n], generator=gen, dtype=torch.float64).to(device, st) for n in which}
+    return {n: randn(shapes[n], gen, device, st) for n in which}
 
 
-def run_collab(impl, base: Tensor, target: Tensor, sigma: float, reduction: str,
-               upstream: Dict[str, Tensor], view: Callable[[Tensor], Tensor] = lambda t: t):
-    """Forward through ``view(leaf)``; backward with ``upstream``; return (outputs, d leaf)."""
-    leaf = base.detach().clone().requires_grad_(True)
-    out = impl.collaboration_loss(view(leaf), target, sigma, reduction)
-    outs = [getattr(out, n) for n in upstream]
-    (grad,) = torch.autograd.grad(outs, [leaf], [upstream[n] for n in upstream])
+def run_collab(impl, z: Tensor, target: Tensor, sigma: float, reduction: str, upstream: Dict[str, Tensor]):
+    """Forward ``z`` (which requires grad); backward with ``upstream``; return (outputs, d z)."""
+    out = impl.collaboration_loss(z, target, sigma, reduction)
+    (grad,) = torch.autograd.grad([getattr(out, n) for n in upstream], [z], [upstream[n] for n in upstream])
     return out._replace(**{n: getattr(out, n).detach() for n in OUTPUTS}), grad
 
 
-def assert_collab_close(fused, ref, dtype, sigma, B, reduction, grads=None, upstream=None,
-                        zmax=1.0):
+def assert_collab_close(fused, ref, dtype, sigma, B, reduction, grads=None, upstream=None, zmax=1.0):
     e = eps(dtype)
     base = 32 * e
     ce_max = float(ref.ce.abs().max())
@@ -126,95 +134,35 @@ def assert_collab_close(fused, ref, dtype, sigma, B, reduction, grads=None, upst
         torch.testing.assert_close(gf, gr, rtol=geps, atol=atol, msg=lambda m: "d logits: " + m)
 
 
-def compare_collab(base, target, sigma, reduction, gen, view=lambda t: t, which=OUTPUTS):
-    dtype = base.dtype
-    M, B = view(base).shape[:2]
-    up = upstream_grads(M, B, reduction, dtype, gen, which, base.device)
-    f_out, f_grad = run_collab(ops, base, target, sigma, reduction, up, view)
-    r_out, r_grad = run_collab(reference, base, target, sigma, reduction, up, view)
+@requires_extension
+@over(COLLAB_LOSS)
+def test_collab_loss_matches_reference(sample, device, gen):
+    """Forward outputs, and the gradient through the sample's ``outputs`` at once (outputs that
+    reach no loss arrive in the backward as undefined gradients): dtypes, shapes, devices,
+    values within the rounding the inputs allow, weights that sum to one, nothing non-finite."""
+    z, y, sigma, reduction = sample.args(gen, device, requires_grad=True)
+    M, B, K = z.shape
+    up = upstream_grads(M, B, reduction, sample.dtype, gen, sample.outputs, device)
+    f_out, f_grad = run_collab(ops, z, y, sigma, reduction, up)
+    r_out, r_grad = run_collab(reference, z, y, sigma, reduction, up)
     for n in OUTPUTS:
-        assert getattr(f_out, n).shape == getattr(r_out, n).shape, n
-        assert getattr(f_out, n).device == base.device, n
-    assert_collab_close(f_out, r_out, dtype, sigma, B, reduction, (f_grad, r_grad), up,
-                        zmax=float(base.abs().max()))
-    return f_out, f_grad
-
-
-# ------------------------------------------------------------------------------------------------
-# collaboration loss: fused vs reference
-
-SHAPES = {
-    "paper": (3, 128, 10),
-    "M1": (1, 16, 10),
-    "K2": (3, 32, 2),
-    "B1": (3, 1, 10),
-    "M1_B1_K2": (1, 1, 2),
-    "M8": (8, 64, 100),
-    # odd sizes: no 16-byte vector loads
-    "odd": (2, 5, 3),
-    "K33": (4, 7, 33),
-    "B33": (3, 33, 100),
-    "K1000": (2, 9, 1000),
-    # either side of 2048, where the CUDA forward switches from lanes per sample to a block
-    "K2047": (5, 3, 2047),
-    "K2049": (2, 4, 2049),
-    "K4099": (3, 3, 4099),
-    "largeK": (3, 8, 5000),
-    "K32768": (2, 6, 32768),
-}
+        f = getattr(f_out, n)
+        assert f.shape == getattr(r_out, n).shape and f.device == z.device, n
+        assert f.dtype == stat_dtype(sample.dtype) and bool(torch.isfinite(f).all()), n
+    assert f_grad.dtype == sample.dtype and bool(torch.isfinite(f_grad).all())
+    zd = z.detach()
+    zmax = float(zd[torch.isfinite(zd)].abs().max())  # masked (-inf) classes carry no rounding
+    assert_collab_close(f_out, r_out, sample.dtype, sigma, B, reduction, (f_grad, r_grad), up, zmax=zmax)
+    torch.testing.assert_close(f_out.weights.sum(0), torch.ones_like(f_out.weights[0]), rtol=0,
+                               atol=8 * M * eps(sample.dtype))
 
 
 @requires_extension
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_collab_loss_matches_reference(shape, dtype, reduction, device, gen):
-    """Forward outputs and the gradient through all four outputs at once."""
-    M, B, K = shape
-    z, y = make_logits(shape, dtype, gen, device=device), make_target(B, K, gen, device)
-    out, grad = compare_collab(z, y, 1.0, reduction, gen)
-    assert all(getattr(out, n).dtype == stat_dtype(dtype) for n in OUTPUTS)
-    assert grad.dtype == dtype
-    torch.testing.assert_close(out.weights.sum(0), torch.ones(B, dtype=stat_dtype(dtype), device=device),
-                               rtol=0, atol=8 * M * eps(dtype))
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("sigma", SIGMAS)
-def test_collab_loss_sigma_sweep(sigma, dtype, device, gen):
-    M, B, K = 3, 128, 10
-    z, y = make_logits((M, B, K), dtype, gen, device=device), make_target(B, K, gen, device)
-    if dtype == torch.float32 and sigma < 0.1:
-        z = separate_ce(z, y, 20 * sigma)
-    compare_collab(z, y, sigma, "mean", gen)
-
-
-@requires_extension
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("sigma", [1e-2, 1.0, 1e3])
-def test_collab_loss_huge_logits(sigma, dtype, reduction, device, gen):
-    M, B, K = 3, 64, 10
-    z, y = make_logits((M, B, K), dtype, gen, scale=1e4, device=device), make_target(B, K, gen, device)
-    z[0, 0] = 1e4  # a whole row at the extreme
-    z[1, 1, :] = -1e4
-    out, grad = compare_collab(z, y, sigma, reduction, gen)
-    for n in OUTPUTS:
-        assert bool(torch.isfinite(getattr(out, n)).all()), n
-    assert bool(torch.isfinite(grad).all())
-
-
-@requires_extension
-@pytest.mark.parametrize("sigma", [1e-4, 1.0, 1e4])
-def test_collab_loss_offset_and_masked_logits(sigma, device, gen):
+@over(tagged(COLLAB_LOSS, "masked"))
+def test_collab_loss_masked_logits_close_to_float64(sample, device, gen):
     """Logits around 1e4 with -inf (masked) classes: finite, close to float64, and Eq. 8 holds."""
-    M, B, K = 3, 64, 50
-    z = make_logits((M, B, K), torch.float32, gen, scale=5.0, device=device) + 1e4
-    y = make_target(B, K, gen, device)
-    mask = (torch.rand(M, B, K, generator=gen) < 0.3).to(device)
-    mask.scatter_(-1, y.view(1, B, 1).expand(M, B, 1), False)  # never mask the true class
-    z = z.masked_fill(mask, float("-inf"))
+    z, y, sigma, _ = sample.args(gen, device)
+    M, B, _ = z.shape
     got = ops.collaboration_loss(z, y, sigma, "none")
     want = reference.collaboration_loss(z.double(), y, sigma, "none")
     for n in OUTPUTS:
@@ -238,51 +186,6 @@ def test_collab_loss_nan_stays_in_its_row(device, gen):
     out = ops.collaboration_loss(z, y, 1.0, "none")
     assert bool(torch.isnan(out.ce[0, 1]))
     assert bool(torch.isfinite(out.ce[1]).all() and torch.isfinite(out.ce[0, [0, 2, 3]]).all())
-
-
-# the gradient through every subset of the outputs that matters
-COMBOS = [("loss",), ("ce",), ("weights",), ("p_true",), ("loss", "p_true"), ("ce", "weights"),
-          ("loss", "weights", "p_true"), OUTPUTS]
-
-
-@requires_extension
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("which", COMBOS, ids=["+".join(c) for c in COMBOS])
-def test_collab_loss_gradient_combinations(which, dtype, reduction, device, gen):
-    """Outputs that reach no loss arrive in the backward as undefined (None) gradients."""
-    M, B, K = 3, 128, 10
-    z, y = make_logits((M, B, K), dtype, gen, device=device), make_target(B, K, gen, device)
-    compare_collab(z, y, 0.7, reduction, gen, which=which)
-
-
-NONCONTIG = {
-    # logits made as [B, M, K] and transposed: row stride M*K, sub-model stride K
-    "transposed": ((64, 3, 10), lambda t: t.transpose(0, 1)),
-    # every other class: the K axis has stride 2
-    "K_strided": ((3, 64, 20), lambda t: t[..., ::2]),
-    # a window of a bigger tensor
-    "sliced": ((5, 80, 12), lambda t: t[1:4, 8:72, 1:11]),
-    # K-major storage
-    "K_major": ((10, 3, 64), lambda t: t.permute(1, 2, 0)),
-    # contiguous, but one element off the allocation's alignment: no vector loads
-    "unaligned": ((3 * 20 * 64 + 1,), lambda t: t[1:].view(3, 20, 64)),
-}
-
-
-@requires_extension
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("dtype", [*F32_64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", NONCONTIG.keys())
-def test_collab_loss_noncontiguous(layout, dtype, reduction, device, gen):
-    base_shape, view = NONCONTIG[layout]
-    z = make_logits(base_shape, dtype, gen, device=device)
-    v = view(z)
-    M, B, K = v.shape
-    assert not v.is_contiguous() or v.data_ptr() % 16 != 0
-    y_base = make_target(2 * B, K, gen, device)
-    y = y_base[::2]  # non-contiguous target too
-    compare_collab(z, y, 0.5, reduction, gen, view=view)
 
 
 @requires_extension
@@ -321,15 +224,15 @@ def test_collab_loss_reduction_is_deterministic(device, gen):
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shape", [(3, 128, 10), (2, 9, 1000), (3, 3, 4099), (2, 2, 32768)], ids=shape_id)
-def test_raw_collab_loss_lse_and_saved_prob(shape, dtype, device, gen):
+@over([s for s in tagged(COLLAB_LOSS, "grid") if s.reduction == "none"])
+def test_raw_collab_loss_lse_and_saved_prob(sample, device, gen):
     """The raw op's fifth output is log-sum-exp in float64, accurate to the input's precision; the
     sixth (the softmax, saved for backward) is empty unless save_prob asks, and on CUDA always
     (recomputing it there moves fewer bytes than saving it)."""
-    M, B, K = shape
-    z, y = make_logits(shape, dtype, gen, device=device), make_target(B, K, gen, device)
-    out = RAW.collab_loss(z, y, 1.0, 0)
+    z, y, sigma, _ = sample.args(gen, device)
+    M, B, K = z.shape
+    dtype = sample.dtype
+    out = RAW.collab_loss(z, y, sigma, 0)
     assert len(out) == 6 and out[5].numel() == 0
     lse = out[4]
     assert lse.dtype == torch.float64 and lse.shape == (M, B)
@@ -342,13 +245,14 @@ def test_raw_collab_loss_lse_and_saved_prob(shape, dtype, device, gen):
     zy = z.double().gather(-1, y.view(1, B, 1).expand(M, B, 1)).squeeze(-1)
     tol = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
     torch.testing.assert_close(out[1].double(), lse - zy, **tol.get(dtype, dict(rtol=1e-4, atol=1e-5)))
-    prob = RAW.collab_loss(z, y, 1.0, 0, True)[5]
+    prob = RAW.collab_loss(z, y, sigma, 0, True)[5]
     if device == "cuda":
         assert prob.numel() == 0
     elif prob.numel():
         assert prob.shape == (M, B, K) and prob.dtype == stat_dtype(dtype)
-        # exp(z - lse): relative error ~ eps * |z - lse|
-        torch.testing.assert_close(prob.double(), torch.softmax(z.double(), -1), rtol=32 * eps(dtype),
+        # exp(z - lse): relative error ~ eps * |z - lse|, plus lse's own (a float32 sum over K)
+        lse_err = float((lse - want).abs().max())
+        torch.testing.assert_close(prob.double(), torch.softmax(z.double(), -1), rtol=32 * eps(dtype) + lse_err,
                                    atol=eps(dtype))
 
 
@@ -363,14 +267,13 @@ def test_raw_collab_loss_backward_without_upstream_is_zero(reduction, device, ge
     assert got.shape == z.shape and int(torch.count_nonzero(got)) == 0
 
 
-# ------------------------------------------------------------------------------------------------
-# collaboration loss: properties (any implementation)
+# ----- properties (any implementation) ----------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("sigma", SIGMAS)
-def test_eq8_bounds_and_weights_sum_to_one(impl, sigma, dtype, device, gen):
-    M, B, K = 3, 128, 10
-    z, y = make_logits((M, B, K), dtype, gen, device=device), make_target(B, K, gen, device)
+@over(tagged(COLLAB_LOSS, "sigma"))
+def test_eq8_bounds_and_weights_sum_to_one(impl, sample, device, gen):
+    z, y, sigma, _ = sample.args(gen, device)
+    M, B, _ = z.shape
+    dtype = sample.dtype
     out = impl.collaboration_loss(z, y, sigma, "none")
     min_ce = out.ce.min(0).values
     tol = 8 * eps(dtype) * (1 + out.loss.abs() + sigma * math.log(M))
@@ -381,11 +284,11 @@ def test_eq8_bounds_and_weights_sum_to_one(impl, sigma, dtype, device, gen):
     assert bool((out.weights >= 0).all())
 
 
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("shape", [(3, 64, 10), (1, 8, 10), (4, 4, 1000), (2, 16, 2)], ids=shape_id)
-def test_ce_and_p_true_match_cross_entropy(impl, shape, dtype, device, gen):
-    M, B, K = shape
-    z, y = make_logits(shape, dtype, gen, device=device), make_target(B, K, gen, device)
+@over([s for s in tagged(COLLAB_LOSS, "grid") if s.dtype in F32_64 and s.reduction == "none"])
+def test_ce_and_p_true_match_cross_entropy(impl, sample, device, gen):
+    z, y, _, _ = sample.args(gen, device)
+    M, B, K = z.shape
+    dtype = sample.dtype
     out = impl.collaboration_loss(z, y, 1.0, "none")
     ce = F.cross_entropy(z.reshape(M * B, K), y.repeat(M), reduction="none").reshape(M, B)
     tol = dict(rtol=16 * eps(dtype), atol=16 * eps(dtype))
@@ -458,133 +361,64 @@ def test_loss_gradient_formula(impl, dtype, device, gen):
     torch.testing.assert_close(leaf.grad, expect, rtol=32 * eps(dtype), atol=32 * eps(dtype))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("sigma", [0.05, 1.0, 20.0])
-def test_gradcheck_collab_loss(impl, sigma, reduction, device, gen):
-    """Finite differences through all four outputs at once, float64."""
-    M, B, K = 3, 4, 5
-    z = make_logits((M, B, K), torch.float64, gen, scale=1.0, device=device).requires_grad_(True)
-    y = make_target(B, K, gen, device)
-    assert torch.autograd.gradcheck(
-        lambda t: tuple(impl.collaboration_loss(t, y, sigma, reduction)), (z,), eps=1e-6, atol=1e-7,
-        rtol=1e-5)
+@over(tagged(COLLAB_LOSS, GRADCHECK))
+def test_gradcheck_collab_loss(impl, sample, device, gen):
+    """Finite differences, float64, through the sample's ``outputs`` at once."""
+    z, y, sigma, reduction = sample.args(gen, device, requires_grad=True)
+
+    def outputs(t):
+        out = impl.collaboration_loss(t, y, sigma, reduction)
+        return tuple(getattr(out, n) for n in sample.outputs)
+    assert torch.autograd.gradcheck(outputs, (z,), **gradcheck_options(z))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_collab_loss_large_k(impl, reduction, device, gen):
-    """K above 2048 (CUDA's one-block-per-sample kernels); fast mode (a random projection)."""
-    M, B, K = 2, 3, 2100
-    z = make_logits((M, B, K), torch.float64, gen, scale=1.0, device=device).requires_grad_(True)
-    y = make_target(B, K, gen, device)
-    assert torch.autograd.gradcheck(
-        lambda t: tuple(impl.collaboration_loss(t, y, 0.7, reduction)), (z,), fast_mode=True)
-
-
-@pytest.mark.parametrize("which", COMBOS[:4], ids=["+".join(c) for c in COMBOS[:4]])
-def test_gradcheck_collab_loss_single_output(impl, which, device, gen):
-    M, B, K = 2, 3, 4
-    z = make_logits((M, B, K), torch.float64, gen, scale=1.0, device=device).requires_grad_(True)
-    y = make_target(B, K, gen, device)
-    assert torch.autograd.gradcheck(
-        lambda t: getattr(impl.collaboration_loss(t, y, 0.3, "none"), which[0]), (z,), eps=1e-6,
-        atol=1e-7, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# PPD-head BCE
-
-def _randn(shape, gen, device, dtype=torch.float32, scale=1.0) -> Tensor:
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
-
-
-def _rand(shape, gen, device, dtype=torch.float32) -> Tensor:
-    return torch.rand(shape, generator=gen, dtype=torch.float64).to(device, dtype)
-
-
-PPD_SHAPES = [(3, 128), (1, 1), (5, 3), (5, 777), (8, 4096), (2, 70000)]
-
+# ================================================================================================
+# ppd_bce
 
 @requires_extension
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shape", PPD_SHAPES, ids=shape_id)
-def test_ppd_bce_matches_reference(shape, dtype, reduction, device, gen):
-    s = _randn(shape, gen, device, dtype, scale=4)
-    t = _rand(shape, gen, device, dtype)
-    g = _randn(shape if reduction == "none" else (), gen, device, stat_dtype(dtype))
+@over(PPD_BCE)
+def test_ppd_bce_matches_reference(sample, device, gen):
+    s, t, reduction = sample.args(gen, device, requires_grad=True)
+    dtype = sample.dtype
+    g = randn(s.shape if reduction == "none" else (), gen, device, stat_dtype(dtype))
     res = []
     for impl in (ops, reference):
-        leaf = s.clone().requires_grad_(True)
-        out = impl.ppd_bce(leaf, t, reduction)
-        (grad,) = torch.autograd.grad(out, leaf, g)
+        out = impl.ppd_bce(s, t, reduction)
+        (grad,) = torch.autograd.grad(out, s, g)
         res.append((out.detach(), grad))
     (fo, fg), (ro, rg) = res
     assert fo.dtype == ro.dtype == stat_dtype(dtype) and fg.dtype == dtype
     assert fo.shape == ro.shape and fo.device.type == device
+    assert bool(torch.isfinite(fo).all() and torch.isfinite(fg).all())
     n = 1 if reduction == "none" else s.numel()
+    smax = float(s.detach().abs().max())
     tol = 32 * eps(dtype)
-    torch.testing.assert_close(fo, ro, rtol=tol, atol=tol * n)
+    if t.dtype != dtype:  # ops casts the target to the logit's dtype first; allow that rounding
+        torch.testing.assert_close(fo, ro, rtol=1e-2, atol=1e-2 * smax)
+    else:
+        # bce = s (1 - t) + log1p(e^-s) cancels: at huge logits the error is ~ eps |s|
+        torch.testing.assert_close(fo, ro, rtol=tol, atol=tol * n * (smax if sample.extreme == "huge" else 1.0))
     gtol = tol if dtype not in HALF else {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     torch.testing.assert_close(fg, rg, rtol=gtol, atol=gtol * float(rg.abs().max()) + tol)
 
 
-@requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-def test_ppd_bce_huge_and_noncontiguous(dtype, device, gen):
-    s = _randn((64, 3), gen, "cpu", dtype, scale=1e4)
-    s[0, 0], s[1, 0] = 1e4, -1e4
-    s = s.to(device)
-    t = _rand((3, 64), gen, "cpu", dtype)
-    t[0, 0], t[0, 1] = 0.0, 1.0
-    t = t.to(device)
-    res = []
-    for impl in (ops, reference):
-        leaf = s.clone().requires_grad_(True)
-        out = impl.ppd_bce(leaf.T, t, "none")
-        out.sum().backward()
-        res.append((out.detach(), leaf.grad))
-    assert bool(torch.isfinite(res[0][0]).all() and torch.isfinite(res[0][1]).all())
-    # bce = s (1 - t) + log1p(e^-s) cancels: error ~ eps |s|. (The reference's F.softplus is also
-    # up to 2e-9 off for s in (20, 37) in float64; test_ppd_bce_is_bce_with_logits pins that.)
-    tol = 32 * eps(dtype) + (2e-9 if dtype == torch.float64 else 0.0)
-    torch.testing.assert_close(res[0][0], res[1][0], rtol=tol, atol=tol * float(s.abs().max()))
-    torch.testing.assert_close(res[0][1], res[1][1], rtol=tol, atol=tol)
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_ppd_bce_half_logit_float_target(dtype, device, gen):
-    """The usual pairing: half PPD logits, float32 p_true from the collaboration loss."""
-    s = _randn((3, 32), gen, device, dtype)
-    t = _rand((3, 32), gen, device)
-    fo = ops.ppd_bce(s, t, "none")
-    ro = reference.ppd_bce(s, t, "none")
-    assert fo.dtype == torch.float32
-    # ops casts the target to the logit's dtype first; allow that rounding
-    torch.testing.assert_close(fo, ro, rtol=1e-2, atol=1e-2 * float(s.abs().max()))
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-def test_ppd_bce_is_bce_with_logits(impl, dtype, reduction, device, gen):
-    s = _randn((4, 50), gen, "cpu", dtype, scale=5)
-    # past F.softplus's default threshold (20) softplus(s) != s in float64: 20.5 is 1.25e-9 off
-    s[0, :6] = torch.tensor([20.5, 25.0, 30.0, -20.5, -30.0, 45.0], dtype=dtype)
-    s = s.to(device)
-    t = _rand((4, 50), gen, device, dtype)
-    leaf = s.clone().requires_grad_(True)
-    out = impl.ppd_bce(leaf, t, reduction)
-    expect = F.binary_cross_entropy_with_logits(s, t, reduction=reduction)
+@over(tagged(PPD_BCE, "softplus_edge"))
+def test_ppd_bce_is_bce_with_logits(impl, sample, device, gen):
+    """Against F.binary_cross_entropy_with_logits, beyond F.softplus's threshold (20) too."""
+    s, t, reduction = sample.args(gen, device, requires_grad=True)
+    dtype = sample.dtype
+    out = impl.ppd_bce(s, t, reduction)
+    expect = F.binary_cross_entropy_with_logits(s.detach(), t, reduction=reduction)
     torch.testing.assert_close(out, expect, rtol=16 * eps(dtype), atol=16 * eps(dtype) * s.numel())
     out.sum().backward()
-    g = torch.sigmoid(s) - t
+    g = torch.sigmoid(s.detach()) - t
     g = g / s.numel() if reduction == "mean" else g
-    torch.testing.assert_close(leaf.grad, g, rtol=16 * eps(dtype), atol=16 * eps(dtype))
+    torch.testing.assert_close(s.grad, g, rtol=16 * eps(dtype), atol=16 * eps(dtype))
 
 
 def test_ppd_bce_target_is_detached(impl, device, gen):
-    s = _randn((3, 8), gen, device).requires_grad_(True)
-    t = _rand((3, 8), gen, device).requires_grad_(True)
+    s = randn((3, 8), gen, device).requires_grad_(True)
+    t = rand((3, 8), gen, device).requires_grad_(True)
     gs, gt = torch.autograd.grad(impl.ppd_bce(s, t, "sum"), [s, t], allow_unused=True)
     assert gs is not None and float(gs.abs().sum()) > 0
     assert gt is None or float(gt.abs().sum()) == 0
@@ -592,8 +426,8 @@ def test_ppd_bce_target_is_detached(impl, device, gen):
 
 def test_ppd_bce_detached_through_collab_loss(impl, device, gen):
     """Alg. 1: the PPD loss trains only the PPD head; the label path learns only from L."""
-    z = _randn((3, 16, 10), gen, device).requires_grad_(True)
-    s = _randn((3, 16), gen, device).requires_grad_(True)
+    z = randn((3, 16, 10), gen, device).requires_grad_(True)
+    s = randn((3, 16), gen, device).requires_grad_(True)
     y = make_target(16, 10, gen, device)
     out = impl.collaboration_loss(z, y, 1.0, "mean")
     gz, gs = torch.autograd.grad(impl.ppd_bce(s, out.p_true, "mean"), [z, s], allow_unused=True)
@@ -601,159 +435,51 @@ def test_ppd_bce_detached_through_collab_loss(impl, device, gen):
     assert float(gs.abs().sum()) > 0
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_ppd_bce(impl, reduction, device, gen):
-    s = _randn((3, 5), gen, device, torch.float64).requires_grad_(True)
-    t = _rand((3, 5), gen, device, torch.float64)
-    assert torch.autograd.gradcheck(lambda a: impl.ppd_bce(a, t, reduction), (s,), eps=1e-6, atol=1e-7)
+@over(tagged(PPD_BCE, GRADCHECK))
+def test_gradcheck_ppd_bce(impl, sample, device, gen):
+    s, t, reduction = sample.args(gen, device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: impl.ppd_bce(a, t, reduction), (s,), **gradcheck_options(s))
 
 
-# ------------------------------------------------------------------------------------------------
-# projected sign step
-
-EPS, ALPHA = 8 / 255, 2 / 255
-
-
-def make_step_inputs(shape, dtype, gen, broadcast=True, lo=0.0, hi=1.0, device="cpu"):
-    """x_nat in the box, x_adv scattered around it (some outside the ball and the box), a
-    gradient with exact zeros and negative zeros among its entries."""
-    nat_shape = shape[1:] if broadcast else shape
-    x_nat = (torch.rand(nat_shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
-    x_adv = (x_nat + (torch.rand(shape, generator=gen, dtype=torch.float64) * 4 - 2).to(dtype) * EPS)
-    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    grad[torch.rand(shape, generator=gen) < 0.1] = 0.0
-    grad[torch.rand(shape, generator=gen) < 0.05] = -0.0
-    return x_adv.to(device), grad.to(device), x_nat.to(device)
-
-
-STEP_LAYOUTS = ["broadcast", "same_shape", "no_model_axis", "strided_x_adv", "strided_all",
-                "channels_last", "x_nat_expanded", "model_axis_transposed"]
-
-
-def _step_views(layout, shape, dtype, gen, device):
-    """(x_adv base, index to view it, grad, x_nat) for one memory layout."""
-    if layout == "broadcast":
-        x, g, n = make_step_inputs(shape, dtype, gen, device=device)
-        return x, (lambda t: t), g, n
-    if layout == "no_model_axis":
-        x, g, n = make_step_inputs(shape[1:], dtype, gen, broadcast=False, device=device)
-        return x, (lambda t: t), g, n
-    if layout == "same_shape":
-        x, g, n = make_step_inputs(shape, dtype, gen, broadcast=False, device=device)
-        return x, (lambda t: t), g, n
-    if layout == "x_nat_expanded":
-        x, g, n = make_step_inputs(shape, dtype, gen, device=device)
-        return x, (lambda t: t), g, n.expand(shape)
-    if layout == "channels_last":
-        x, g, n = make_step_inputs(shape, dtype, gen, device=device)
-        M = shape[0]
-        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (M, -1))
-        return x, (lambda t: t), g, n.contiguous(memory_format=torch.channels_last)
-    if layout == "model_axis_transposed":  # x_adv stored [B, M, ...]: the step writes through a view
-        x, g, n = make_step_inputs(shape, dtype, gen, device=device)
-        return x.transpose(0, 1).contiguous(), (lambda t: t.transpose(0, 1)), g, n
-    wide = (*shape[:-1], 2 * shape[-1])
-    x, g, n = make_step_inputs(wide, dtype, gen, device=device)
-    view = lambda t: t[..., 1::2]  # noqa: E731
-    if layout == "strided_x_adv":
-        return x, view, g[..., 1::2].contiguous(), n[..., 1::2].contiguous()
-    assert layout == "strided_all"
-    return x, view, g.transpose(-1, -2).contiguous().transpose(-1, -2)[..., ::2], n[..., ::2]
-
+# ================================================================================================
+# pgd_sign_step_
 
 @requires_extension
-@pytest.mark.parametrize("box", [(0.0, 1.0), (0.2, 0.6)], ids=["box01", "box_cut"])
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("layout", STEP_LAYOUTS)
-def test_sign_step_equals_reference_exactly(layout, dtype, box, device, gen):
-    x_base, view, g, n = _step_views(layout, (3, 4, 3, 8, 8), dtype, gen, device)
-    xs = []
-    for impl in (ops, reference):
-        base = x_base.clone()
-        out = impl.pgd_sign_step_(view(base), g, n, EPS, ALPHA, *box)
-        assert out.data_ptr() == view(base).data_ptr()  # returns x_adv itself
-        xs.append(base)
-    assert torch.equal(xs[0], xs[1])  # including the untouched elements of a strided view
-    assert not torch.equal(xs[0], x_base)
+@over(SIGN_STEP)
+def test_sign_step_matches_reference(sample, device, gen):
+    """In place, through whatever view ``x_adv`` is, returning ``x_adv``: bit for bit in
+    float32/float64 (NaN gradients included), within an ulp in half precision (the reference
+    rounds alpha and x0 -/+ eps to the half type first). The whole storage is compared, so the
+    elements a strided view leaves out must stay untouched; the result lies in the box, and is
+    NaN only where the gradient is."""
+    fused_args, ref_args = _twice(sample, gen, device)
+    x, g, _, _, _, lo, hi = fused_args
+    before = _storage(x).clone()
+    assert ops.pgd_sign_step_(*fused_args) is x
+    reference.pgd_sign_step_(*ref_args)
+    got, want = _storage(x), _storage(ref_args[0])
+    atol = ulp(sample.dtype) if sample.dtype in HALF else 0.0
+    torch.testing.assert_close(got, want, rtol=0, atol=atol, equal_nan=True)
+    assert not torch.equal(got, before)
+    nan = torch.isnan(x)
+    assert bool((nan | ((x >= lo) & (x <= hi))).all()), "left the box"
+    assert bool((~nan | torch.isnan(g)).all()), "NaN where the gradient is a number"
 
 
-# (x_adv shape, x_nat shape): the paper's CIFAR batch broadcast over M and per sub-model, odd sizes
-# (no 16-byte vectors), a single pixel, and no image axes at all.
-IMAGE_SHAPES = [
-    ((3, 128, 3, 32, 32), (128, 3, 32, 32)),
-    ((3, 128, 3, 32, 32), (3, 128, 3, 32, 32)),
-    ((8, 5, 3, 7, 7), (5, 3, 7, 7)),
-    ((2, 1, 1, 1, 3), (1, 1, 1, 3)),
-    ((4, 33), (33,)),
-    ((17,), (17,)),
-]
-IMAGE_IDS = [shape_id(x) + ("-broadcast" if len(x) != len(n) else "-same") for x, n in IMAGE_SHAPES]
-
-
-def over_image_shapes(test):
-    """The fused attack ops (``requires_extension``) for every dtype and every ``IMAGE_SHAPES``
-    case: ``test(shapes, dtype, ...)``."""
-    test = pytest.mark.parametrize("shapes", IMAGE_SHAPES, ids=IMAGE_IDS)(test)
-    test = pytest.mark.parametrize("dtype", FLOATS, ids=str)(test)
-    return requires_extension(test)
-
-
-@over_image_shapes
-def test_sign_step_shapes_match_reference(shapes, dtype, device, gen):
-    xs, ns = shapes
-    x, g, n = make_step_inputs(xs, dtype, gen, broadcast=len(xs) != len(ns), device=device)
-    got = x.clone()
-    assert ops.pgd_sign_step_(got, g, n, EPS, ALPHA, 0.0, 1.0) is got
-    want = reference.pgd_sign_step_(x.clone(), g, n, EPS, ALPHA, 0.0, 1.0)
-    if dtype in HALF:  # the reference rounds alpha, x0 -/+ eps to the half type first
-        torch.testing.assert_close(got, want, rtol=0, atol=ulp(dtype))
-    else:
-        assert torch.equal(got, want)
-    assert bool(((got >= 0) & (got <= 1)).all())
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("eps_alpha", [(0.0, ALPHA), (EPS, 0.0), (0.5, 0.3), (1e-7, 1e-9)], ids=str)
-def test_sign_step_exact_edge_scalars(eps_alpha, dtype, device, gen):
-    e, alpha = eps_alpha
-    x, g, n = make_step_inputs((2, 3, 3, 5, 5), dtype, gen, device=device)
-    g[0, 0] = float("nan")  # whatever torch.sign makes of NaN, the fused step must match it
-    a, b = x.clone(), x.clone()
-    ops.pgd_sign_step_(a, g, n, e, alpha, 0.0, 1.0)
-    reference.pgd_sign_step_(b, g, n, e, alpha, 0.0, 1.0)
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    assert not bool(torch.isnan(a[1]).any())
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_sign_step_half_close_to_reference(dtype, device, gen):
-    x, g, n = make_step_inputs((3, 4, 3, 8, 8), dtype, gen, device=device)
-    a, b = x.clone(), x.clone()
-    ops.pgd_sign_step_(a, g, n, EPS, ALPHA)
-    reference.pgd_sign_step_(b, g, n, EPS, ALPHA)
-    torch.testing.assert_close(a, b, rtol=0, atol=ulp(dtype))
-    assert bool((a >= 0).all() and (a <= 1).all())
-
-
-@pytest.mark.parametrize("box", [(0.0, 1.0), (-0.1, 0.3)], ids=["box01", "box_cut"])
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "same_shape"])
-def test_sign_step_ball_box_and_formula(impl, broadcast, dtype, box, device, gen):
-    lo, hi = box
-    x, g, n = make_step_inputs((3, 8, 3, 8, 8), dtype, gen, broadcast=broadcast, lo=lo, hi=hi,
-                               device=device)
-    out = impl.pgd_sign_step_(x.clone(), g, n, EPS, ALPHA, lo, hi)
+@over([s for s in tagged(SIGN_STEP, "layout") if s.layout in ("broadcast", "same_shape") and s.dtype in F32_64])
+def test_sign_step_ball_box_and_formula(impl, sample, device, gen):
+    x, g, n, e, alpha, lo, hi = sample.args(gen, device)
+    out = impl.pgd_sign_step_(x.clone(), g, n, e, alpha, lo, hi)
     nb = n.expand_as(x)
-    assert bool((out >= nb - EPS).all() and (out <= nb + EPS).all()), "left the eps-ball"
+    inside = (nb >= lo) & (nb <= hi)  # where x_nat lies in the box, ball and box meet
+    assert bool(((out >= nb - e) & (out <= nb + e))[inside].all()), "left the eps-ball"
     assert bool((out >= lo).all() and (out <= hi).all()), "left the box"
     # the textbook formula, written independently: clip(clip(x + a*sign(g), ball), box)
-    step = x + ALPHA * torch.sign(g)
-    expect = torch.clamp(torch.clamp(step, nb - EPS, nb + EPS), lo, hi)
+    step = x + alpha * torch.sign(g)
+    expect = torch.clamp(torch.clamp(step, nb - e, nb + e), lo, hi)
     assert torch.equal(out, expect)
     # and where nothing clips, the step is exactly alpha * sign(g)
-    free = (step > nb - EPS) & (step < nb + EPS) & (step > lo) & (step < hi)
+    free = (step > nb - e) & (step < nb + e) & (step > lo) & (step < hi)
     assert int(free.sum()) > 0 and torch.equal(out[free], step[free])
 
 
@@ -793,8 +519,8 @@ def test_in_place_attack_ops_refuse_tensors_that_record_gradients(device, gen):
     assert x._version > v0
 
 
-# ------------------------------------------------------------------------------------------------
-# random start
+# ================================================================================================
+# pgd_random_start
 
 def _py_hash_uniform(seed: int, i: int) -> float:
     """The counter-based hash of csrc/kernels/common.h, in Python integers (the spec)."""
@@ -813,9 +539,6 @@ def _py_hash_uniform(seed: int, i: int) -> float:
     return (h >> 8) * 2.0 ** -24
 
 
-SEEDS = [0, 1, 12345, 2 ** 32 + 7, 2 ** 62 - 1, 2 ** 63 - 1]  # seeds lie in [0, 2**63)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_start_noise_is_the_hash(impl, seed, device):
     """x_nat = 0, eps = 1, box [-1, 1]: the start is exactly 2u - 1 with u the spec's hash."""
@@ -827,71 +550,31 @@ def test_random_start_noise_is_the_hash(impl, seed, device):
 
 
 @requires_extension
-@pytest.mark.parametrize("num_models", [None, 1, 3])
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_start_bit_identical_to_reference(seed, dtype, num_models, device, gen):
-    x_nat = _rand((4, 3, 8, 8), gen, device, dtype)
-    a = ops.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, seed=seed)
-    b = reference.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, seed=seed)
-    assert a.shape == b.shape and a.dtype == b.dtype == dtype
-    assert torch.equal(a, b)
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("case", ["strided_x_nat", "channels_last", "box_cut", "eps0", "big_eps"])
-def test_random_start_bit_identical_edge_cases(case, dtype, device, gen):
-    x_nat = _rand((4, 3, 8, 8), gen, device, dtype)
-    e, lo, hi = EPS, 0.0, 1.0
-    if case == "strided_x_nat":
-        x_nat = _rand((4, 3, 8, 16), gen, device, dtype)[..., ::2]
-    elif case == "channels_last":
-        x_nat = x_nat.contiguous(memory_format=torch.channels_last)
-    elif case == "box_cut":
-        lo, hi = 0.3, 0.5
-    elif case == "eps0":
-        e = 0.0
-    else:
-        e = 3.0
-    a = ops.pgd_random_start(x_nat, e, lo, hi, num_models=2, seed=77)
-    b = reference.pgd_random_start(x_nat, e, lo, hi, num_models=2, seed=77)
-    assert torch.equal(a, b)
-    if case == "eps0":
-        assert torch.equal(a, x_nat.expand_as(a))
-
-
-@over_image_shapes
-def test_random_start_shapes_match_reference(shapes, dtype, device, gen):
-    xs, ns = shapes
-    x_nat = _rand(ns, gen, device, dtype)
-    num_models = xs[0] if len(xs) != len(ns) else None
-    seed = 1234567890123
-    got = ops.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, seed=seed)
-    want = reference.pgd_random_start(x_nat, EPS, 0.0, 1.0, num_models=num_models, seed=seed)
-    assert got.shape == want.shape == xs and got.dtype == dtype
-    if dtype in HALF:  # the reference's (2u - 1) * eps runs in the half type
-        torch.testing.assert_close(got, want, rtol=0, atol=2 * ulp(dtype))
+@over(RANDOM_START)
+def test_random_start_matches_reference(sample, device, gen):
+    """Bit for bit in float32/float64, within two ulps in half precision (the reference's
+    (2u - 1) * eps runs in the half type); in the box, and in the ball wherever x_nat lies in the
+    box (eps = 0: x_nat itself)."""
+    args = sample.args(gen, device)
+    x_nat, e, lo, hi, num_models, _ = args
+    got, want = ops.pgd_random_start(*args), reference.pgd_random_start(*args)
+    shape = x_nat.shape if num_models is None else (num_models, *x_nat.shape)
+    assert got.shape == want.shape == shape and got.dtype == sample.dtype and got.device == x_nat.device
+    if sample.dtype in HALF:
+        torch.testing.assert_close(got, want, rtol=0, atol=2 * ulp(sample.dtype))
     else:
         assert torch.equal(got, want)
-    assert bool(((got - x_nat).abs() <= EPS + ulp(dtype)).all())
-    assert bool(((got >= 0) & (got <= 1)).all())
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_random_start_half_close_to_reference(dtype, device, gen):
-    x_nat = _rand((4, 3, 8, 8), gen, device, dtype)
-    a = ops.pgd_random_start(x_nat, EPS, num_models=3, seed=5)
-    b = reference.pgd_random_start(x_nat, EPS, num_models=3, seed=5)
-    assert a.dtype == dtype
-    torch.testing.assert_close(a, b, rtol=0, atol=ulp(dtype))
-    assert bool((a >= 0).all() and (a <= 1).all())
+    assert bool(((got >= lo) & (got <= hi)).all())
+    dist = (got - x_nat).abs()
+    inside = ((x_nat >= lo) & (x_nat <= hi)).expand_as(dist)
+    assert bool((dist <= e + ulp(sample.dtype))[inside].all())
+    if e == 0:
+        assert torch.equal(got, x_nat.expand_as(got))
 
 
 @requires_extension
 def test_raw_random_start_writes_views_and_uses_the_whole_seed(device, gen):
-    x_nat = _rand((4, 3, 5, 5), gen, device)
+    x_nat = rand((4, 3, 5, 5), gen, device)
     base = torch.empty(4, 2, 3, 5, 5, device=device)
     x_adv = base.transpose(0, 1)  # [M, B, ...] view, not contiguous
     RAW.random_start_(x_adv, x_nat, 0.1, 0.0, 1.0, 7)
@@ -909,9 +592,9 @@ def test_raw_random_start_writes_views_and_uses_the_whole_seed(device, gen):
 @pytest.mark.parametrize("box", [(0.0, 1.0), (0.25, 0.75)], ids=["box01", "box_cut"])
 @pytest.mark.parametrize("dtype", F32_64, ids=str)
 def test_random_start_in_ball_and_box(impl, dtype, box, device, gen):
+    """With a ``generator`` (no seed): in the ball and the box, and spread over the ball."""
     lo, hi = box
-    x_nat = _rand((16, 3, 8, 8), gen, device, dtype)
-    x_nat.clamp_(lo, hi)
+    x_nat = rand((16, 3, 8, 8), gen, device, dtype, lo, hi)
     out = impl.pgd_random_start(x_nat, EPS, lo, hi, num_models=3, generator=gen)
     assert out.shape == (3, *x_nat.shape) and out.dtype == dtype
     assert bool((out >= x_nat - EPS).all() and (out <= x_nat + EPS).all())
@@ -947,7 +630,7 @@ def test_random_start_is_uniform(impl, device):
 def test_random_start_follows_torch_manual_seed(impl, device, gen):
     """Without a seed or generator the seed comes from the global RNG: torch.manual_seed replays
     it. (The one test here that touches the global RNG, inside fork_rng, on purpose.)"""
-    x_nat = _rand((4, 3, 8, 8), gen, device)
+    x_nat = rand((4, 3, 8, 8), gen, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         a = impl.pgd_random_start(x_nat, EPS, num_models=2)
@@ -960,8 +643,8 @@ def test_random_start_follows_torch_manual_seed(impl, device, gen):
     assert torch.equal(c, d)
 
 
-# ------------------------------------------------------------------------------------------------
-# collaborative selection (Algorithm 2)
+# ================================================================================================
+# collaborative_select (Algorithm 2)
 
 def _select_oracle(ppd, logits):
     M, B = ppd.shape
@@ -973,37 +656,32 @@ def _select_oracle(ppd, logits):
     return best, logits[best, torch.arange(B, device=logits.device)]
 
 
-SELECT_SHAPES = [(3, 128, 10), (1, 5, 10), (4, 1, 3), (5, 16, 1000), (1, 1, 2), (4, 33, 7),
-                 (8, 512, 1000), (4, 16, 32768)]
-
-
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shape", SELECT_SHAPES, ids=shape_id)
-def test_select_is_argmax_gather(impl, shape, dtype, device, gen):
-    M, B, K = shape
-    ppd = torch.randint(-2, 3, (M, B), generator=gen).to(device, dtype)  # many ties
-    logits = _randn(shape, gen, device, dtype)
+@over(SELECT)
+def test_select_is_argmax_gather(impl, sample, device, gen):
+    """The first maximum (NaN the largest) and a gather, whatever the scores' dtype; the chosen
+    rows keep the logits' dtype."""
+    ppd, logits = sample.args(gen, device)
     idx, chosen = impl.collaborative_select(ppd, logits)
     e_idx, e_chosen = _select_oracle(ppd, logits)
-    assert idx.dtype == torch.int64 and chosen.dtype == dtype and chosen.device.type == device
+    assert idx.dtype == torch.int64 and chosen.dtype == sample.dtype and chosen.device.type == device
     assert torch.equal(idx, e_idx) and torch.equal(chosen, e_chosen)
+    if sample.tie_pattern:  # a tie (the first wins), a NaN (it wins), all NaN (the first wins)
+        assert idx[:3].tolist() == [0, 1, 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("score_dtype", [torch.float64, torch.float16], ids=str)
-def test_select_score_dtype_may_differ(impl, score_dtype, dtype, device, gen):
-    """The PPD scores may come in another float dtype than the logits (e.g. a float32 PPD head
-    beside bfloat16 logits); the chosen rows keep the logits' dtype."""
-    M, B, K = 4, 33, 7
-    ppd = _randn((M, B), gen, device, score_dtype)
-    ppd[:, 0] = 0.5  # a tie: the first sub-model wins
-    ppd[1, 1] = float("nan")  # NaN beats every number
-    ppd[:, 2] = float("nan")  # the first NaN wins
-    logits = _randn((M, B, K), gen, device, dtype)
-    idx, chosen = impl.collaborative_select(ppd, logits)
-    e_idx, e_chosen = _select_oracle(ppd, logits)
-    assert idx[:3].tolist() == [0, 1, 0]
-    assert chosen.dtype == dtype and torch.equal(idx, e_idx) and torch.equal(chosen, e_chosen)
+@requires_extension
+@over(SELECT)
+def test_select_matches_reference(sample, device, gen):
+    """Index, chosen rows and the gradient (into the chosen rows only), exactly."""
+    ppd, logits = sample.args(gen, device, requires_grad=True)
+    g = randn(logits.shape[1:], gen, device, sample.dtype)
+    res = []
+    for impl in (ops, reference):
+        idx, chosen = impl.collaborative_select(ppd, logits)
+        (grad,) = torch.autograd.grad(chosen, logits, g)
+        res.append((idx, chosen.detach(), grad))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
 
 
 def test_select_ties_and_nan(impl, device):
@@ -1019,10 +697,10 @@ def test_select_ties_and_nan(impl, device):
 @pytest.mark.parametrize("dtype", F32_64, ids=str)
 def test_select_gradient_only_to_chosen_rows(impl, dtype, device, gen):
     M, B, K = 4, 32, 6
-    ppd = _randn((M, B), gen, device, dtype).requires_grad_(True)
-    z = _randn((M, B, K), gen, device, dtype).requires_grad_(True)
+    ppd = randn((M, B), gen, device, dtype).requires_grad_(True)
+    z = randn((M, B, K), gen, device, dtype).requires_grad_(True)
     idx, chosen = impl.collaborative_select(ppd, z)
-    g = _randn((B, K), gen, device, dtype)
+    g = randn((B, K), gen, device, dtype)
     chosen.backward(g)
     expect = torch.zeros_like(z)
     expect[idx, torch.arange(B, device=device)] = g
@@ -1030,39 +708,16 @@ def test_select_gradient_only_to_chosen_rows(impl, dtype, device, gen):
     assert ppd.grad is None or float(ppd.grad.abs().sum()) == 0
 
 
-def test_gradcheck_select(impl, device, gen):
-    ppd = _randn((3, 6), gen, device, torch.float64)
-    z = _randn((3, 6, 4), gen, device, torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: impl.collaborative_select(ppd, t)[1], (z,), eps=1e-6)
+@over(tagged(SELECT, GRADCHECK))
+def test_gradcheck_select(impl, sample, device, gen):
+    ppd, z = sample.args(gen, device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: impl.collaborative_select(ppd, t)[1], (z,), **gradcheck_options(z))
 
 
-SELECT_LAYOUTS = {
-    "strided": ((3, 10, 32), lambda t: t.transpose(1, 2)[:, ::2]),  # [3, 16, 10], strides everywhere
-    "unaligned": ((3 * 16 * 10 + 1,), lambda t: t[1:].view(3, 16, 10)),
-}
-
-
-@requires_extension
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", SELECT_LAYOUTS.keys())
-def test_select_noncontiguous_matches_reference(layout, dtype, device, gen):
-    base_shape, view = SELECT_LAYOUTS[layout]
-    ppd = torch.randint(-1, 2, (16, 3), generator=gen).to(device, dtype).T  # [3, 16], ties
-    base = _randn(base_shape, gen, device, dtype)
-    res = []
-    for impl in (ops, reference):
-        leaf = base.clone().requires_grad_(True)
-        idx, chosen = impl.collaborative_select(ppd, view(leaf))
-        chosen.backward(torch.ones_like(chosen))
-        res.append((idx, chosen.detach(), leaf.grad))
-    for a, b in zip(*res):
-        assert torch.equal(a, b)
-
-
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # the raw operators: opcheck (schema, autograd registration, fake kernels, AOT dispatch)
 
-def raw_collab_loss(logits, target, sigma, reduction, **kw) -> Dict[str, Tensor]:
+def raw_collab_loss(logits, target, sigma, reduction: int, **kw) -> Dict[str, Tensor]:
     """torch.ops.cda2_ext.collab_loss's outputs by their schema names (lse and prob are saved for
     backward)."""
     op = RAW.collab_loss
@@ -1070,96 +725,72 @@ def raw_collab_loss(logits, target, sigma, reduction, **kw) -> Dict[str, Tensor]
     return dict(zip([r.name for r in op.default._schema.returns], outs))
 
 
-def _collab_bwd_values(M, B, K, dtype, reduction, sigma, gen, present, device, save_prob):
-    z = make_logits((M, B, K), dtype, gen, device=device)
-    y = make_target(B, K, gen, device)
-    vals = raw_collab_loss(z, y, sigma, reduction, save_prob=save_prob)
-    r = lambda *s: _randn(s, gen, device, stat_dtype(dtype))  # noqa: E731
-    vals.update({
-        "grad_loss": (r(B) if reduction == 0 else r()) if "loss" in present else None,
-        "grad_ce": r(M, B) if "ce" in present else None,
-        "grad_weights": r(M, B) if "weights" in present else None,
-        "grad_p_true": r(M, B) if "p_true" in present else None,
-        "logits": z, "target": y, "sigma": sigma, "reduction": reduction,
-    })
-    return vals
-
-
-OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
-                 "test_aot_dispatch_dynamic")
-
-
-def _opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
-
-
 @requires_extension
 @pytest.mark.parametrize("save_prob", [False, True])
-@pytest.mark.parametrize("dtype", [*F32_64, *HALF], ids=str)
-@pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no_grad"])
-def test_opcheck_collab_loss(reduction, dtype, requires_grad, save_prob, device, gen):
-    z = make_logits((3, 5, 7), dtype, gen, device=device).requires_grad_(requires_grad)
-    _opcheck(RAW.collab_loss, (z, make_target(5, 7, gen, device), 0.5, reduction, save_prob))
+@over(tagged(COLLAB_LOSS, OPCHECK))
+def test_opcheck_collab_loss(sample, requires_grad, save_prob, device, gen):
+    z, y, sigma, reduction = sample.args(gen, device, requires_grad)
+    _opcheck(RAW.collab_loss, (z, y, sigma, RED_CODE[reduction], save_prob))
 
 
 @requires_extension
 @pytest.mark.parametrize("save_prob", [False, True])
-@pytest.mark.parametrize("present", [("loss",), ("ce",), ("weights", "p_true"), ("loss", "ce"), OUTPUTS],
-                         ids=str)
-@pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_collab_loss_backward(reduction, present, save_prob, device, gen):
+@pytest.mark.parametrize("present", GRAD_OUTPUTS, ids="+".join)
+@over([s for s in tagged(COLLAB_LOSS, OPCHECK) if s.dtype == torch.float32])
+def test_opcheck_collab_loss_backward(sample, present, save_prob, device, gen):
+    """The raw backward with gradients for the ``present`` outputs only (the others None); and it
+    equals autograd through the reference."""
     op = RAW.collab_loss_backward
-    vals = _collab_bwd_values(3, 5, 7, torch.float32, reduction, 0.5, gen, present, device, save_prob)
+    z, y, sigma, reduction = sample.args(gen, device)
+    M, B, _ = z.shape
+    code = RED_CODE[reduction]
+    vals = raw_collab_loss(z, y, sigma, code, save_prob=save_prob)
+    up = upstream_grads(M, B, reduction, sample.dtype, gen, present, device)
+    vals.update({f"grad_{n}": up.get(n) for n in OUTPUTS})
+    vals.update(logits=z, target=y, sigma=sigma, reduction=code)
     _opcheck(op, schema_args(op, vals))
-    # and the raw backward equals autograd through the reference
-    z = vals["logits"].clone().requires_grad_(True)
-    ref = reference.collaboration_loss(z, vals["target"], 0.5, REDUCTIONS[reduction])
-    outs, grads = zip(*[(getattr(ref, n), vals["grad_" + n]) for n in OUTPUTS
-                        if vals["grad_" + n] is not None])
-    (expect,) = torch.autograd.grad(outs, z, grads)
+    leaf = z.clone().requires_grad_(True)
+    ref = reference.collaboration_loss(leaf, y, sigma, reduction)
+    (expect,) = torch.autograd.grad([getattr(ref, n) for n in up], leaf, list(up.values()))
     torch.testing.assert_close(op(*schema_args(op, vals)), expect, rtol=1e-5, atol=1e-5)
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", [*F32_64, torch.float16], ids=str)
-@pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_ppd_bce(reduction, dtype, device, gen):
-    s = _randn((3, 6), gen, device, dtype).requires_grad_(True)
-    _opcheck(RAW.ppd_bce, (s, _rand((3, 6), gen, device, dtype), reduction))
+@over(tagged(PPD_BCE, OPCHECK))
+def test_opcheck_ppd_bce(sample, device, gen):
+    s, t, reduction = sample.args(gen, device, requires_grad=True)
+    _opcheck(RAW.ppd_bce, (s, t, RED_CODE[reduction]))
 
 
 @requires_extension
-@pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_opcheck_ppd_bce_backward(reduction, device, gen):
-    s = _randn((3, 6), gen, device)
-    g = _randn((3, 6) if reduction == 0 else (), gen, device)
-    _opcheck(RAW.ppd_bce_backward, (g, s, _rand((3, 6), gen, device), reduction))
+@over([s for s in tagged(PPD_BCE, OPCHECK) if s.dtype == torch.float32])
+def test_opcheck_ppd_bce_backward(sample, device, gen):
+    s, t, reduction = sample.args(gen, device)
+    g = randn(s.shape if reduction == "none" else (), gen, device)
+    _opcheck(RAW.ppd_bce_backward, (g, s, t, RED_CODE[reduction]))
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "same_shape"])
-def test_opcheck_sign_step_(broadcast, dtype, device, gen):
-    x, g, n = make_step_inputs((2, 3, 3, 4, 4), dtype, gen, broadcast=broadcast, device=device)
-    _opcheck(RAW.sign_step_, (x, g, n, EPS, ALPHA, 0.0, 1.0))
+@over(tagged(SIGN_STEP, OPCHECK))
+def test_opcheck_sign_step_(sample, device, gen):
+    _opcheck(RAW.sign_step_, sample.args(gen, device))
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", F32_64, ids=str)
-@pytest.mark.parametrize("broadcast", [True, False], ids=["broadcast", "same_shape"])
-def test_opcheck_random_start_(broadcast, dtype, device, gen):
-    n = _rand((3, 3, 4, 4), gen, device, dtype)
-    x = torch.zeros((2, *n.shape) if broadcast else n.shape, dtype=dtype, device=device)
-    _opcheck(RAW.random_start_, (x, n, EPS, 0.0, 1.0, 42))
+@over(tagged(RANDOM_START, OPCHECK))
+def test_opcheck_random_start_(sample, device, gen):
+    x_nat, e, lo, hi, num_models, seed = sample.args(gen, device)
+    x = torch.zeros(x_nat.shape if num_models is None else (num_models, *x_nat.shape), dtype=x_nat.dtype,
+                    device=device)
+    _opcheck(RAW.random_start_, (x, x_nat, e, lo, hi, seed))
 
 
 @requires_extension
 @pytest.mark.parametrize("requires_grad", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_opcheck_collab_select(dtype, requires_grad, device, gen):
-    ppd = _randn((3, 5), gen, device, dtype)
-    z = _randn((3, 5, 7), gen, device, dtype).requires_grad_(requires_grad)
+@over(tagged(SELECT, OPCHECK))
+def test_opcheck_collab_select(sample, requires_grad, device, gen):
+    ppd, z = sample.args(gen, device, requires_grad)
     # opcheck's AOT helper sums all outputs into one scalar starting from the int64 index, which
     # fails for any op whose first output is an integer (a torch limitation); the compiled
     # backward of collab_select is covered by test_compile_select instead.
@@ -1168,9 +799,11 @@ def test_opcheck_collab_select(dtype, requires_grad, device, gen):
 
 
 @requires_extension
-def test_opcheck_collab_select_backward(device, gen):
-    idx = torch.tensor([0, 2, 1, 2, 0], device=device)
-    _opcheck(RAW.collab_select_backward, (_randn((5, 7), gen, device), idx, 3))
+@over(tagged(SELECT, OPCHECK))
+def test_opcheck_collab_select_backward(sample, device, gen):
+    ppd, z = sample.args(gen, device)
+    idx, chosen = RAW.collab_select(ppd, z)
+    _opcheck(RAW.collab_select_backward, (randn(chosen.shape, gen, device, sample.dtype), idx, z.shape[0]))
 
 
 @requires_extension
@@ -1196,7 +829,7 @@ def test_package_exports_run_on_the_inputs_device(device, gen):
     torch.testing.assert_close(out.loss, reference.collaboration_loss(z, y).loss)
 
 
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # torch.compile and meta tensors
 
 def _compile(fn, backend="aot_eager"):
@@ -1213,7 +846,7 @@ def test_compile_loss_step(reduction, device, gen):
         return out.loss.sum() + bce.sum() + (out.ce * out.weights).sum(), out.weights
 
     z0 = make_logits((3, 16, 10), torch.float32, gen, device=device)
-    s0 = _randn((3, 16), gen, device)
+    s0 = randn((3, 16), gen, device)
     y = make_target(16, 10, gen, device)
     res = []
     for fn in (step, _compile(step)):
@@ -1232,8 +865,8 @@ def test_compile_attack_step(device, gen):
         ops.pgd_sign_step_(x, g, x_nat, EPS, ALPHA, 0.0, 1.0)
         return x
 
-    x_nat = _rand((4, 3, 8, 8), gen, device)
-    g = _randn((3, 4, 3, 8, 8), gen, device)
+    x_nat = rand((4, 3, 8, 8), gen, device)
+    g = randn((3, 4, 3, 8, 8), gen, device)
     assert torch.equal(attack(x_nat, g), _compile(attack)(x_nat, g))
 
 
@@ -1256,9 +889,9 @@ def test_compile_select(device, gen):
         idx, chosen = ops.collaborative_select(ppd, z)
         return idx, chosen.softmax(-1)
 
-    ppd = _randn((3, 16), gen, device)
-    z0 = _randn((3, 16, 10), gen, device)
-    g = _randn((16, 10), gen, device)
+    ppd = randn((3, 16), gen, device)
+    z0 = randn((3, 16, 10), gen, device)
+    g = randn((16, 10), gen, device)
     res = []
     for fn in (infer, _compile(infer)):
         z = z0.clone().requires_grad_(True)
@@ -1314,7 +947,7 @@ def _train_step(model, opt, x, y):
                                                 ("cuda", "inductor", 32768)], indirect=["device"])
 def test_compile_training_step(device, backend, K, gen):
     M, B, D = 3, 64, 16
-    x = _randn((B, D), gen, device)
+    x = randn((B, D), gen, device)
     y = make_target(B, K, gen, device)
     eager = _TinyCollab(M, D, K, gen).to(device)
     comp = _TinyCollab(M, D, K, gen).to(device)
@@ -1336,9 +969,9 @@ def test_compile_training_step(device, backend, K, gen):
         ops.pgd_sign_step_(x_adv, g, x_nat, EPS, ALPHA)
         return x_adv
 
-    x_nat = _rand((8, 3, 4, 4), gen, device)
+    x_nat = rand((8, 3, 4, 4), gen, device)
     x_adv = ops.pgd_random_start(x_nat, EPS, num_models=M, seed=3)
-    g = _randn(x_adv.shape, gen, device)
+    g = randn(x_adv.shape, gen, device)
     want = reference.pgd_sign_step_(x_adv.clone(), g, x_nat, EPS, ALPHA)
     assert torch.equal(_compile(attack_step, backend)(x_adv, g, x_nat), want)
 
@@ -1382,7 +1015,7 @@ def test_build_info_reported():
     assert cda2_ext.HAS_EXTENSION == ops.HAS_EXTENSION
 
 
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
 # only on CUDA: the CUDA kernels against the CPU kernels, streams, devices
 
 def test_cuda_kernels_registered():
@@ -1407,98 +1040,84 @@ def test_raw_op_list_is_complete():
     assert registered == set(RAW_OPS)
 
 
-def _cpu(args) -> list:
-    return [a.cpu() if isinstance(a, Tensor) else a for a in args]
+#: CUDA against CPU: float64 to its rounding, float32 and half to float32 sums in another order.
+CUDA_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+            torch.float16: dict(rtol=2e-3, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
-@pytest.mark.parametrize("K", [10, 1000, 32768])
-def test_collab_loss_cuda_matches_cpu(K, dtype, cuda, gen):
-    M, B = 3, 17
-    z, y = make_logits((M, B, K), dtype, gen, device=cuda), make_target(B, K, gen, cuda)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-5)
-    for code in RED_CODE.values():
-        got = RAW.collab_loss(z, y, 0.7, code)
-        cpu = RAW.collab_loss(z.cpu(), y.cpu(), 0.7, code)
-        for g, c in zip(got[:4], cpu[:4]):  # loss, ce, weights, p_true
-            assert g.dtype == c.dtype and g.shape == c.shape
-            torch.testing.assert_close(g.cpu(), c, **tol)
-        torch.testing.assert_close(got[4].cpu(), cpu[4], rtol=1e-6, atol=1e-5)  # lse: float64 out, float sums over K in another order
+@over(tagged(COLLAB_LOSS, CUDA_VS_CPU))
+def test_collab_loss_cuda_matches_cpu(sample, cuda, gen):
+    z, y, sigma, reduction = sample.args(gen, cuda)
+    code = RED_CODE[reduction]
+    tol = dict(rtol=1e-4, atol=1e-5) if sample.dtype in HALF else CUDA_TOL[sample.dtype]
+    got = RAW.collab_loss(z, y, sigma, code)
+    cpu = RAW.collab_loss(z.cpu(), y.cpu(), sigma, code)
+    for g, c in zip(got[:4], cpu[:4]):  # loss, ce, weights, p_true
+        assert g.dtype == c.dtype and g.shape == c.shape
+        torch.testing.assert_close(g.cpu(), c, **tol)
+    torch.testing.assert_close(got[4].cpu(), cpu[4], rtol=1e-6, atol=1e-5)  # lse: float64 out, float sums over K in another order
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("K", [10, 1000, 32768])
-def test_collab_loss_backward_cuda_matches_cpu(K, dtype, cuda, gen):
-    M, B = 3, 9
-    z, y = make_logits((M, B, K), dtype, gen, device=cuda), make_target(B, K, gen, cuda)
-    _, _, w, p, lse, prob = RAW.collab_loss(z, y, 1.0, 0)
-    r = lambda *s: _randn(s, gen, cuda, stat_dtype(dtype))  # noqa: E731
-    args = (r(B), r(M, B), r(M, B), r(M, B), z, y, lse, prob, w, p, 1.0, 0)
+@over(tagged(COLLAB_LOSS, CUDA_VS_CPU))
+def test_collab_loss_backward_cuda_matches_cpu(sample, cuda, gen):
+    z, y, sigma, reduction = sample.args(gen, cuda)
+    M, B, _ = z.shape
+    code = RED_CODE[reduction]
+    _, _, w, p, lse, prob = RAW.collab_loss(z, y, sigma, code)
+    up = upstream_grads(M, B, reduction, sample.dtype, gen, OUTPUTS, cuda)
+    args = (*up.values(), z, y, lse, prob, w, p, sigma, code)
     got = RAW.collab_loss_backward(*args)
     cpu = RAW.collab_loss_backward(*_cpu(args))
-    tol = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
-           torch.float16: dict(rtol=2e-3, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}[dtype]
+    tol = CUDA_TOL[sample.dtype]
     torch.testing.assert_close(got.cpu(), cpu, **tol)
     # a softmax saved by the CPU forward is accepted on CUDA (and gives the same gradient)
-    cpu_prob = RAW.collab_loss(z.cpu(), y.cpu(), 1.0, 0, True)[5]
+    cpu_prob = RAW.collab_loss(z.cpu(), y.cpu(), sigma, code, True)[5]
     if cpu_prob.numel():
         with_prob = RAW.collab_loss_backward(*args[:7], cpu_prob.to(cuda), *args[8:])
         torch.testing.assert_close(with_prob, got, **tol)
 
 
 @requires_extension
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", [(3, 128), (1, 1), (8, 4096), (5, 777), (2, 70000)], ids=shape_id)
-def test_ppd_bce_cuda_matches_cpu(shape, reduction, dtype, cuda, gen):
-    s = _randn(shape, gen, cuda, dtype, scale=4)
-    t = _rand(shape, gen, cuda, dtype)
+@over(tagged(PPD_BCE, CUDA_VS_CPU))
+def test_ppd_bce_cuda_matches_cpu(sample, cuda, gen):
+    s, t, reduction = sample.args(gen, cuda)
     code = RED_CODE[reduction]
     out = RAW.ppd_bce(s, t, code)
-    fwd = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    fwd = CUDA_TOL[torch.float64] if sample.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.cpu(), RAW.ppd_bce(s.cpu(), t.cpu(), code), **fwd)
-    g = _randn(out.shape, gen, cuda, out.dtype)
-    bwd = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
-           torch.float16: dict(rtol=2e-3, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}[dtype]
+    g = randn(out.shape, gen, cuda, out.dtype)
     torch.testing.assert_close(RAW.ppd_bce_backward(g, s, t, code).cpu(),
-                               RAW.ppd_bce_backward(g.cpu(), s.cpu(), t.cpu(), code), **bwd)
-
-
-@over_image_shapes
-def test_pgd_ops_cuda_match_cpu_bit_for_bit(shapes, dtype, cuda, gen):
-    xs, ns = shapes
-    x, g, n = make_step_inputs(xs, dtype, gen, broadcast=len(xs) != len(ns), device=cuda)
-    got, cpu = x.clone(), x.cpu()
-    RAW.sign_step_(got, g, n, EPS, ALPHA, 0.0, 1.0)
-    RAW.sign_step_(cpu, g.cpu(), n.cpu(), EPS, ALPHA, 0.0, 1.0)
-    assert torch.equal(got.cpu(), cpu)
-    num_models = xs[0] if len(xs) != len(ns) else None
-    seed = 1234567890123
-    start = ops.pgd_random_start(n, EPS, 0.0, 1.0, num_models=num_models, seed=seed)
-    assert torch.equal(start.cpu(), ops.pgd_random_start(n.cpu(), EPS, 0.0, 1.0, num_models=num_models,
-                                                         seed=seed))
+                               RAW.ppd_bce_backward(g.cpu(), s.cpu(), t.cpu(), code), **CUDA_TOL[sample.dtype])
 
 
 @requires_extension
-@pytest.mark.parametrize("score_dtype", [None, torch.float64, torch.float16], ids=str)
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("shape", [(3, 128, 10), (1, 1, 2), (4, 33, 7), (8, 512, 1000), (4, 16, 32768)],
-                         ids=shape_id)
-def test_select_cuda_matches_cpu(shape, dtype, score_dtype, cuda, gen):
-    M, B, K = shape
-    z = make_logits(shape, dtype, gen, device=cuda)
-    s = _randn((M, B), gen, "cpu", score_dtype or dtype)
-    if B > 3 and M > 1:
-        s[:, 0] = 0.5  # tie: the first sub-model wins
-        s[1, 1] = float("nan")  # NaN beats every number
-        s[:, 2] = float("nan")  # first NaN wins
-    s = s.to(cuda)
+@over(tagged(SIGN_STEP, CUDA_VS_CPU))
+def test_sign_step_cuda_matches_cpu_bit_for_bit(sample, cuda, gen):
+    args = sample.args(gen, cuda)
+    cpu_args = _cpu(args)
+    RAW.sign_step_(*args)
+    RAW.sign_step_(*cpu_args)
+    assert torch.equal(args[0].cpu(), cpu_args[0])
+
+
+@requires_extension
+@over(tagged(RANDOM_START, CUDA_VS_CPU))
+def test_random_start_cuda_matches_cpu_bit_for_bit(sample, cuda, gen):
+    args = sample.args(gen, cuda)
+    assert torch.equal(ops.pgd_random_start(*args).cpu(), ops.pgd_random_start(*_cpu(args)))
+
+
+@requires_extension
+@over(tagged(SELECT, CUDA_VS_CPU))
+def test_select_cuda_matches_cpu(sample, cuda, gen):
+    s, z = sample.args(gen, cuda)
     idx, chosen = RAW.collab_select(s, z)
     cidx, cchosen = RAW.collab_select(s.cpu(), z.cpu())
     assert torch.equal(idx.cpu(), cidx) and torch.equal(chosen.cpu(), cchosen)
-    g = _randn(chosen.shape, gen, cuda, dtype)
+    g = randn(chosen.shape, gen, cuda, sample.dtype)
+    M = z.shape[0]
     assert torch.equal(RAW.collab_select_backward(g, idx, M).cpu(),
                        RAW.collab_select_backward(g.cpu(), cidx, M))
 

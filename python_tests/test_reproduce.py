@@ -205,25 +205,39 @@ def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_pa
 def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, monkeypatch,
                                                                       cifar_dir):
     _with_budget(monkeypatch, "depth", depths=(2,), epochs=1, train_limit=64, test_limit=50,
-                 seeds=(0, 1))
+                 seeds=(0, 1), arms=("single", "paper", "authors", "authors_lr0.3", "control"))
     rec = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
                          log=lambda s: None, jobs=2)
-    assert rec["columns"] == ["depth", "arm", "answer %", "± images", "± seeds", "ensemble %",
-                              "best sub-model %", "oracle %", "gain vs single", "paper gain",
-                              "verdict"]
-    rows = {r[1]: r for r in rec["rows"]}
-    assert len(rows) == 4 and all(r[0] == 2 for r in rows.values())
-    single, paper_arm = rows["one model"], rows["CDA², paper (Eq. 7, sigma 1)"]
-    for r in rows.values():
-        p = r[2] / 100
-        assert r[3] == pytest.approx(100 * (p * (1 - p) / 50) ** 0.5)  # over the 50 test images
-        assert r[4] is not None  # two seeds: a standard error over seeds
-    assert single[5:9] == [None, None, None, None]  # one model has no ensemble or oracle
-    assert paper_arm[8] == pytest.approx(paper_arm[2] - single[2]) and paper_arm[9] == 2.0
-    assert paper_arm[10] in ("confirms", "contradicts", "inconclusive")
-    assert rec["notes"][0].startswith("Verdict per depth and CDA² arm, fixed before the runs")
-    assert {s["status"] for s in rec["steps"]} == {"ran"} and len(rec["steps"]) == 16
-    assert rec["measured"]["2"]["control"][0]["score"] == "maxprob"
+    assert rec["columns"][:8] == ["depth", "seed", "arm", "rule", "answer %", "± images",
+                                  "vs one model", "± paired"]
+    rows = {(r[1], r[2]): r for r in rec["rows"]}
+    assert len(rows) == 10 and all(r[0] == 2 for r in rows.values())
+    for seed in (0, 1):
+        single = rows[seed, "one model"]
+        paper_arm = rows[seed, "CDA², paper (Eq. 7, sigma 1)"]
+        for r in rows.values():
+            p = r[4] / 100
+            assert r[5] == pytest.approx(100 * (p * (1 - p) / 25) ** 0.5)  # the 25 reported images
+        assert single[6:12] == [None] * 6  # one model: no difference to itself, no sub-models
+        assert paper_arm[6] == pytest.approx(paper_arm[4] - single[4])   # same images: exact
+        assert paper_arm[7] >= 0 and paper_arm[12] == 2.0
+        assert paper_arm[13] in ("confirms", "contradicts", "inconclusive")
+    assert rec["notes"][0].startswith("Verdicts, fixed before the runs")
+    assert len(rec["findings"]) == 4  # three CDA² arms, then the split-gradient finding
+    assert rec["findings"][-1].startswith("Depth 2, split gradient")
+    # the rule-by-rule table: every rule, sub-model, best, oracle and the fitted selector
+    table = rec["tables"][0]
+    assert table["columns"] == ["rule", "CDA², paper (Eq. 7, sigma 1)", "CDA², authors' weighting",
+                                "CDA², authors' weighting, lr 0.3", "3 independent, most confident"]
+    labels = [r[0] for r in table["rows"]]
+    assert {"PPD (Algorithm 2)", "the authors' detector", "max-probability", "margin",
+            "minimum entropy", "mean-probability ensemble", "vote", "oracle (some sub-model is right)",
+            "fitted selector (logistic, fit half)"} <= set(labels)
+    assert {s["status"] for s in rec["steps"]} == {"ran"} and len(rec["steps"]) == 20
+    assert rec["measured"]["2"]["arms"]["control_seed0"]["score"] == "maxprob"
+    assert "per_image" not in rec["measured"]["2"]["arms"]["control_seed0"]["rules"]
+    md = (tmp_path / "reproduce_depth_small.md").read_text()
+    assert md.index("**Findings:**") < md.index("| depth | seed |")
     # a second invocation reuses every run and evaluation
     rec2 = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
                           log=lambda s: None, jobs=2)

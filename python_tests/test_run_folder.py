@@ -149,6 +149,19 @@ def test_training_time_reads_metrics_as_the_trainer_writes_them(tmp_path):
     assert cost.warm_seconds_per_epoch == 2.5  # epochs 2 and 3: the first pays for warm-up
     assert cost.images_per_epoch == 1000
     assert training_time(run / "checkpoint.safetensors").seconds == 9.0  # the file names its run
+    assert cost.cpu_share is None  # written before the trainer recorded its CPU time
+
+
+def test_each_epoch_records_the_cpu_it_got(trained):
+    """A slow epoch on a shared machine explains itself: CPU seconds, threads and load."""
+    history = json.loads((trained / METRICS_NAME).read_text())
+    for h in history:
+        assert h["cpu_seconds"] > 0 and h["cpu_threads"] >= 1
+        assert h["load_average"] is None or h["load_average"] >= 0
+    cost = training_time(trained)
+    expected = [h["cpu_seconds"] / (h["seconds"] * h["cpu_threads"]) for h in history]
+    assert cost.epoch_cpu_share == pytest.approx(tuple(expected))
+    assert 0 < cost.cpu_share < 1.5  # about 1 on a quiet machine; below on a shared one
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -2,14 +2,16 @@
 verdict: formulas against a plain reading of them in float64, options, and one training step."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from cda2_ext.errors import ConfigError
 from cda2_ext.models.collaboration import SCORES, collaborate, selection_score
-from cda2_ext.reproduce.capacity import verdict
+from cda2_ext.reproduce.capacity import Comparison, split_gradient, verdict, where_lost
 from cda2_ext.runtime import FUSED, REFERENCE
 from cda2_ext.training import TrainConfig, Trainer
 from cda2_ext.training.weighting import (WEIGHTINGS, detector_weights, true_label_prob,
@@ -128,9 +130,41 @@ def test_one_training_epoch_with_each_weighting_is_finite(weights, tmp_path):
 
 # ----- the capacity experiment's verdict ---------------------------------------------------------------
 def test_verdict_follows_the_written_criteria():
-    n = 10000  # se of one accuracy near 0.5: 0.5 points; of a difference: 0.71
-    assert verdict([0.60], [0.55], [0.55], n) == "confirms"
-    assert verdict([0.60, 0.60], [0.55, 0.59], [0.55, 0.55], n) == "inconclusive"  # not every seed
-    assert verdict([0.60], [0.55], [0.595], n) == "inconclusive"                    # control ties
-    assert verdict([0.50], [0.55], [0.40], n) == "contradicts"
-    assert verdict([0.55], [0.55], [0.55], n) == "inconclusive"
+    se = 0.005  # the paired standard error of each difference
+    def c(own, ctrl, best=0.0, fitted=0.0):
+        return Comparison((own, se), (ctrl, se), (best, se), (fitted, se))
+    assert verdict([c(0.02, 0.02)]) == "confirms"
+    assert verdict([c(0.02, 0.02), c(0.005, 0.02)]) == "inconclusive"  # not on every seed
+    assert verdict([c(0.02, 0.005)]) == "inconclusive"                # the control ties
+    assert verdict([c(-0.05, 0.0)]) == "contradicts"
+    assert verdict([c(0.0, 0.0)]) == "inconclusive"
+    assert verdict([]) == "inconclusive"
+
+
+def test_where_the_loss_is_follows_the_written_criteria():
+    se = 0.005
+    def c(own, best, fitted):
+        return Comparison((own, se), (0.0, se), (best, se), (fitted, se))
+    assert where_lost([c(-0.05, -0.04, -0.03)]) == ["experts"]
+    assert where_lost([c(-0.05, -0.005, -0.03)]) == ["selector"]           # a good expert exists
+    assert where_lost([c(-0.05, 0.0, 0.02)]) == ["selector", "ppd training"]
+    assert where_lost([c(-0.008, 0.0, -0.01)]) == []  # within 1 point: not the selector
+    assert where_lost([c(0.02, 0.01, 0.03)]) == []    # the rule beats the one model already
+    assert split_gradient([c(0, -0.04, 0)], [c(0, -0.004, 0)]) is True
+    assert split_gradient([c(0, -0.04, 0)], [c(0, -0.03, 0)]) is False
+    assert split_gradient([c(0, 0.0, 0)], [c(0, 0.0, 0)]) is None         # no gap to close
+
+
+# ----- the weightings as records ------------------------------------------------------------------
+def test_every_weighting_parameter_is_a_train_config_field_with_its_records_default():
+    from cda2_ext.training.weighting import weighting_params
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for p in weighting_params():
+        assert fields.get(p.name) == p.default, p.name
+
+
+def test_the_docs_table_of_defaults_has_the_weightings_rows():
+    from cda2_ext.training.weighting import docs_rows
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    rows = docs_rows()
+    assert "\n".join(rows) in docs, "docs/training.md: paste cda2_ext.training.weighting.docs_rows()"

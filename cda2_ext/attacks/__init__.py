@@ -6,8 +6,10 @@
 * :mod:`.registry` - every evaluation attack by name, one face:
   ``ATTACKS[name](model, x_nat, target, eps, **options) -> AttackResult``.
 * :mod:`.training` - Algorithm 1's PGD (per-sub-model variants, attacks on the collaboration).
-* :mod:`.whitebox` - the paper's PGD protocol; :class:`~.whitebox.CollaborationLogits` makes a
-  collaboration an images -> logits function (hard / soft / BPDA selection).
+* :mod:`.whitebox` - the paper's PGD protocol. Every attack takes an images -> logits function;
+  a collaboration is attacked through its Algorithm-2 decision, and the adapters that make it a
+  classifier (hard / soft / BPDA selection, the ensemble, one sub-model) are in
+  :mod:`cda2_ext.models.classifier`.
 * :mod:`.adaptive` - attacks on the PPD selection (CE, DLR, decision margin), registered by name.
 * :mod:`.apgd` - Auto-PGD (the AutoAttack schedule) on any objective or model function.
 * :mod:`.decision` - Algorithm 2's decision margin, its (sub-model, class) targets, and the

@@ -51,13 +51,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.classifier import CollaborationLogits
 from ..runtime import OpsBackend, backend_of, eval_mode
 from .apgd import apgd
 from .decision import (Temperatures, choose_temperatures, decision_objective, selection_gap,
                        wrong_class_targets)
 from .engine import (AttackResult, Objective, check_attack_args, derive_generator,
                      flatten_copies, merge_worst, per_sample_loss, run_restarts, sign_attack)
-from .whitebox import CollaborationLogits, predict_correct
+from .whitebox import predict_correct
 
 __all__ = ["ADAPTIVE_ATTACKS", "DECISION_ATTACKS", "ADAPTIVE_REGISTRY", "AdaptiveAttack",
            "AdaptiveRun", "AdaptiveSetting", "AdaptiveConfig", "collaboration_objective",

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..models.classifier import as_model_fn
 from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import (AttackResult, ModelFn, Objective, check_attack_args, flatten_copies,
                      model_objective, new_best, project_, run_restarts, update_best)
@@ -130,8 +131,10 @@ def apgd_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, steps
                 lo: float = 0.0, hi: float = 1.0, generator: Optional[torch.Generator] = None,
                 backend: OpsBackend = FUSED) -> AttackResult:
     """APGD with ``loss`` (``"ce"`` or ``"dlr"``) against any model function; worst case over
-    ``restarts`` fused random starts. Returns a folded result (``x_adv [B, ...]``)."""
+    ``restarts`` fused random starts (a collaboration: its Algorithm-2 decision, see
+    :func:`~cda2_ext.models.classifier.as_model_fn`). Returns a folded result (``x_adv [B, ...]``)."""
     check_attack_args(x_nat, target, eps, steps)
+    model = as_model_fn(model)
     with eval_mode(model):
         start_ok = predict_correct(model, x_nat, target) if only_correct else None
 

@@ -9,9 +9,9 @@ logging instead of prints): ``pip install 'cda2_ext[autoattack]'``. Nothing here
 unless :func:`autoattack` is called; :func:`autoattack_missing` says why it cannot run.
 
 AutoAttack attacks an images -> logits function. For a collaboration that is either the hard
-selection (:class:`~cda2_ext.attacks.whitebox.CollaborationLogits`: the gradient flows through
+selection (:class:`~cda2_ext.models.classifier.CollaborationLogits`: the gradient flows through
 the selected sub-model only, the argmax over PPD heads has none) or the ensemble output
-(:class:`~cda2_ext.attacks.whitebox.EnsembleLogits`); whichever was attacked, the points it
+(:class:`~cda2_ext.models.classifier.EnsembleLogits`); whichever was attacked, the points it
 returns are judged by the model being evaluated (``judge``), so both runs can join the per-sample
 worst case. AutoAttack knows nothing of the selection, so on a selection model it is a baseline
 to compare with, not a bound: the adaptive attacks (:mod:`~cda2_ext.attacks.adaptive`) attack
@@ -29,6 +29,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from ..models.classifier import as_model_fn
 from ..runtime import eval_mode
 from .engine import AttackResult, ModelFn, check_attack_args, margin, project_
 
@@ -88,7 +89,9 @@ def autoattack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, *,
 
     Args:
         model: images ``[N, C, H, W]`` in [0, 1] -> logits ``[N, K]`` (an ``nn.Module`` or any
-            callable); AutoAttack's targeted attacks use 9 target classes, so ``K >= 10``.
+            callable; a collaboration: its Algorithm-2 decision, see
+            :func:`~cda2_ext.models.classifier.as_model_fn`); AutoAttack's targeted attacks use
+            9 target classes, so ``K >= 10``.
         judge: the evaluated model the returned points are scored by (default ``model``).
         version: ``"standard"`` (what RobustBench reports) or ``"plus"``.
         seed: AutoAttack's seed; the global RNG is restored afterwards.
@@ -111,7 +114,8 @@ def autoattack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, *,
         raise ImportError(missing)
     from pyautoattack import AutoAttack  # the optional extra; imported only when used
 
-    judge = model if judge is None else judge
+    model = as_model_fn(model)
+    judge = model if judge is None else as_model_fn(judge)
     x_nat = x_nat.detach()
     t0 = time.perf_counter()
     flags: List[str] = []

@@ -229,7 +229,7 @@ def decision_objective(model: Any, target: Tensor, gap: float,
     """The decision-margin objective on candidates ``[G, B, ...]``, judged by the hard answer.
 
     Args:
-        model: a :class:`~cda2_ext.attacks.whitebox.CollaborationLogits` (its ``outputs`` with
+        model: a :class:`~cda2_ext.models.classifier.CollaborationLogits` (its ``outputs`` with
             ``score_grad=True`` lets gradients through the PPD heads).
         target: ``[B]`` labels. gap: the selection scale, ``> 0``.
         targets: ``(models [G], classes [G, B])`` from :func:`wrong_class_targets` for the

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
+from .. import limits
 from ..errors import ConfigError
 from ..ops.reference import draw_seed
 from ..runtime import FUSED, OpsBackend
@@ -121,12 +122,12 @@ def derive_generator(seed: int, *keys: object) -> torch.Generator:
 
 
 def check_attack_args(x_nat: Tensor, target: Tensor, eps: float, steps: int = 0) -> None:
-    """One-line ``ValueError`` for unusable attack inputs (before any model call)."""
+    """One-line ``ValueError`` for unusable attack inputs (before any model call); ``eps`` by the
+    package's one radius rule (:func:`~cda2_ext.limits.radius`)."""
     if x_nat.dim() < 2 or target.shape != x_nat.shape[:1]:
         raise ValueError(f"x_nat [B, ...] and target [B] must agree, got {list(x_nat.shape)} "
                          f"and {list(target.shape)}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: must be a finite number >= 0, got {eps}")
+    limits.radius("eps", eps)
     if steps < 0:
         raise ValueError(f"steps: must be >= 0, got {steps}")
 

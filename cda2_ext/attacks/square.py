@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..models.classifier import as_model_fn
 from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import AttackResult, ModelFn, check_attack_args, margin
 
@@ -74,7 +75,8 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
     """Untargeted L-inf Square attack with a budget of ``n_queries`` model calls per sample.
 
     Args:
-        model: images -> logits; only its outputs are used.
+        model: images -> logits; only its outputs are used (a collaboration: its Algorithm-2
+            decision, see :func:`~cda2_ext.models.classifier.as_model_fn`).
         x_nat: ``[B, C, H, W]`` in ``[lo, hi]``; target ``[B]``.
         eps: L-inf radius. n_queries: per-sample budget, including the clean check (>= 1).
         p_init: initial window area fraction (AutoAttack's L-inf default 0.8).
@@ -83,7 +85,7 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
     check_attack_args(x_nat, target, eps)
     if n_queries < 1:
         raise ValueError(f"n_queries: must be >= 1, got {n_queries}")
-    query = QueryCounter(model)
+    query = QueryCounter(as_model_fn(model))
     x_nat = x_nat.detach()
     B, C, H, W = x_nat.shape
     dev = x_nat.device
@@ -115,7 +117,9 @@ def square_attack(model: ModelFn, x_nat: Tensor, target: Tensor, eps: float, n_q
                 break
             n = active.numel()
             p = square_p_schedule(p_init, it, n_queries)
-            s = min(max(int(round(math.sqrt(p * n_feat / C))), 1), H - 1 if H > 1 else 1)
+            # the window is square: it must fit the shorter side of a non-square image
+            side = min(H, W)
+            s = min(max(int(round(math.sqrt(p * n_feat / C))), 1), side - 1 if side > 1 else 1)
             top = torch.randint(0, H - s + 1, (n,), generator=generator).to(dev)
             left = torch.randint(0, W - s + 1, (n,), generator=generator).to(dev)
             rows = torch.arange(H, device=dev)

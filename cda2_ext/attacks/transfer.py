@@ -37,6 +37,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.classifier import as_model_fn
 from ..runtime import FUSED, OpsBackend, eval_mode
 from .engine import (AttackResult, ModelFn, check_attack_args, cw_loss, derive_generator,
                      model_objective, per_sample_loss, sign_attack)
@@ -179,8 +180,9 @@ def skip_gradient(model: object, gamma: float) -> Iterator[None]:
     ``gamma`` (forward outputs unchanged). ``ValueError`` if ``model`` has no residual blocks."""
     blocks = residual_blocks(model)
     if not blocks:
-        raise ValueError("sgm: the surrogate has no residual blocks (a depth-2 model?); "
-                         "leave 'sgm' out of the transfer methods")
+        raise ValueError("sgm: the surrogate has no residual blocks (a depth-2 model, or a plain "
+                         "CNN?); leave 'sgm' out of the transfer methods (cda2 eval "
+                         "--transfer-methods mi-pgd m-di2-fgsm)")
     hooks = [end.register_forward_hook(lambda _m, _i, out: _ScaleGrad.apply(out, gamma))
              for _, end in blocks]
     try:
@@ -202,8 +204,10 @@ def transfer_attack(surrogate: ModelFn, x_nat: Tensor, target: Tensor, eps: floa
     """One transfer method against ``surrogate``: an :class:`~cda2_ext.attacks.engine.AttackResult`
     whose ``x_adv [V, B, C, H, W]`` holds the variants (``V = mi_restarts`` for ``mi-pgd``, else 1),
     the final iterates; ``margin`` and ``correct`` are ``None``, as nothing of the target is used
-    (:func:`transfer_correct` judges the variants)."""
+    (:func:`transfer_correct` judges the variants). A collaboration as ``surrogate`` is attacked
+    through its Algorithm-2 decision (:func:`~cda2_ext.models.classifier.as_model_fn`)."""
     cfg = (config or TransferConfig()).validate()
+    surrogate = as_model_fn(surrogate)
     check_attack_args(x_nat, target, eps, cfg.steps)
     if method not in TRANSFER_METHODS:
         raise ValueError(f"method: expected one of {TRANSFER_METHODS}, got {method!r}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..data import dataset_name
 from ..files.checkpoint import atomic_write, checkpoint_files, read_document
 from ..errors import CheckpointError, CLIError, one_line
 from ..evaluation.rows import ADAPTIVE_WORST, WORST
@@ -82,6 +83,12 @@ class RunSummary:
     notes: List[str] = field(default_factory=list)
 
     @property
+    def data(self) -> str:
+        """What the run was trained on, and its K: ``"CIFAR-10 (10 classes)"``."""
+        name = dataset_name(self.config.get("dataset", "cifar10"), self.config.get("data_dir"))
+        return f"{name} ({self.config.get('num_classes', 10)} classes)"
+
+    @property
     def has_selection(self) -> bool:
         """CDA² answers through Algorithm 2's selection; the ensemble methods do not."""
         return self.config.get("method", "cda2") == "cda2"
@@ -92,13 +99,14 @@ class RunSummary:
                 "train_seconds": round(self.train_seconds, 2),
                 "init_seconds": None if self.init_seconds is None else round(self.init_seconds, 2),
                 "images_per_s": round(self.images_per_s, 2), "clean": self.clean,
-                "has_selection": self.has_selection,
+                "has_selection": self.has_selection, "data": self.data,
                 **{g: key(v) for g, v in self.groups.items()}, "all_rows": self.rows,
                 "source": self.source, "notes": self.notes}
 
 
-_CONFIG_KEYS = ("method", "adv", "num_models", "depth", "epochs", "batch_size", "optimizer", "lr",
-                "eps", "alpha", "steps", "train_limit", "dataset", "init_from", "seed")
+_CONFIG_KEYS = ("method", "adv", "arch", "num_models", "depth", "epochs", "batch_size", "optimizer",
+                "lr", "eps", "alpha", "steps", "train_limit", "dataset", "data_dir", "num_classes",
+                "init_from", "seed")
 
 
 def summarize_run(run: str) -> RunSummary:
@@ -311,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     for s in summaries:
         find_robustness(s, sources)
     print(format_table(summaries))
+    print(f"data: {'; '.join(dict.fromkeys(s.data for s in summaries))}")
     notes = [f"NOTE [{Path(s.run).name}]: {n}" for s in summaries for n in s.notes]
     for n in notes:
         print(n)

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="clean accuracy of a trained collaboration, ensemble and sub-models",
                        description="Evaluate a checkpoint on clean test images: accuracy of the "
                        "collaboration (Algorithm 2), the ensemble (mean probability and majority vote) "
-                       "and each sub-model, plus how often each sub-model is chosen. Prints JSON.",
+                       "and each sub-model, plus how often each sub-model is chosen. Prints JSON; with "
+                       "--rules all, a table of every label-free rule instead (the JSON then goes "
+                       "to --out).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     CleanEvalJob.add_arguments(p)
     p.set_defaults(func=run)

@@ -30,6 +30,13 @@ in ``[0, 9]``, checked before any conversion.
 Images are kept as ``uint8 [N, 3, 32, 32]`` (150 MB for all of CIFAR-10, so the whole set can sit
 on the training device); :func:`to_float` and :func:`random_crop_flip` turn a batch into augmented
 floats in [0, 1] with tensor ops on that device (no torchvision).
+
+Other image data (``dataset="imagefolder"``): an image folder or zip of any number of classes
+K >= 2 and any one image size, read the same way (:func:`load_images`); CIFAR-10's rule of 10
+classes applies only where CIFAR-10 is named. :func:`infer_dataset` says which of the two a
+``--data`` given without ``--dataset`` is; :func:`channel_stats` is the per-channel normalisation
+a run computes from its training split; :func:`crop_padding` scales the random crop's padding
+with the image size (CIFAR-10's 4 pixels at 32x32).
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, one_line
-from .image_folder import CACHE_ENV, cache_dir, is_image_folder, read_image_folder
+from .image_folder import CACHE_ENV, cache_dir, folder_classes, is_image_folder, read_image_folder
 
 __all__ = [
     "ImageSet", "CIFAR10_CLASSES", "CIFAR10_URL", "CIFAR10_MD5", "DATA_ENV", "CACHE_ENV",
@@ -61,7 +68,8 @@ __all__ = [
     "data_locations", "resolve_data", "resolve_cifar10_dir", "load_cifar10", "load_image_folder",
     "data_note", "note_data_source", "download_cifar10", "ensure_cifar10", "synthetic_images",
     "load_images", "to_float", "random_crop_flip", "make_xor", "CIFAR10_TRAIN_SIZE",
-    "note_training_size",
+    "note_training_size", "IMAGE_DATASETS", "infer_dataset", "dataset_name", "channel_stats",
+    "crop_padding",
 ]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -357,7 +365,8 @@ def load_cifar10(root: Optional[PathLike] = None, split: str = "train") -> Image
         data = load_image_folder(src.path, split)
         if len(data.classes) != len(CIFAR10_CLASSES):
             raise DataError(f"{src.path}: {len(data.classes)} class folders "
-                            f"({', '.join(data.classes[:12])}), CIFAR-10 has {len(CIFAR10_CLASSES)}")
+                            f"({', '.join(data.classes[:12])}), CIFAR-10 has {len(CIFAR10_CLASSES)} "
+                            "(for an image folder of any number of classes: --dataset imagefolder)")
         return data
     parts = [_read_batch(src.path / f) for f in (_TRAIN_FILES if split == "train" else _TEST_FILES)]
     data = np.concatenate([p[0] for p in parts])
@@ -486,26 +495,92 @@ def synthetic_images(n: int, num_classes: int = 10, seed: int = 0, size: int = 3
     return ImageSet(images, labels, tuple(f"class{k}" for k in range(num_classes)))
 
 
+#: The values of ``dataset`` (``--dataset``).
+IMAGE_DATASETS = ("cifar10", "imagefolder", "synthetic")
+
+
 def load_images(dataset: str, split: str, root: Optional[PathLike] = None, seed: int = 0,
                 synthetic_size: Optional[Dict[str, int]] = None,
                 num_classes: Optional[int] = None) -> ImageSet:
     """``dataset="cifar10"`` (from disk, see :func:`load_cifar10`; its note, if any, is printed
-    once: :func:`note_data_source`) or ``"synthetic"`` (:func:`synthetic_images`).
+    once: :func:`note_data_source`), ``"imagefolder"`` (an image folder or zip of any number of
+    classes and any image size, found like CIFAR-10: ``root``, else ``$CDA2_DATA``, ...) or
+    ``"synthetic"`` (:func:`synthetic_images`).
 
     ``num_classes`` (a run's): when given, the data must have that many classes."""
     if dataset == "cifar10":
         data = load_cifar10(root, split)
         note_data_source(data)
+    elif dataset == "imagefolder":
+        src = resolve_data(root)
+        if src.kind == "batches":
+            raise DataError(f"{src.path} is a '{_FOLDER}' folder: that is dataset cifar10, not an "
+                            "image folder")
+        # its own data, not a stand-in for CIFAR-10: no note that it is not the official files
+        data = dataclasses.replace(load_image_folder(src.path, split), note=None)
     elif dataset == "synthetic":
         sizes = {"train": 512, "test": 256, **(synthetic_size or {})}
         data = synthetic_images(sizes[split], num_classes=num_classes or 10,
                                 seed=seed * 2 + (split == "test"))
     else:
-        raise ConfigError(f"dataset: expected 'cifar10' or 'synthetic', got {dataset!r}")
+        raise ConfigError(f"dataset: expected one of {IMAGE_DATASETS}, got {dataset!r}")
     if num_classes is not None and len(data.classes) != num_classes:
         raise DataError(f"{data.source}: {len(data.classes)} classes, but the run has "
                         f"num_classes={num_classes}")
     return data
+
+
+def infer_dataset(root: Optional[PathLike] = None) -> str:
+    """The dataset that ``root`` (``--data``; ``None``: the default locations) holds when
+    ``--dataset`` is not given: ``"imagefolder"`` for an image folder or zip whose number of
+    classes is not CIFAR-10's 10, else ``"cifar10"`` - also for a 10-class image folder (as before
+    image folders of any K were read: name another 10-class set ``imagefolder`` yourself) and when
+    nothing readable is found (training then says what is wrong). Reads the listing only."""
+    try:
+        src = resolve_data(root)
+        if src.kind == "batches" or _is_jpeg_cifar10(src.path):
+            return "cifar10"
+        classes = folder_classes(src.path)
+    except DataError:
+        return "cifar10"
+    return "cifar10" if len(classes) == len(CIFAR10_CLASSES) else "imagefolder"
+
+
+def dataset_name(dataset: str, source: Optional[PathLike] = None) -> str:
+    """What reports call a run's data: ``"CIFAR-10"``, ``"synthetic"``, or an image folder's
+    name (its folder, or its zip without ``.zip``) from ``source`` (the run's ``--data``)."""
+    if dataset == "cifar10":
+        return "CIFAR-10"
+    if dataset == "imagefolder" and source:
+        path = Path(source)
+        return path.stem if path.suffix.lower() == ".zip" else (path.name or str(path))
+    return "image folder" if dataset == "imagefolder" else dataset
+
+
+def channel_stats(images: Tensor, chunk: int = 4096) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``uint8`` images ``[N, C, H, W]`` as floats in
+    [0, 1] (rounded to 6 digits, as a run stores them), summed in float64 a chunk at a time so a
+    large set is never copied whole."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise DataError(f"images: expected a non-empty [N, C, H, W] set, got {list(images.shape)}")
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, images.shape[0], chunk):
+        x = to_float(images[i:i + chunk]).to("cpu", torch.float64)
+        total += x.sum((0, 2, 3))
+        squares += x.square().sum((0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt()
+    # a constant channel (std 0) would divide by zero inside the model: leave it unscaled
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return (tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std))
+
+
+def crop_padding(height: int, width: int) -> int:
+    """The random crop's padding for images of ``height x width``: an eighth of the shorter side,
+    at least 1 - CIFAR-10's 4 pixels at 32x32, 6 at 48x48, 8 at 64x64."""
+    return max(1, round(min(height, width) / 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +596,8 @@ def random_crop_flip(x: Tensor, pad: int = 4, flip: bool = True,
     """Random ``pad``-pixel zero-padded crop + horizontal flip of a batch ``[B, C, H, W]``.
 
     The standard CIFAR augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``)
-    as two gathers on the tensor's device. The random offsets are drawn on the CPU from
+    as two gathers on the tensor's device; for other image sizes the trainer passes
+    :func:`crop_padding`'s ``pad``. The random offsets are drawn on the CPU from
     ``generator`` (a few bytes per image), so a seeded generator gives the same batch on every
     device and its state is all a checkpoint needs to resume the stream.
     """

@@ -50,7 +50,7 @@ import numpy as np
 from ..errors import ConfigError, DataError, one_line
 
 __all__ = ["CACHE_ENV", "SPLITS", "FolderSplit", "cache_dir", "is_image_folder",
-           "read_image_folder"]
+           "folder_classes", "read_image_folder"]
 
 #: Environment variable naming the cache folder (default ``$XDG_CACHE_HOME/cda2_ext``).
 CACHE_ENV = "CDA2_CACHE"
@@ -457,6 +457,16 @@ def _parse_cache(fh: io.BufferedReader, size: int, key: str) -> FolderSplit:
 
 
 # ---------------------------------------------------------------------------------------------
+
+def folder_classes(path: PathLike) -> Tuple[str, ...]:
+    """The sorted class names of an image folder or zip, from its listing alone (no image is
+    decoded); the same checks of the layout as :func:`read_image_folder`, the same errors."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"image folder {path} does not exist")
+    with (_Zip(path) if path.is_file() else _Folder(path)) as src:
+        return tuple(sorted(src.layout()["train"]))
+
 
 def read_image_folder(path: PathLike, split: str, *, use_cache: bool = True) -> FolderSplit:
     """Load one split (``"train"`` or ``"test"``) of an image folder or a zip of one.

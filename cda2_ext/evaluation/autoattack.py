@@ -17,9 +17,22 @@ from .rows import AUTOATTACK, autoattack_row
 __all__ = ["prepare_autoattack", "run_autoattack", "autoattack_units"]
 
 
+#: AutoAttack's targeted attacks aim at the 9 highest other classes: K must be at least this.
+_MIN_CLASSES = 10
+
+
 def prepare_autoattack(ctx: EvalContext) -> Optional[str]:
-    """Why AutoAttack cannot run here (its optional package is missing), or ``None``."""
-    return autoattack_missing() or None
+    """Why AutoAttack cannot run here (its optional package is missing, or a model has fewer
+    than 10 classes), or ``None``."""
+    missing = autoattack_missing()
+    if missing or not ctx.targets or ctx.n == 0:
+        return missing or None
+    with torch.no_grad():
+        k = min(int(target(ctx.x[:1]).shape[-1]) for target in ctx.targets.values())
+    if k < _MIN_CLASSES:
+        return (f"AutoAttack not run: its targeted attacks use {_MIN_CLASSES - 1} target classes, "
+                f"and the models here have {k} classes.")
+    return None
 
 
 def run_autoattack(ctx: EvalContext, eps: float) -> List[Outcome]:

@@ -1,7 +1,6 @@
 """What defines a robustness evaluation: :class:`EvalConfig` and the seeded test subset."""
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -12,6 +11,7 @@ from torch import Tensor
 from ..attacks.adaptive import AdaptiveConfig
 from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
+from .. import limits
 from ..errors import ConfigError
 from .rows import ADAPTIVE, AUTOATTACK, PGD, SQUARE, TRANSFER
 
@@ -75,16 +75,22 @@ class EvalConfig:
     # ----- which test images (select_subset) -----
     subset: str = "seeded"   # "seeded": a torch permutation of `seed`; "dverge": DVERGE's scripts
 
+    def __post_init__(self) -> None:
+        # checked once, where it is built: the job, the protocol and the report take it as valid
+        self.validate()
+
     def validate(self) -> "EvalConfig":
         """Raise :class:`~cda2_ext.errors.ConfigError` (a ``ValueError``, naming the field) for a
-        setting no evaluation can run; ``self``."""
+        setting no evaluation can run; ``self``. Runs when the config is built; call it again
+        only after changing a field."""
         bad = [a for a in self.attacks if a not in ATTACK_GROUPS]
         if bad:
             raise ConfigError(f"attacks: unknown {bad}; expected some of {ATTACK_GROUPS}")
         for name in ("eps", "square_eps"):
             for e in getattr(self, name):
-                if not (math.isfinite(e) and 0 <= e <= 1):
-                    raise ConfigError(f"{name}: every radius must be in [0, 1], got {e}")
+                limits.radius(name, e)
+        if self.sanity_eps is not None:
+            limits.radius("sanity_eps", self.sanity_eps)
         for name in ("n_samples", "batch_size", "square_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

@@ -15,12 +15,13 @@ from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tupl
                     TypeVar)
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..attacks.decision import Temperatures, selection_gap
 from ..attacks.engine import derive_generator
 from ..attacks.transfer import TransferSet
 from ..attacks.whitebox import ModelFn
+from ..models.classifier import is_collaboration  # re-exported: the families ask it of each model
 from ..runtime import FUSED, OpsBackend
 from .config import EvalConfig
 from .rows import Row
@@ -32,12 +33,6 @@ R = TypeVar("R")
 
 #: One model's per-sample robust flags: ``{row: {eps: Tensor[n] bool}}`` (CPU).
 Flags = Dict[Row, Dict[float, Tensor]]
-
-
-def is_collaboration(model: object) -> bool:
-    """A collaboration-like module (``x -> (logits [M, B, K], ppd_logit [M, B])``, ``num_models``):
-    attacked through its selection; anything else is a plain images -> logits function."""
-    return isinstance(model, nn.Module) and hasattr(model, "num_models")
 
 
 class Progress:

@@ -75,7 +75,7 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
         save_transfer_dir: write every generated set there as ``transfer_eps{eps}.safetensors``.
         log: where one-line notes go (skipped attacks, saved files).
     """
-    cfg = (config or EvalConfig()).validate()
+    cfg = config or EvalConfig()  # an EvalConfig checks itself when it is built
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     backend = ops_backend(fused=not cfg.unfused)

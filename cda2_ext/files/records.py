@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Dict, Iterable, Mapping, Type, TypeVar
 
-__all__ = ["from_record"]
+__all__ = ["from_record", "to_record"]
 
 T = TypeVar("T")
+
+
+def to_record(obj: Any, later: Iterable[str] = ()) -> Dict[str, Any]:
+    """``dataclasses.asdict(obj)`` without the ``later`` fields (those added after checkpoints
+    existed) where they hold their default: a run that does not use them writes the record
+    earlier versions wrote, and can still read. :func:`from_record` fills them back in."""
+    record = dataclasses.asdict(obj)
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    for name in later:
+        if record[name] == defaults[name]:
+            del record[name]
+    return record
 
 
 def from_record(cls: Type[T], record: Mapping[str, Any], what: str,

@@ -276,6 +276,9 @@ class TrainingTime:
 
     epoch_seconds: Tuple[float, ...]
     epoch_images: Tuple[float, ...]
+    #: each epoch's CPU seconds over its wall seconds and threads (1.0: it had its cores to
+    #: itself); empty for runs from before the trainer recorded CPU time
+    epoch_cpu_share: Tuple[float, ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -294,6 +297,12 @@ class TrainingTime:
         return sum(warm) / len(warm)
 
     @property
+    def cpu_share(self) -> Optional[float]:
+        """The mean share of its cores the run got (``None`` where not recorded): on a CPU, well
+        below 1 means other jobs slowed its epochs."""
+        return sum(self.epoch_cpu_share) / len(self.epoch_cpu_share) if self.epoch_cpu_share else None
+
+    @property
     def images_per_epoch(self) -> int:
         """The training images of one epoch (the last one's)."""
         return round(self.epoch_images[-1])
@@ -310,9 +319,11 @@ def training_time(run: PathLike) -> TrainingTime:
     try:
         seconds = tuple(float(h["seconds"]) for h in history)
         images = tuple(float(h.get("images_per_s", 0.0)) * s for h, s in zip(history, seconds))
+        share = tuple(float(h["cpu_seconds"]) / max(s * float(h.get("cpu_threads") or 1), 1e-9)
+                      for h, s in zip(history, seconds) if "cpu_seconds" in h)
     except (AttributeError, KeyError, TypeError, ValueError) as err:  # not what cda2 train writes
         raise CheckpointError(f"{path} is not a cda2 run's metrics ({one_line(err)})") from None
-    return TrainingTime(seconds, images)
+    return TrainingTime(seconds, images, share)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Dict, List, Sequence, Tuple, TypeVar
 from ..errors import ConfigError
 from ..ops import _checks
 
-__all__ = ["Job", "command_line", "flag_value", "check_seed"]
+__all__ = ["Job", "command_line", "flag_value", "check_seed", "add_model_arguments"]
 
 J = TypeVar("J", bound="Job")
 
@@ -37,6 +37,15 @@ def check_seed(seed: int) -> None:
         _checks.seed(seed)
     except (TypeError, ValueError) as err:  # the ops' own check, in their exception types
         raise ConfigError(str(err)) from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser, arch_help: str) -> None:
+    """The options of a command that loads trained runs: ``--arch`` (a user's constructors,
+    named again, since a checkpoint never imports code), ``--device`` and ``--unfused``."""
+    p.add_argument("--arch", nargs="+", default=[], metavar="PACKAGE.MODULE:FUNCTION",
+                   help=arch_help + ", named again: a checkpoint never imports code by itself")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -11,17 +12,17 @@ from typing import Any, Dict, List
 
 from .. import limits
 from ..attacks.adaptive import ADAPTIVE_ATTACKS, AdaptiveConfig
-from ..attacks.transfer import TransferConfig, TransferSet
+from ..attacks.transfer import TRANSFER_METHODS, TransferConfig, TransferSet
 from ..attacks.whitebox import EnsembleLogits, PGDConfig
-from ..data import load_images
+from ..data import dataset_name, load_images
 from ..errors import ConfigError
-from ..evaluation import (ATTACK_GROUPS, DEFAULT_ATTACKS, DEFAULT_EPS, EvalConfig,
-                          evaluate_robustness)
+from ..evaluation import ATTACK_GROUPS, DEFAULT_ATTACKS, EvalConfig, evaluate_robustness
 from ..files.run_folder import ROBUSTNESS_NAME, check_output, save_or_rescue
-from ..models.collaboration import SCORES
+from ..models.architectures import named_architectures
+from ..models.selection import SCORES, score_help
 from ..runtime import resolve_device
 from ..training.restore import load_collaboration
-from .base import Job, check_seed
+from .base import Job, add_model_arguments, check_seed
 
 __all__ = ["EvalJob"]
 
@@ -43,6 +44,21 @@ def _names(paths: List[str]) -> List[str]:
     return out
 
 
+def check_fit(nets: Dict[str, Any], size: Any, classes: int, source: Any) -> None:
+    """Every model must answer the data's K classes, on images of the data's size: a
+    :class:`~cda2_ext.errors.ConfigError` naming the option otherwise (a surrogate of another K
+    would attack labels it does not have)."""
+    h, w = size
+    for option, net in nets.items():
+        cfg = net.config
+        if cfg.num_classes != classes:
+            raise ConfigError(f"{option}: a model of {cfg.num_classes} classes, but the test data "
+                              f"({source}) have {classes}")
+        if cfg.image_size is not None and tuple(cfg.image_size) != (h, w):
+            raise ConfigError(f"{option}: a model of {cfg.image_size[0]}x{cfg.image_size[1]} "
+                              f"images, but the test data ({source}) are {h}x{w} (--data)")
+
+
 @dataclass(frozen=True)
 class EvalJob(Job):
     """``cda2 eval`` as a typed request: its options by name (:meth:`Job.of`), run in this
@@ -60,7 +76,8 @@ class EvalJob(Job):
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        """The arguments of ``cda2 eval``."""
+        """The arguments of ``cda2 eval``; their defaults are the configs' own (one place each)."""
+        d, pgd, ad, tr = EvalConfig(), PGDConfig(), AdaptiveConfig(), TransferConfig()
         p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
                        help="run folder(s) or checkpoint file(s) to evaluate (one table row group each)")
         p.add_argument("--attack", nargs="+", default=["all"], choices=(*ATTACK_GROUPS, "all"),
@@ -77,52 +94,54 @@ class EvalJob(Job):
         p.add_argument("--transfer-preset", default="table2", choices=("table2", "table5"),
                        help="table2: MI-PGD, M-DI2-FGSM, SGM with CE (3 variants per surrogate); "
                        "table5: CE and CW, MI-PGD with 3 starts (10 per surrogate, 30 with 3 surrogates)")
-        p.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS), help="L-inf radii")
-        p.add_argument("--n-samples", type=int, default=1000, help="size of the random test subset")
-        p.add_argument("--seed", type=int, default=0, help="picks the subset and seeds every attack")
-        p.add_argument("--subset", default="seeded", choices=("seeded", "dverge"),
+        p.add_argument("--transfer-methods", nargs="+", default=None, choices=TRANSFER_METHODS,
+                       help="the transfer methods to run (default: all of the preset's); leave sgm "
+                       "out for surrogates without residual blocks (a depth-2 ResNet, a plain CNN)")
+        p.add_argument("--eps", nargs="+", type=float, default=list(d.eps), help="L-inf radii")
+        p.add_argument("--n-samples", type=int, default=d.n_samples, help="size of the random test subset")
+        p.add_argument("--seed", type=int, default=d.seed, help="picks the subset and seeds every attack")
+        p.add_argument("--subset", default=d.subset, choices=("seeded", "dverge"),
                        help="which test images: 'seeded' (a permutation drawn with --seed) or 'dverge' "
                        "(Python's random.seed(0); random.sample(range(10000), 1000), the images of "
                        "DVERGE's scripts and the paper's tables, with --seed 0 --n-samples 1000)")
-        p.add_argument("--batch-size", type=int, default=250, help="images per attack batch")
-        p.add_argument("--steps", type=int, default=50,
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per attack batch")
+        p.add_argument("--steps", type=int, default=pgd.steps,
                        help="PGD steps (also the adaptive sign-gradient attacks' steps)")
-        p.add_argument("--restarts", type=int, default=5, help="PGD random starts (worst case kept)")
+        p.add_argument("--restarts", type=int, default=pgd.restarts, help="PGD random starts (worst case kept)")
         p.add_argument("--last-iterate", action="store_true",
                        help="judge each PGD restart by its final iterate only, as the published "
                        "protocol does (DVERGE's scripts); the default also counts a sample as broken "
                        "when an earlier iterate broke it, which can only be stronger")
-        p.add_argument("--adaptive-attacks", nargs="+", default=list(ADAPTIVE_ATTACKS),
+        p.add_argument("--adaptive-attacks", nargs="+", default=list(ad.attacks),
                        choices=ADAPTIVE_ATTACKS, help="which adaptive attacks to run")
-        p.add_argument("--adaptive-restarts", type=int, default=1,
+        p.add_argument("--adaptive-restarts", type=int, default=ad.restarts,
                        help="random starts of each adaptive sign-gradient attack")
-        p.add_argument("--temperature-fractions", nargs="*", type=float, default=[1.0, 0.25],
+        p.add_argument("--temperature-fractions", nargs="*", type=float,
+                       default=list(ad.temperature_fractions),
                        help="soft-selection temperatures as multiples of the model's selection scale g "
                        "(the median gap between its two highest selection scores on the evaluated "
                        "samples; one run each)")
-        p.add_argument("--temperatures", nargs="*", type=float, default=[],
+        p.add_argument("--temperatures", nargs="*", type=float, default=list(ad.temperatures),
                        help="fixed soft-selection temperatures, run besides the scale-relative ones")
-        p.add_argument("--bpda-temperature", type=float, default=None,
+        p.add_argument("--bpda-temperature", type=float, default=ad.bpda_temperature,
                        help="temperature of BPDA's (and PPD push's) backward soft selection; "
                        "None: the selection scale g")
-        p.add_argument("--decision-targets", default="3", metavar="T|all",
+        p.add_argument("--decision-targets", default=str(ad.decision_targets), metavar="T|all",
                        help="wrong classes per sub-model of the multi-targeted decision-margin attacks "
                        "(the highest-scoring ones at the clean point; all: every class)")
-        p.add_argument("--apgd-steps", type=int, default=100, help="APGD iterations")
-        p.add_argument("--transfer-steps", type=int, default=100, help="iterations of each transfer attack")
-        p.add_argument("--queries", type=int, default=5000, help="Square attack query budget per sample")
-        p.add_argument("--square-eps", nargs="+", type=float, default=[0.03],
+        p.add_argument("--apgd-steps", type=int, default=ad.apgd_steps, help="APGD iterations")
+        p.add_argument("--transfer-steps", type=int, default=tr.steps, help="iterations of each transfer attack")
+        p.add_argument("--queries", type=int, default=d.square_queries, help="Square attack query budget per sample")
+        p.add_argument("--square-eps", nargs="+", type=float, default=list(d.square_eps),
                        help="radii at which Square runs (Table 3: 0.03)")
-        p.add_argument("--sanity-eps", type=float, default=0.3,
+        p.add_argument("--sanity-eps", type=float, default=d.sanity_eps,
                        help="large radius where PGD must reach ~0%% accuracy (0: skip the check)")
-        p.add_argument("--score", default="ppd", choices=SCORES,
-                       help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
-                       "authors' code), or maxprob: the most confident sub-model (no PPD)")
+        p.add_argument("--score", default=d.score, choices=SCORES,
+                       help=score_help())
         p.add_argument("--data", dest="data_dir", default=None,
                        help="CIFAR-10 folder, image folder or zip (default: the one the run was "
                        "trained on, else $CDA2_DATA, ./data, ~/.cache/cda2_ext/data)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-        p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
+        add_model_arguments(p, "the constructors of runs (and surrogates) of your own architecture")
         # SUPPRESS: the help formatter would print "(default: True)" beside a switch that turns off
         p.add_argument("--no-progress", dest="progress", action="store_false",
                        default=argparse.SUPPRESS, help="no progress bars")
@@ -130,9 +149,17 @@ class EvalJob(Job):
                        "before the evaluation starts; earlier results there are kept unless --force)")
         p.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
 
+    @functools.cached_property
+    def _config(self) -> EvalConfig:
+        return self._build_config()
+
     def config(self) -> EvalConfig:
         """The evaluation's :class:`~cda2_ext.evaluation.EvalConfig` from the options (the
-        checkpoints, surrogates and output folder are the job's own: :meth:`run`)."""
+        checkpoints, surrogates and output folder are the job's own: :meth:`run`), built - and so
+        checked - once per job (a job is frozen: its options never change)."""
+        return self._config
+
+    def _build_config(self) -> EvalConfig:
         args = self.namespace()
         named = (*DEFAULT_ATTACKS, *args.attack) if "all" in args.attack else args.attack
         attacks = tuple(a for a in dict.fromkeys(named) if a != "all")
@@ -159,12 +186,11 @@ class EvalJob(Job):
             if v < lo:
                 raise ConfigError(f"{flag}: must be >= {lo}, got {v}")
             limits.count(flag, v, lo, hi)
-        if not 0 <= args.sanity_eps <= 1:
-            raise ConfigError(f"sanity-eps: must be in [0, 1], got {args.sanity_eps}")
         check_seed(args.seed)
         if "transfer" in attacks and "all" not in args.attack and not (args.surrogate or args.transfer_set):
             raise ConfigError("--attack transfer needs at least one --surrogate checkpoint or --transfer-set file")
-        # the configs raise a ConfigError naming the field: no wrapping here
+        # the configs check themselves when built (EvalConfig: its radii by limits.radius) and
+        # raise a ConfigError naming the field: no wrapping, and no second check here
         return EvalConfig(
             attacks=attacks, eps=tuple(args.eps), n_samples=args.n_samples, seed=args.seed,
             batch_size=args.batch_size,
@@ -176,11 +202,13 @@ class EvalJob(Job):
                                     bpda_temperature=args.bpda_temperature,
                                     decision_targets=decision_targets, apgd_steps=args.apgd_steps,
                                     score=args.score),
-            transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps),
+            transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps,
+                                           **({"methods": tuple(args.transfer_methods)}
+                                              if args.transfer_methods else {})),
             square_queries=args.queries, square_eps=tuple(args.square_eps),
             sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
             subset=args.subset,
-            progress=getattr(args, "progress", True)).validate()
+            progress=getattr(args, "progress", True))
 
     def run(self) -> int:
         """``cda2 eval``: evaluate, print the table and checks, write JSON/CSV/PNG."""
@@ -192,21 +220,26 @@ class EvalJob(Job):
         models: Dict[str, Any] = {}
         targets: Dict[str, str] = {}
         metas = []
-        for name, path in zip(_names(args.checkpoint), args.checkpoint):
-            model, meta = load_collaboration(path, device, fused=not args.unfused)
-            config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-            # Only CDA² trains the PPD heads Algorithm 2 selects with: any other method's run is
-            # evaluated as the ensemble it is (mean probability), with APGD as its adaptive attack.
-            ensemble = config.get("method", "cda2") != "cda2"
-            models[name] = EnsembleLogits(model) if ensemble else model
-            targets[name] = "ensemble" if ensemble else "collaboration"
-            metas.append(config)
-        surrogates: Dict[str, Any] = {}
-        surrogate_paths: Dict[str, str] = {}
-        for name, path in zip(_names(args.surrogate), args.surrogate):
-            net, _ = load_collaboration(path, device, fused=not args.unfused)
-            surrogates[f"S:{name}"] = EnsembleLogits(net)
-            surrogate_paths[f"S:{name}"] = str(path)
+        nets: Dict[str, Any] = {}  # every model loaded, by its --checkpoint/--surrogate path
+        with named_architectures(*args.arch):  # the user's constructors: only those named here
+            for name, path in zip(_names(args.checkpoint), args.checkpoint):
+                model, meta = load_collaboration(path, device, fused=not args.unfused)
+                config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+                # Only CDA² trains the PPD heads Algorithm 2 selects with: any other method's run
+                # is evaluated as the ensemble it is (mean probability), with APGD as its
+                # adaptive attack.
+                ensemble = config.get("method", "cda2") != "cda2"
+                models[name] = EnsembleLogits(model) if ensemble else model
+                targets[name] = "ensemble" if ensemble else "collaboration"
+                metas.append(config)
+                nets[f"--checkpoint {path}"] = model
+            surrogates: Dict[str, Any] = {}
+            surrogate_paths: Dict[str, str] = {}
+            for name, path in zip(_names(args.surrogate), args.surrogate):
+                net, _ = load_collaboration(path, device, fused=not args.unfused)
+                surrogates[f"S:{name}"] = EnsembleLogits(net)
+                surrogate_paths[f"S:{name}"] = str(path)
+                nets[f"--surrogate {path}"] = net
         tsets = {}
         for f in args.transfer_set:
             try:
@@ -219,7 +252,9 @@ class EvalJob(Job):
         if len(datasets) > 1:
             raise ConfigError(f"checkpoints were trained on different datasets: {sorted(datasets)}")
         first = metas[0]
-        data = load_images(datasets.pop(), "test", args.data_dir or first.get("data_dir"), first.get("seed", 0))
+        dataset = datasets.pop()
+        data = load_images(dataset, "test", args.data_dir or first.get("data_dir"), first.get("seed", 0))
+        check_fit(nets, data.images.shape[-2:], len(data.classes), data.source)
 
         t0 = time.perf_counter()
         try:
@@ -230,7 +265,9 @@ class EvalJob(Job):
             raise ConfigError(str(err)) from None
         report.config.update({"checkpoints": dict(zip(models, args.checkpoint)), "targets": targets,
                               "surrogates": surrogate_paths, "transfer_sets": list(args.transfer_set),
-                              "device": str(device)})
+                              "device": str(device),
+                              "data": {"dataset": dataset, "name": dataset_name(dataset, data.source),
+                                       "num_classes": len(data.classes), "source": data.source}})
         print(report.format_table())
         print()
         for line in report.checks:
@@ -239,6 +276,7 @@ class EvalJob(Job):
         paths = save_or_rescue(
             lambda: [report.to_json(json_file), report.to_csv(csv_file), report.plot(png_file)],
             json.dumps(report.to_dict(), indent=2), option="--out")
-        print(f"\n{len(report.indices)} test images, seed {cfg.seed}, {time.perf_counter() - t0:.1f}s; "
+        print(f"\n{len(report.indices)} test images of {dataset_name(dataset, data.source)} "
+              f"({len(data.classes)} classes), seed {cfg.seed}, {time.perf_counter() - t0:.1f}s; "
               f"wrote {', '.join(str(p) for p in paths)}")
         return 0

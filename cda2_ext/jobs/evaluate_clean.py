@@ -7,16 +7,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict
 
+import torch
+
 from .. import limits
-from ..data import load_images
+from ..data import dataset_name, load_images
 from ..errors import ConfigError
 from ..evaluation.clean import evaluate_clean
+from ..evaluation.rules import collect_outputs, rule_report, rule_table
 from ..files.checkpoint import atomic_write
 from ..files.run_folder import check_output, save_or_rescue
-from ..models.collaboration import SCORES
-from ..runtime import resolve_device
+from ..models.architectures import named_architectures
+from ..models.selection import SCORES, score_help
+from ..runtime import eval_mode, resolve_device
 from ..training.restore import load_collaboration
-from .base import Job
+from .base import Job, add_model_arguments
+from .evaluate import check_fit
 
 __all__ = ["CleanEvalJob"]
 
@@ -39,10 +44,14 @@ class CleanEvalJob(Job):
         p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
         p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
         p.add_argument("--score", default="ppd", choices=SCORES,
-                       help="Algorithm 2's selection score: PPD (paper), soe: max-prob x sigmoid(PPD) (the "
-                       "authors' code), or maxprob: the most confident sub-model (no PPD)")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-        p.add_argument("--unfused", action="store_true", help="use the plain-PyTorch reference ops")
+                       help=score_help())
+        p.add_argument("--rules", default=None, choices=("all",),
+                       help="all: also score the run by every label-free rule (PPD, the authors' "
+                       "detector, max-prob, margin, entropy, ensemble, vote), each sub-model, the "
+                       "best sub-model, the oracle and a fitted selector, on half of the images "
+                       "with paired standard errors; prints that table instead of the JSON, which "
+                       "--out still receives (docs/evaluation.md)")
+        add_model_arguments(p, "the constructor of a run of your own architecture")
         p.add_argument("--out", default=None, help="also write the JSON to this file (checked before "
                        "the evaluation starts; an existing file is kept unless --force)")
         p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
@@ -56,18 +65,31 @@ class CleanEvalJob(Job):
             limits.count(flag, v, 1, limits.ITEMS, optional=True)
         out_path = check_output(args.out, option="--out", force=args.force) if args.out else None
         device = resolve_device(args.device)
-        model, meta = load_collaboration(args.checkpoint, device, fused=not args.unfused)
+        with named_architectures(*args.arch):  # the user's constructors: only those named here
+            model, meta = load_collaboration(args.checkpoint, device, fused=not args.unfused)
         cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         dataset = cfg.get("dataset", "cifar10")
         data = load_images(dataset, args.split, args.data_dir or cfg.get("data_dir"), cfg.get("seed", 0))
+        check_fit({"checkpoint": model}, data.images.shape[-2:], len(data.classes), data.source)
         data = data.subset(args.limit)
         t0 = time.perf_counter()
         res = evaluate_clean(model, data.images, data.labels, args.batch_size, args.score, device)
         out: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"),
-                               "dataset": dataset, "split": args.split, **res,
-                               "seconds": round(time.perf_counter() - t0, 2)}
+                               "dataset": dataset, "split": args.split,
+                               "data": {"name": dataset_name(dataset, data.source),
+                                        "num_classes": len(data.classes), "source": data.source},
+                               **res}
+        if args.rules:
+            with torch.no_grad(), eval_mode(model):
+                logits, ppd = collect_outputs(model, data.images, args.batch_size, device)
+            out["rules"] = rule_report(logits, ppd, data.labels, own=args.score)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
         text = json.dumps(out, indent=2)
-        print(text, flush=True)  # first: the results are on stdout even if the file cannot be written
+        # first: the results are on stdout even if the file cannot be written
+        print(rule_table(out["rules"], f"{args.checkpoint} (epoch {meta.get('epoch')}), "
+                         f"{args.split} images of {out['data']['name']} "
+                         f"({out['data']['num_classes']} classes)") if args.rules else text,
+              flush=True)
         if out_path is not None:
             save_or_rescue(lambda: atomic_write(out_path, (text + "\n").encode()), text, option="--out")
         return 0

@@ -8,41 +8,48 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..data import ensure_cifar10
+from ..data import dataset_name, ensure_cifar10, infer_dataset
 from ..errors import ConfigError, LostPeerError
 from ..files.checkpoint import checkpoint_files, load_checkpoint
 from ..files.run_folder import check_run_folder
+from ..models.architectures import ARCHITECTURES, import_constructor, is_import_path
+from ..models.selection import score_help
 from ..runtime import resolve_device
 from ..training.config import AMP, NONFINITE, OPTIMIZERS, TrainConfig
 from ..training.distributed import DistContext, from_environment
 from ..training.methods import METHODS
 from ..training.trainer import Trainer
+from ..training.weighting import param_help, weighting_params, weights_help
 from .base import Job
 
-__all__ = ["TrainJob", "TRAIN_OPTIONS", "resolve_download"]
+__all__ = ["TrainJob", "TRAIN_OPTIONS", "train_options", "resolve_download"]
 
 #: The options that are not :class:`TrainConfig` fields: what the command does with the folder
 #: and the data, not what it trains.
 _ACTIONS = ("resume", "force", "download")
 
 # ----- options ----------------------------------------------------------------------------------
-TRAIN_OPTIONS = [
-    # (flag, field, type, help)
+#: One option: (flag, TrainConfig field, type, help).
+Option = Tuple[str, str, type, str]
+
+TRAIN_OPTIONS: List[Option] = [
     ("--method", "method", str, f"what to train: {' | '.join(METHODS)}"),
     ("--num-models", "num_models", int, "number of sub-models M"),
     ("--depth", "depth", int, "ResNet depth: 2 (Table 6) or 6n+2 (8, 14, 20, ...)"),
+    ("--arch", "arch", str, "sub-model architecture: " + " | ".join(
+        f"{n} ({a.summary})" for n, a in ARCHITECTURES.items() if a.input_dims == 3) + " | "
+     "package.module:function, your own constructor of one sub-model's trunk (an nn.Module "
+     "mapping images to a feature vector; its folder on PYTHONPATH); a run records the path, and "
+     "resuming or evaluating it needs the same --arch again"),
     ("--ppd-input", "ppd_input", str, "PPD head input (detached): features | logits"),
     ("--phases", "phases", str, "adversarial (paper's implementation) | natural | both | standard"),
-    ("--weights", "weights", str, "how each sample is shared among the sub-models: softmin "
-     "(Eq. 7, the paper) | detector (the authors' latest code: softmax of --temp-c x max-prob x "
-     "sigmoid(PPD), detached, weighting each sub-model's CE)"),
-    ("--sigma", "sigma", float, "soft-min temperature of the surrogate (Eq. 7), > 0"),
-    ("--temp-c", "temp_c", float, "--weights detector: temperature of the weights' softmax"),
+    # (here train_options() puts --weights and the weightings' parameters: training/weighting.py)
     ("--temp-true", "temp_true", float, "temperature of p_y, the PPD BCE's target"),
     ("--bce-weight", "bce_weight", float, "weight of the PPD-head BCE"),
-    ("--select-score", "select_score", str, "sub-model selection in the adversarial phase: ppd | soe"),
+    ("--select-score", "select_score", str,
+     score_help("the sub-model the adversarial phase attacks and trains as selected")),
     ("--eps", "eps", float, "L-inf radius of the training PGD (images in [0, 1])"),
     ("--alpha", "alpha", float, "PGD step size"),
     ("--steps", "steps", int, "PGD steps"),
@@ -63,9 +70,11 @@ TRAIN_OPTIONS = [
     ("--weight-decay", "weight_decay", float, "weight decay"),
     ("--schedule", "schedule", str, "multistep (x gamma at 50%%/75%% of epochs) | cosine | constant"),
     ("--gamma", "gamma", float, "multistep decay factor"),
-    ("--dataset", "dataset", str, "cifar10 | synthetic"),
-    ("--data", "data_dir", str, "CIFAR-10: a cifar-10-batches-py folder (or the folder holding "
-     "it), an image folder (train/<class>/, test/<class>/) or a zip of one, e.g. cifar-10-jpeg.zip "
+    ("--dataset", "dataset", str, "cifar10 | imagefolder (an image folder or zip of any number of "
+     "classes and any image size) | synthetic; unset: imagefolder when --data is an image folder "
+     "or zip whose number of classes is not 10, else cifar10"),
+    ("--data", "data_dir", str, "a cifar-10-batches-py folder (or the folder holding it), an "
+     "image folder (train/<class>/, test/<class>/) or a zip of one, e.g. cifar-10-jpeg.zip "
      "(decoded once into ~/.cache/cda2_ext; unset: $CDA2_DATA, else ./data if it exists, then "
      "~/.cache/cda2_ext/data)"),
     ("--train-limit", "train_limit", int, "use only the first N training images"),
@@ -96,6 +105,17 @@ TRAIN_OPTIONS = [
 ]
 
 
+
+def train_options() -> List[Option]:
+    """Every option row of ``cda2 train``: :data:`TRAIN_OPTIONS` with ``--weights`` and each
+    weighting parameter after ``--phases``, made from the weightings' records when a parser is
+    built (so a weighting registered before then is in ``--help``)."""
+    weighting: List[Option] = [("--weights", "weights", str, weights_help())]
+    weighting += [(p.flag, p.name, float, param_help(p)) for p in weighting_params()]
+    at = next(i for i, row in enumerate(TRAIN_OPTIONS) if row[1] == "phases") + 1
+    return TRAIN_OPTIONS[:at] + weighting + TRAIN_OPTIONS[at:]
+
+
 @dataclass(frozen=True)
 class TrainJob(Job):
     """A ``cda2 train`` run: :class:`TrainConfig` fields given (the method's own defaults fill
@@ -113,9 +133,15 @@ class TrainJob(Job):
         """The options of ``cda2 train``; none has a default of its own here (``SUPPRESS``), so
         that the method's defaults apply where an option is not given."""
         d = TrainConfig()
-        for flag, name, typ, help_ in TRAIN_OPTIONS:
+        for flag, name, typ, help_ in train_options():
             p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
                            help=f"{help_} (default: {getattr(d, name)})")
+        for name, what in (("mean", "mean"), ("std", "standard deviation")):
+            p.add_argument(f"--{name}", dest=name, type=float, nargs=3, metavar=("R", "G", "B"),
+                           default=argparse.SUPPRESS, help=f"per-channel {what} of the images "
+                           "in [0, 1], for the normalisation inside the model (default: CIFAR-10's "
+                           "for cifar10; computed once from the training split for an image "
+                           "folder, and stored with the run)")
         p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
                        help="no random crop / flip")
         start = p.add_mutually_exclusive_group()  # both spellings, the default stated
@@ -158,8 +184,9 @@ class TrainJob(Job):
 
     @property
     def given(self) -> Dict[str, Any]:
-        """The :class:`TrainConfig` fields given."""
-        return {k: v for k, v in self.options if k not in _ACTIONS}
+        """The :class:`TrainConfig` fields given (lists, as a parser makes them, as tuples)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in self.options
+                if k not in _ACTIONS}
 
     @property
     def resume(self) -> bool:
@@ -184,10 +211,16 @@ class TrainJob(Job):
         st_path = checkpoint_files(self.out_dir)[0]
         if self.resume and st_path.is_file():
             stored = TrainConfig.from_meta(load_checkpoint(st_path)[1], st_path)
+            if is_import_path(stored.arch) and "arch" not in given:
+                raise ConfigError(f"--resume: the run in {self.out_dir} has arch {stored.arch}, your "
+                                  "own constructor, and a checkpoint never imports code by itself: "
+                                  f"name it again with --arch {stored.arch}")
             bad = stored.resume_conflicts(given)
             if bad:
                 raise ConfigError(f"--resume: cannot change {', '.join(bad)} of the run in {self.out_dir}")
             return stored.replace(**given).validate()
+        if "dataset" not in given:  # what --data holds: an image folder of any K, or CIFAR-10
+            given["dataset"] = infer_dataset(given.get("data_dir"))
         return TrainConfig.for_method(**given).validate()  # the method's own defaults where not given
 
     def run(self) -> int:
@@ -199,10 +232,13 @@ class TrainJob(Job):
         # Both checked again by the trainer (the folder under the run's lock); here so that a
         # wrong --device or --out-dir fails before anything is created or loaded.
         resolve_device(cfg.device)
+        # --arch package.module:function was given (for a new run, or again to resume): imported
+        # now, so that a typo fails before the run folder is touched
+        arch = import_constructor(cfg.arch) if is_import_path(cfg.arch) else None
         dist = from_environment()
         t0 = time.perf_counter()
         try:
-            trainer, trained = self._train(cfg, dist)
+            trainer, trained = self._train(cfg, dist, arch)
         except RuntimeError as err:  # a peer process ended: one line on every rank, not a traceback
             lost = dist.lost_peer(err)
             if lost is None:
@@ -219,14 +255,19 @@ class TrainJob(Job):
             print(f"cda2: nothing to train: the run in {cfg.out_dir} has finished {trainer.epoch} "
                   f"epoch(s), --epochs is {cfg.epochs}; pass a larger --epochs to continue it",
                   file=sys.stderr)
+        tc = trainer.config  # with an image folder's K and normalisation
         print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch,
+                          "data": {"dataset": tc.dataset, "name": dataset_name(tc.dataset, tc.data_dir),
+                                   "num_classes": tc.num_classes,
+                                   "image_size": list(trainer.image_size)},
                           "seconds": round(time.perf_counter() - t0, 2),
                           "final": {k: final.get(k) for k in ("loss", "clean_acc", "adv_acc",
                                                               "assign_hist", "select_hist", "test")}},
                          indent=2))
         return 0
 
-    def _train(self, cfg: TrainConfig, dist: DistContext) -> Tuple[Trainer, bool]:
+    def _train(self, cfg: TrainConfig, dist: DistContext, arch: Optional[Callable[[], Any]]
+               ) -> Tuple[Trainer, bool]:
         """Check the folder (rank 0), download if asked, train; returns the trainer and whether
         any epoch was trained in this call (a resumed run may already be past ``--epochs``)."""
         if dist.is_main:
@@ -234,7 +275,7 @@ class TrainJob(Job):
         if self.download and cfg.dataset == "cifar10":
             folder = resolve_download(cfg.data_dir, dist)
             cfg = cfg.replace(data_dir=str(folder))
-        trainer = Trainer(cfg, dist=dist)
+        trainer = Trainer(cfg, dist=dist, arch=arch)
         started: List[int] = []  # the first step of any epoch trained here
         trainer.fit(lambda step, losses: started.append(step) if step == 0 else None,
                     resume=self.resume, force=self.force)

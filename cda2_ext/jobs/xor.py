@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..files.plotting import figure_format
 from ..files.run_folder import check_output
 from ..toy.xor import XorConfig, run_xor
+from ..training.weighting import SIGMA
 from .base import Job, check_seed
 
 __all__ = ["XorJob"]
@@ -41,8 +42,7 @@ class XorJob(Job):
     def run(self) -> int:
         """``cda2 xor``: train both models, print the accuracies, draw Figure 4."""
         args = self.namespace()
-        if not (math.isfinite(args.sigma) and args.sigma > 0):
-            raise ConfigError(f"sigma: the soft-min temperature must be finite and > 0, got {args.sigma}")
+        SIGMA.check(args.sigma)  # Eq. 7's temperature: the one rule training's --sigma has
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise ConfigError(f"lr: must be finite and > 0, got {args.lr}")
         for flag, v, lo, hi in (("n-train", args.n_train, 4, limits.ITEMS // 100),

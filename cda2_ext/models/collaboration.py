@@ -24,19 +24,23 @@ import torch
 from torch import Tensor, nn
 
 from .. import limits
-from ..files.records import from_record
+from ..errors import ConfigError
+from ..files.records import from_record, to_record
 from ..runtime import FUSED, OpsBackend, ops_backend
+from .classifier import CollaborationLogits, EnsembleLogits
 from .fast import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
-from .resnet import (CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, PackedLinearTrunk,
-                     PackedResNetTrunk, valid_depth)
+from .selection import SCORES, selection_score
+from .architectures import ARCHITECTURES, check_arch_name, import_path, resolve_architecture
+from .resnet import CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, valid_depth
 
 __all__ = [
     "ARCHS", "SCORES", "CollaborationConfig", "Collaboration", "Predictions",
     "selection_score", "collaborate", "ensemble_probs", "majority_vote", "predict_from_outputs",
 ]
 
-ARCHS = ("resnet", "linear")
-SCORES = ("ppd", "soe", "maxprob")
+#: The built-in architectures (:data:`~cda2_ext.models.architectures.ARCHITECTURES`); a user's
+#: own constructor is named ``package.module:function``.
+ARCHS = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -45,8 +49,11 @@ class CollaborationConfig:
 
     Attributes:
         num_models: M, the number of sub-models (paper: 3).
-        arch: ``"resnet"`` (CIFAR images) or ``"linear"`` (vectors, the XOR experiment).
-        depth: ResNet depth, 2 or 6n+2 (paper: 20).
+        arch: a built-in architecture (:data:`ARCHS`: ``"resnet"``, the paper's; ``"linear"``,
+            vectors, the XOR experiment; ``"wrn16-4"``) or ``"package.module:function"``, a
+            user's constructor of one sub-model's trunk (:mod:`cda2_ext.models.architectures`:
+            loading such a config needs that constructor named again).
+        depth: ResNet depth, 2 or 6n+2 (paper: 20); read by ``arch="resnet"`` only.
         num_classes: K.
         in_channels: image channels (resnet) / input features (linear).
         ppd_input: PPD head input, ``"features"`` (default) or ``"logits"``; always detached
@@ -56,7 +63,13 @@ class CollaborationConfig:
         layout: how the ResNet trunk runs its packed weights - ``"packed"`` (grouped
             convolutions), ``"loop"`` (a loop over sub-models, channels-last) or ``"auto"``
             (loop on CPU, packed elsewhere); see :mod:`cda2_ext.models.fast`. Speed only: the
-            parameters, the state dict and the results do not depend on it.
+            parameters, the state dict and the results do not depend on it. ResNet only: other
+            architectures run their M copies as a loop.
+        image_size: ``(H, W)`` of the images the model was built for, checked on every input
+            when set (a run on an image folder, or of another architecture than the ResNet,
+            records its data's); ``None``: any size (the ResNets pool adaptively; checkpoints
+            from before this field). A user's trunk without a ``feature_dim``
+            attribute needs it, to measure its feature size.
     """
 
     num_models: int = 3
@@ -70,6 +83,7 @@ class CollaborationConfig:
     mean: Tuple[float, ...] = field(default=CIFAR10_MEAN)
     std: Tuple[float, ...] = field(default=CIFAR10_STD)
     layout: str = "auto"
+    image_size: Optional[Tuple[int, int]] = None
 
     def validate(self) -> "CollaborationConfig":
         """Raise ``ValueError`` with a one-line message for an unusable configuration.
@@ -78,8 +92,7 @@ class CollaborationConfig:
         hold anything, and ``num_classes = 10**12`` would otherwise be an allocation of terabytes.
         """
         limits.count("num_models", self.num_models, 1, limits.MODELS)
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        check_arch_name(self.arch)  # its form only: a user's constructor is never imported here
         limits.count("depth", self.depth, 2, limits.DEPTH)
         if self.arch == "resnet" and not valid_depth(self.depth):
             raise ValueError(f"depth: expected 2 or 6n+2 (8, 14, 20, 32, ...), got {self.depth}")
@@ -99,10 +112,16 @@ class CollaborationConfig:
             raise ValueError(f"ppd_input: expected one of {PPD_INPUTS}, got {self.ppd_input!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
+        size = self.image_size
+        if size is not None and not (isinstance(size, tuple) and len(size) == 2):
+            raise ValueError(f"image_size: expected (height, width), got {size!r}")
+        for side in size or ():
+            limits.count("image_size", side, 1, limits.IMAGE_SIDE)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON; ``image_size`` only where set (checkpoints before it lack it)."""
+        return to_record(self, later=("image_size",))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CollaborationConfig":
@@ -126,26 +145,6 @@ class Predictions(NamedTuple):
     ensemble: Tensor
     vote: Tensor
     per_model: Tensor
-
-
-def selection_score(logits: Tensor, ppd_logit: Tensor, score: str = "ppd") -> Tensor:
-    """The ``[M, B]`` score Algorithm 2 maximises over sub-models.
-
-    ``"ppd"``: the PPD logit itself (the paper; sigmoid is monotone so the argmax is the same).
-    ``"soe"``: ``max_k softmax(logits)_k * sigmoid(ppd_logit)`` (Synergy-of-Experts code).
-    ``"maxprob"``: ``max_k softmax(logits)_k``, the most confident sub-model answers (no PPD
-    head: the rule for M independently trained models, the control of ``cda2 reproduce depth``).
-    """
-    if score == "ppd":
-        return ppd_logit
-    # float64 stays float64 (the tests' oracle precision); anything else is scored in float32
-    z = logits if logits.dtype == torch.float64 else logits.float()
-    if score == "soe":
-        s = ppd_logit if ppd_logit.dtype == torch.float64 else ppd_logit.float()
-        return torch.softmax(z, dim=-1).amax(-1) * torch.sigmoid(s)
-    if score == "maxprob":
-        return torch.softmax(z, dim=-1).amax(-1)
-    raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
 
 
 def collaborate(logits: Tensor, ppd_logit: Tensor, score: str = "ppd",
@@ -196,6 +195,9 @@ class Collaboration(nn.Module):
 
     Args:
         config: the architecture (stored beside checkpoints); ``overrides`` replace its fields.
+            ``arch`` may be a constructor of one sub-model's trunk (any ``nn.Module`` mapping
+            images to a feature vector; M copies are built): its import path is recorded as
+            ``config.arch``, and the label and PPD heads go on top.
         fused: run Algorithm 2's selection with the fused kernels (default) or, ``False``, their
             plain-PyTorch twins. How to compute, not what: it is not part of the config, and
             the math is the same. Read back as :attr:`backend`.
@@ -204,16 +206,18 @@ class Collaboration(nn.Module):
     def __init__(self, config: Optional[CollaborationConfig] = None, *, fused: bool = True,
                  **overrides: Any) -> None:
         super().__init__()
+        constructor = overrides.get("arch")
+        if callable(constructor):  # the config keeps its name; the callable builds it
+            overrides["arch"] = import_path(constructor)
+        else:
+            constructor = None
         cfg = dataclasses.replace(config or CollaborationConfig(), **overrides).validate()
         self.config = cfg
         self._backend = ops_backend(fused)
-        if cfg.arch == "resnet":
-            trunk: nn.Module = PackedResNetTrunk(cfg.num_models, cfg.depth, cfg.in_channels,
-                                                 layout=cfg.layout)
-            self.input_dims = 3
-        else:
-            trunk = PackedLinearTrunk(cfg.num_models, cfg.in_channels)
-            self.input_dims = 1
+        #: What builds the trunk (:mod:`cda2_ext.models.architectures`).
+        self.architecture = resolve_architecture(cfg.arch, constructor)
+        self.input_dims = self.architecture.input_dims
+        trunk = self.architecture.build(cfg)
         mean, std = (cfg.mean, cfg.std) if cfg.normalize else (None, None)
         self.net = DualHeadNet(trunk, cfg.num_classes, cfg.ppd_input, cfg.detach_ppd, mean, std)
 
@@ -258,7 +262,8 @@ class Collaboration(nn.Module):
         """
         p = next(self.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-        loop = (resolve_layout(self.layout, device) == "loop" and not has_hooks(self.net)
+        loop = (self.architecture.snapshot and resolve_layout(self.layout, device) == "loop"
+                and not has_hooks(self.net)
                 and not torch.is_autocast_enabled(device.type))
         inner = FrozenNet(self.net) if loop else EvalNet(self.net)
         return _Checked(self, inner)
@@ -273,6 +278,10 @@ class Collaboration(nn.Module):
         if d not in (1, 2) or (d == 2 and x.shape[0] != self.num_models):
             raise ValueError(f"x: expected [B, *input] or [M={self.num_models}, B, *input] with "
                              f"{self.input_dims} input dims, got {list(x.shape)}")
+        size = self.config.image_size
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            raise ConfigError(f"x: images of {x.shape[-2]}x{x.shape[-1]} pixels, but the model was "
+                              f"built for {size[0]}x{size[1]} (its image_size)")
 
     def collaborate(self, x: Tensor, score: str = "ppd") -> Tuple[Tensor, Tensor]:
         """Algorithm 2: ``(index [B], chosen_logits [B, K])``; differentiable w.r.t. ``x``."""
@@ -287,6 +296,19 @@ class Collaboration(nn.Module):
         if method == "vote":
             return majority_vote(logits)
         raise ValueError(f"method: expected 'mean' or 'vote', got {method!r}")
+
+    def as_classifier(self, score: str = "ppd", selection: str = "hard",
+                      temperature: float = 1.0) -> CollaborationLogits:
+        """This collaboration as a classifier ``x [B, C, H, W] -> logits [B, K]``: Algorithm 2's
+        answer, the logits of the sub-model that ``score`` picks (``selection="soft"`` /
+        ``"bpda"`` relax the pick for adaptive attacks). What torchattacks, AutoAttack and
+        RobustBench expect; see :class:`~cda2_ext.models.classifier.CollaborationLogits`."""
+        return CollaborationLogits(self, selection, temperature, score)
+
+    def as_ensemble_classifier(self) -> EnsembleLogits:
+        """This collaboration's sub-models as a plain ensemble classifier ``x -> logits [B, K]``
+        (``log`` of the averaged probabilities): the answer of :meth:`ensemble`."""
+        return EnsembleLogits(self)
 
     @torch.no_grad()
     def predict(self, x: Tensor, score: str = "ppd") -> Predictions:

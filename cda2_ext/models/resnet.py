@@ -29,6 +29,9 @@ Architectures (``depth``):
   ResNet-20 is the paper's sub-model.
 * ``2``: the "very shallow" model of Table 6 - one 3x3 conv (16 channels) + BN + ReLU, average
   pooling to 4x4 (8x8 windows on CIFAR), flattened to 256 features (the SoE code's ``depth=2`` shape), heads.
+  This is a guess: the authors' code declares this shape (``fc`` of ``64 * 4`` inputs when
+  ``n == 0``) but its ``forward`` cannot run it (``features`` is never assigned at ``n == 0``),
+  and the paper does not describe the network.
 
 Heads (:class:`DualHeadNet`): the label head is one linear layer to K logits; the PPD head is one
 linear unit (sigmoid applied by the loss). **By default the PPD head reads the detached pooled

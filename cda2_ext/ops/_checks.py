@@ -4,7 +4,9 @@ Only metadata is inspected here (shapes, dtypes, devices, scalars), so the check
 work on fake tensors under ``torch.compile``. The one data-dependent check, labels in range, is
 :func:`labels_in_range`; the compiled kernels do it themselves before touching logits, so only
 the reference path calls it. The C++ side repeats the metadata checks (``csrc/checks.h``)
-because ``torch.ops.cda2_ext.*`` can be called directly; the messages are kept alike.
+because ``torch.ops.cda2_ext.*`` can be called directly; the two must agree, and
+``python_tests/test_bad_inputs.py::test_python_and_cpp_checks_agree`` runs one table of bad inputs
+through both (same exception type, the same argument named first).
 
 Reading labels is a host read of device data (a device synchronisation on a GPU), so a caller
 that checked its labels once may run its ops inside :func:`labels_checked`: the trainer does, for
@@ -150,8 +152,10 @@ def _image_pair(x_adv: Tensor, x_nat: Tensor) -> None:
 def _box(eps: float, lo: float, hi: float) -> None:
     _positive("eps", eps, strict=False)
     for n, v in (("lo", lo), ("hi", hi)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             raise ValueError(f"{n}: expected a number, got {v!r}")
+    if math.isnan(lo) or math.isnan(hi):  # the message of check_box in csrc/checks.h
+        raise ValueError(f"lo: expected numbers for lo and hi, got {lo}, {hi}")
     if lo > hi:
         raise ValueError(f"lo: must be <= hi, got lo={lo} > hi={hi}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from .experiments import (BUDGETS, EXPERIMENTS, Budget, Context, Experiment, Report, check_budget,
-                          describe, missing_methods)
+                          describe, markdown_table, missing_methods)
 from .runner import ReproduceError, Step, StepRunner, command_line
 
 __all__ = ["EXPERIMENTS", "BUDGETS", "Experiment", "Budget", "Context", "Report", "Step",
@@ -88,7 +88,12 @@ def _portable(text: str, out: PathLike, data: Optional[str]) -> str:
 def _markdown(exp: Experiment, budget: str, b: Budget, report: Report,
               records: List[Dict[str, Any]], figure: Optional[Path]) -> str:
     lines = [f"# `cda2 reproduce {exp.name} --budget {budget}`", "",
-             f"{exp.title} ({exp.paper_ref}).", "", report.markdown(), ""]
+             f"{exp.title} ({exp.paper_ref}).", ""]
+    if report.findings:  # the conclusions first, then the numbers behind them
+        lines += ["**Findings:**", ""] + [f"- {f}" for f in report.findings] + [""]
+    lines += [report.markdown(), ""]
+    for title, columns, rows in report.tables:
+        lines += [f"{title}:", "", markdown_table(columns, rows), ""]
     lines += [f"- {n}" for n in report.notes]
     lines += [f"- Budget `{budget}` shows {b.shows}; it cannot show {b.cannot_show}."]
     if figure is not None:
@@ -98,6 +103,8 @@ def _markdown(exp: Experiment, budget: str, b: Budget, report: Report,
     for r in records:
         trained = (f"; its epochs took {r['train_seconds']} s"
                    if r.get("train_seconds") is not None else "")
+        if r.get("cpu_share") is not None:  # below 1: other jobs shared its cores
+            trained += f" with {100 * r['cpu_share']:.0f}% of its cores"
         lines.append(f"{r['command']}  # {r['status']}, {r['seconds']} s{trained}")
     lines += ["```", ""]
     return "\n".join(lines)
@@ -138,13 +145,16 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
         if Path(report.figure).resolve() != figure.resolve():
             shutil.copyfile(report.figure, figure)
     portable = [dict(r, command=_portable(r["command"], out, data)) for r in runner.records]
-    report = dataclasses.replace(report, notes=[_portable(n, out, data) for n in report.notes])
+    report = dataclasses.replace(report, notes=[_portable(n, out, data) for n in report.notes],
+                                 findings=[_portable(f, out, data) for f in report.findings])
     record = {
         "experiment": name, "title": exp.title, "paper": exp.paper_ref, "budget": budget,
         "params": dataclasses.asdict(b.params),
         "shows": b.shows, "cannot_show": b.cannot_show,
         "commands": [_portable(s.command, out, data) for s in steps], "steps": portable,
-        "columns": report.columns, "rows": report.rows, "notes": report.notes,
+        "findings": report.findings, "columns": report.columns, "rows": report.rows,
+        "tables": [{"title": t, "columns": c, "rows": r} for t, c, r in report.tables],
+        "notes": report.notes,
         "figure": str(figure) if figure else None, "measured": report.measured,
         "environment": _environment(device), "seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -1,8 +1,8 @@
 """``cda2 reproduce depth``: does a collaboration beat one model? (Appendix E.1, Table 6)
 
 Table 6 claims that M = 3 collaborating ResNets beat one ResNet of the same depth under standard
-training, by 2.0 points at depth 2 down to 0.6 at depth 20. Four **arms** answer it, each trained
-with the same data, epochs, schedule and seed, and evaluated on the same test images:
+training, by 2.0 points at depth 2 down to 0.6 at depth 20. Up to five **arms** answer it, each
+trained with the same data, epochs, schedule and seed, and evaluated on the same test images:
 
 * ``single``: one model (``--num-models 1``; Eq. 7 over one model is its cross-entropy).
 * ``paper``: CDA² as the paper writes it: M = 3, Eq. 7's soft-min at sigma = 1, the paper's PPD
@@ -10,29 +10,35 @@ with the same data, epochs, schedule and seed, and evaluated on the same test im
 * ``authors``: CDA² as the authors' latest code trains it: the detector weighting
   (``--weights detector``), the BCE of max-prob x sigmoid(s) training the trunk too
   (``--ppd-grad trunk --ppd-loss soe``), and selection by that detector (``soe``).
+* ``authors_lr0.3``: the same at learning rate 0.3. In both CDA² arms a sample's weights sum to 1
+  over the sub-models, so each gets about a third of an independent model's gradient; this arm
+  asks whether that split gradient is the loss.
 * ``control``: M = 3 models trained independently (``--method ensemble``: each on its own
   cross-entropy), answering by the most confident one (``maxprob``): what three models give
   without any collaboration training.
 
-Per arm, depth and seed: the arm's answer, the ensemble (mean probability), the best sub-model and
-the oracle (some sub-model right), each with its standard error over test images; means and their
-standard error over seeds where there are several. The verdict per depth follows the criteria in
-:data:`CRITERIA`, fixed before any number is seen.
+Per arm, depth and seed, ``cda2 eval-clean --rules all`` scores the run by every label-free rule,
+each sub-model, the best sub-model, the oracle and a fitted selector on the same reported half of
+the test images (:mod:`cda2_ext.evaluation.rules`), so every difference between arms is paired
+over the same images. The verdicts, and where a loss comes from (the experts, the selector, the
+PPD head's training, the split gradient), follow :data:`CRITERIA`, fixed before any number is
+seen.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..jobs.evaluate_clean import CleanEvalJob
 from ..jobs.train import TrainJob
+from ..evaluation.rules import entry, paired_between
 from . import paper
 from .runner import Step, output_step, train_step
 
-__all__ = ["Arm", "ARMS", "CRITERIA", "DepthParams", "depth_plan", "depth_report", "verdict"]
+__all__ = ["Arm", "ARMS", "CRITERIA", "Comparison", "DepthParams", "depth_plan", "depth_report",
+           "verdict", "where_lost", "split_gradient"]
 
 
 @dataclass(frozen=True)
@@ -53,26 +59,38 @@ class Arm:
     score: str
 
 
+#: How the authors' latest code trains CDA² (their detector weighting, the BCE of max-prob x
+#: sigmoid(PPD) training the trunk, selection by that detector).
+_AUTHORS: Tuple[Tuple[str, Any], ...] = (
+    ("phases", "standard"), ("weights", "detector"), ("ppd_grad", "trunk"), ("ppd_loss", "soe"),
+    ("select_score", "soe"))
+
 ARMS: Tuple[Arm, ...] = (
     Arm("single", "one model", 1, (("phases", "standard"),), "ppd"),
     Arm("paper", "CDA², paper (Eq. 7, sigma 1)", 3, (("phases", "standard"),), "ppd"),
-    Arm("authors", "CDA², authors' weighting", 3,
-        (("phases", "standard"), ("weights", "detector"), ("ppd_grad", "trunk"),
-         ("ppd_loss", "soe"), ("select_score", "soe")), "soe"),
+    Arm("authors", "CDA², authors' weighting", 3, _AUTHORS, "soe"),
+    # In both CDA² arms a sample's weights sum to 1 over the M sub-models, so each sub-model gets
+    # about 1/M of the gradient an independent model gets: this arm gives it back (0.1 x 3).
+    Arm("authors_lr0.3", "CDA², authors' weighting, lr 0.3", 3, _AUTHORS + (("lr", 0.3),), "soe"),
     Arm("control", "3 independent, most confident", 3, (("method", "ensemble"),), "maxprob"),
 )
 _BY_NAME = {a.name: a for a in ARMS}
 #: The arms that are CDA², each judged against ``single`` and ``control``.
-_CDA2_ARMS = ("paper", "authors")
+_CDA2_ARMS = ("paper", "authors", "authors_lr0.3")
 
-#: The verdict rule, written before the numbers and printed in every report.
+#: The verdict rules, written before any 100-epoch run and printed in every report. Every
+#: comparison is on the reported half of the test images, with its paired standard error.
 CRITERIA = (
-    "Verdict per depth and CDA² arm, fixed before the runs: 'confirms' if on every seed the arm's "
-    "accuracy beats both the single model and the control by more than two standard errors of the "
-    "difference (sqrt(se1² + se2²), se = sqrt(p(1-p)/n) over the n test images); 'contradicts' if "
-    "on every seed it is more than two such standard errors below the single model; otherwise "
-    "'inconclusive'.")
-
+    "Verdicts, fixed before the runs; each uses 2 paired standard errors (se of the per-image "
+    "difference over the same reported images) and must hold on every seed. Confirms Table 6: a "
+    "CDA² arm's own rule beats both the one model and the control's best label-free rule. "
+    "Contradicts Table 6: the arm's own rule is below the one model. Otherwise: inconclusive. "
+    "The loss is in the experts: the arm's best sub-model (chosen on the fit half) is below the "
+    "one model. The loss is in the selector: the best sub-model is within 1 point of the one model "
+    "but the arm's rule is below it by more than 1 point (and 2 se). The loss is in how the PPD "
+    "head is trained: the fitted selector beats the one model while the arm's rule does not. The "
+    "loss is the split gradient: the authors' arm's experts are below the one model and learning "
+    "rate 0.3 closes that gap (its best sub-model is not below the one model).")
 
 @dataclass(frozen=True)
 class DepthParams:
@@ -88,7 +106,7 @@ class DepthParams:
     depths: Tuple[int, ...]
     epochs: int
     seeds: Tuple[int, ...] = (0,)
-    arms: Tuple[str, ...] = tuple(a.name for a in ARMS)
+    arms: Tuple[str, ...] = ("single", "paper", "authors", "control")
     full_data: bool = False
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -120,86 +138,197 @@ def depth_plan(params: DepthParams, folder: Path, train_options: Mapping[str, An
                     **train_limit, out_dir=str(run))))
                 out = _eval(folder, depth, arm.name, seed)
                 evals.append(output_step(CleanEvalJob.of(
-                    checkpoint=str(run), score=arm.score, out=str(out), **eval_options,
+                    checkpoint=str(run), score=arm.score, rules="all", out=str(out),
+                    **eval_options,
                     **test_limit), out, reads=[run]))
     return trains + evals
 
 
-def _se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` over ``n`` test images."""
-    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+def _eval_json(folder: Path, depth: int, arm: str, seed: int) -> Dict[str, Any]:
+    return json.loads(_eval(folder, depth, arm, seed).read_text())
 
 
-def _mean_se(values: Sequence[float]) -> Tuple[float, Optional[float]]:
-    """Mean and its standard error over seeds (``None`` with one seed)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
-    return m, math.sqrt(var / len(values))
+Diff = Tuple[float, float]  # (paired difference, its standard error), fractions
 
 
-def verdict(arm: Sequence[float], single: Sequence[float], control: Sequence[float], n: int) -> str:
-    """:data:`CRITERIA` on per-seed accuracies (fractions) of one CDA² arm, the single model and
-    the control, each over the same ``n`` test images."""
-    def z(a: float, b: float) -> float:
-        se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
-        return (a - b) / se if se > 0 else (math.inf if a > b else -math.inf if a < b else 0.0)
-    if all(z(a, s) > 2 and z(a, c) > 2 for a, s, c in zip(arm, single, control)):
+def _beats(d: Diff) -> bool:
+    return d[0] > 2 * d[1]
+
+
+def _below(d: Diff, points: float = 0.0) -> bool:
+    return -d[0] > max(2 * d[1], points / 100)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One CDA² arm against the one model and the control, on one seed (paired differences on
+    the reported half)."""
+
+    own_vs_single: Diff
+    own_vs_control: Diff
+    best_vs_single: Diff
+    fitted_vs_single: Diff
+
+
+def verdict(runs: Sequence[Comparison]) -> str:
+    """Table 6's verdict (:data:`CRITERIA`) for one arm over its seeds."""
+    if runs and all(_beats(c.own_vs_single) and _beats(c.own_vs_control) for c in runs):
         return "confirms"
-    if all(z(a, s) < -2 for a, s in zip(arm, single)):
+    if runs and all(_below(c.own_vs_single) for c in runs):
         return "contradicts"
     return "inconclusive"
+
+
+def where_lost(runs: Sequence[Comparison]) -> List[str]:
+    """Which of :data:`CRITERIA`'s losses hold on every seed: ``experts``, ``selector``,
+    ``ppd training`` (none, one or several)."""
+    found = []
+    if runs and all(_below(c.best_vs_single) for c in runs):
+        found.append("experts")
+    if runs and all(abs(c.best_vs_single[0]) <= 0.01 and _below(c.own_vs_single, 1.0)
+                    for c in runs):
+        found.append("selector")
+    if runs and all(_beats(c.fitted_vs_single) and not _beats(c.own_vs_single) for c in runs):
+        found.append("ppd training")
+    return found
+
+
+def split_gradient(authors: Sequence[Comparison], faster: Sequence[Comparison]) -> Optional[bool]:
+    """Whether learning rate 0.3 closes the authors' arm's experts gap on every seed: ``None``
+    where there is no gap to close."""
+    if not authors or not all(_below(c.best_vs_single) for c in authors):
+        return None
+    return bool(faster) and all(not _below(c.best_vs_single) for c in faster)
+
+
+def _compare(arm: Dict[str, Any], single: Dict[str, Any], control: Dict[str, Any]) -> Comparison:
+    """The paired differences of one arm's rule report against the one model's and the
+    control's (the control answers by its best label-free rule on the reported half)."""
+    a, s, c = arm["rules"], single["rules"], control["rules"]
+    own = a["own"]
+    control_best = max((e for e in c["entries"] if e["kind"] == "rule"),
+                       key=lambda e: e["accuracy"])["name"]
+    return Comparison(paired_between(a, own, s, s["own"]),
+                      paired_between(a, own, c, control_best),
+                      paired_between(a, "best sub-model", s, s["own"]),
+                      paired_between(a, "fitted selector", s, s["own"]))
 
 
 def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None else 100.0 * v
 
 
+def _findings(depth: int, label: str, runs: Sequence[Comparison], table6: str,
+              lost: Sequence[str]) -> str:
+    gains = ", ".join(f"{100 * c.own_vs_single[0]:+.1f} ± {100 * c.own_vs_single[1]:.1f}"
+                      for c in runs)
+    where = {"experts": "its experts (the best sub-model is below the one model)",
+             "selector": "its selector (a sub-model as good as the one model exists, the rule "
+                         "does not pick it)",
+             "ppd training": "how its PPD head is trained (a fitted selector beats the one model, "
+                             "the arm's rule does not)"}
+    text = f"Depth {depth}, {label}: {table6} Table 6 ({gains} points vs the one model)"
+    if lost:
+        text += "; the loss is in " + " and in ".join(where[w] for w in lost)
+    return text + "."
+
+
 def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
-                 ) -> Tuple[List[str], List[List[Any]], List[str], Dict[str, Any]]:
-    """``(columns, rows, notes, measured)`` from the evaluations: a row per depth and arm."""
-    columns = ["depth", "arm", "answer %", "± images", "± seeds", "ensemble %", "best sub-model %",
-               "oracle %", "gain vs single", "paper gain", "verdict"]
+                 ) -> Tuple[List[str], List[List[Any]], List[str], Dict[str, Any],
+                            List[str], List[Tuple[str, List[str], List[List[Any]]]]]:
+    """``(columns, rows, notes, measured, findings, tables)`` from the evaluations: a row per
+    depth, seed and arm; ``findings`` are the verdicts in words (printed before the numbers),
+    ``tables`` the rule-by-rule table of every arm."""
+    columns = ["depth", "seed", "arm", "rule", "answer %", "± images", "vs one model", "± paired",
+               "best sub-model %", "fitted selector %", "oracle %", "ensemble %", "paper gain",
+               "verdict", "loss in"]
     rows: List[List[Any]] = []
     measured: Dict[str, Any] = {}
+    findings: List[str] = []
+    tables: List[Tuple[str, List[str], List[List[Any]]]] = []
     notes: List[str] = [CRITERIA]
-    n_test = None
+    n_rep = None
+    arms = [a for a in ARMS if a.name in params.arms]
     for depth in params.depths:
-        per_arm: Dict[str, List[Dict[str, Any]]] = {}
-        for name in params.arms:
-            per_arm[name] = [json.loads(_eval(folder, depth, name, s).read_text())
-                             for s in params.seeds]
-        measured[str(depth)] = per_arm
-        n_test = per_arm[params.arms[0]][0]["n"]
-        answer = {a: [r["collaboration"] for r in rs] for a, rs in per_arm.items()}
-        verdicts = {a: verdict(answer[a], answer["single"], answer["control"], n_test)
-                    for a in _CDA2_ARMS if a in answer and {"single", "control"} <= set(answer)}
-        single_mean = _mean_se(answer["single"])[0] if "single" in answer else None
-        for name, rs in per_arm.items():
-            mean, seed_se = _mean_se(answer[name])
-            stat = {k: _mean_se([max(r["submodels"]) if k == "best" else r[k] for r in rs])[0]
-                    for k in ("ensemble", "best", "oracle")}
-            multi = _BY_NAME[name].num_models > 1
-            gain = None if single_mean is None or name == "single" else 100 * (mean - single_mean)
-            rows.append([depth, _BY_NAME[name].label, _pct(mean), _pct(_se(mean, n_test)),
-                         _pct(seed_se), _pct(stat["ensemble"]) if multi else None,
-                         _pct(stat["best"]) if multi else None,
-                         _pct(stat["oracle"]) if multi else None, gain,
-                         paper.TABLE6.get(depth, {}).get("gain") if name in _CDA2_ARMS else None,
-                         verdicts.get(name, "")])
-        measured[str(depth)]["verdicts"] = verdicts
-    seeds = params.seeds
+        res = {(a.name, s): _eval_json(folder, depth, a.name, s)
+               for a in arms for s in params.seeds}
+        comps: Dict[str, List[Comparison]] = {}
+        if {"single", "control"} <= set(params.arms):
+            for a in arms:
+                if a.name in _CDA2_ARMS:
+                    comps[a.name] = [_compare(res[a.name, s], res["single", s], res["control", s])
+                                     for s in params.seeds]
+        verdicts = {a: verdict(c) for a, c in comps.items()}
+        lost = {a: where_lost(c) for a, c in comps.items()}
+        for a in arms:
+            if a.name in comps:
+                findings.append(_findings(depth, a.label, comps[a.name], verdicts[a.name],
+                                          lost[a.name]))
+        if "authors" in comps and "authors_lr0.3" in comps:
+            closed = split_gradient(comps["authors"], comps["authors_lr0.3"])
+            findings.append(
+                f"Depth {depth}, split gradient: " + (
+                    "the authors' arm's experts are not below the one model, so there is no gap "
+                    "for learning rate 0.3 to close." if closed is None else
+                    "learning rate 0.3 closes the authors' arm's experts gap: the loss is the "
+                    "split gradient." if closed else
+                    "learning rate 0.3 does not close the authors' arm's experts gap."))
+        for s in params.seeds:
+            single = res.get(("single", s))
+            for a in arms:
+                r = res[a.name, s]["rules"]
+                n_rep = r["n_report"]
+                own = entry(r, r["own"])
+                vs = (paired_between(r, r["own"], single["rules"], single["rules"]["own"])
+                      if single is not None and a.name != "single" else None)
+                multi = a.num_models > 1
+                rows.append([
+                    depth, s, a.label, r["own"], _pct(own["accuracy"]), _pct(own["se"]),
+                    _pct(vs[0]) if vs else None, _pct(vs[1]) if vs else None,
+                    _pct(entry(r, "best sub-model")["accuracy"]) if multi else None,
+                    _pct(entry(r, "fitted selector")["accuracy"]) if multi else None,
+                    _pct(entry(r, "oracle")["accuracy"]) if multi else None,
+                    _pct(entry(r, "ensemble")["accuracy"]) if multi else None,
+                    paper.TABLE6.get(depth, {}).get("gain") if a.name in _CDA2_ARMS else None,
+                    verdicts.get(a.name, ""), ", ".join(lost.get(a.name, []))])
+            # the rule-by-rule table: every entry of every multi-model arm, vs the one model
+            multi_arms = [a for a in arms if a.num_models > 1]
+            if multi_arms:
+                names = [e["name"] for e in res[multi_arms[0].name, s]["rules"]["entries"]]
+                t_rows = []
+                for name in names:
+                    row: List[Any] = [entry(res[multi_arms[0].name, s]["rules"], name)["label"]
+                                      .split(" (sub-model")[0]]
+                    for a in multi_arms:
+                        r = res[a.name, s]["rules"]
+                        e = entry(r, name)
+                        cell = f"{100 * e['accuracy']:.1f}"
+                        if single is not None:
+                            d, se = paired_between(r, name, single["rules"], single["rules"]["own"])
+                            cell += f" ({100 * d:+.1f} ± {100 * se:.1f})"
+                        row.append(cell + (" own" if name == r["own"] else ""))
+                    t_rows.append(row)
+                tables.append((f"Depth {depth}, seed {s}: every rule of every arm, accuracy % on "
+                               f"the reported half (vs the one model, ± paired se)",
+                               ["rule"] + [a.label for a in multi_arms], t_rows))
+        measured[str(depth)] = {
+            "verdicts": verdicts, "loss_in": lost,
+            "arms": {f"{a}_seed{s}": {k: v for k, v in r.items() if k != "rules"}
+                     | {"rules": {k: v for k, v in r["rules"].items() if k != "per_image"}}
+                     for (a, s), r in res.items()}}
     notes.append(f"Standard training (no attack), {params.epochs} epochs, seed(s) "
-                 f"{', '.join(map(str, seeds))}; every arm on the same data, schedule and seed, "
-                 f"evaluated on the same {n_test} test images. '± images' is the standard error "
-                 "over test images, '± seeds' over seeds (blank with one seed); gain is in points.")
-    notes.append("answer = the arm's own rule: Algorithm 2's PPD (paper arm), the authors' "
-                 "max-prob x sigmoid(PPD) detector (authors' arm), the most confident model "
-                 "(control); ensemble = mean probability; oracle = some sub-model is right.")
-    notes.append(f"Data: {data_note}" if data_note else
-                 f"Data: the official CIFAR-10 files ({n_test} test images).")
-    if params.full_data and n_test is not None and n_test < 10000:
+                 f"{', '.join(map(str, params.seeds))}; every arm on the same data, schedule and "
+                 f"seed. Every accuracy is on the same {n_rep} reported test images (a fixed random "
+                 "half; the other half chooses the best sub-model and fits the selector). "
+                 "'± images' is the binomial standard error of one accuracy, '± paired' that of "
+                 "the difference over the same images.")
+    notes.append("rule = the arm's own: Algorithm 2's PPD (paper arm), the authors' "
+                 "max-prob x sigmoid(PPD) detector (soe, authors' arms), the most confident model "
+                 "(maxprob, control); ensemble = mean probability; oracle = some sub-model is "
+                 "right; fitted selector = per sub-model a logistic model of being right from its "
+                 "confidence features (docs/evaluation.md).")
+    notes.append(f"Data: {data_note}" if data_note else "Data: the official CIFAR-10 files.")
+    if params.full_data and n_rep is not None and 2 * n_rep < 10000:
         notes.append(f"This budget is meant for all of CIFAR-10, but the test set here has only "
-                     f"{n_test} images: pass --data with the full set.")
-    return columns, rows, notes, measured
+                     f"{2 * n_rep} images: pass --data with the full set.")
+    return columns, rows, notes, measured, findings, tables

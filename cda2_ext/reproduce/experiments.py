@@ -29,9 +29,9 @@ from .runner import Step, output_step, train_step
 Options = Tuple[Tuple[str, Any], ...]
 
 __all__ = ["Budget", "Context", "Report", "Experiment", "EXPERIMENTS", "BUDGETS", "XorParams",
-           "TimeParams", "DefenseParams", "WhiteboxParams", "TransferParams", "SquareParams"]
+           "TimeParams", "DefenseParams", "WhiteboxParams", "TransferParams", "SquareParams",
+           "markdown_table"]
 
-BUDGETS = ("small", "cpu", "gpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -155,19 +155,27 @@ class Report:
     notes: List[str] = field(default_factory=list)
     figure: Optional[Path] = None
     measured: Dict[str, Any] = field(default_factory=dict)
+    #: the conclusions in words, printed before any number
+    findings: List[str] = field(default_factory=list)
+    #: further tables after the main one: ``(title, columns, rows)``
+    tables: List[Tuple[str, List[str], List[List[Any]]]] = field(default_factory=list)
 
     def markdown(self) -> str:
-        """The table as GitHub markdown (numbers with one decimal, ``-`` for none)."""
-        def cell(v: Any) -> str:
-            if v is None:
-                return "-"
-            if isinstance(v, float):
-                return f"{v:.1f}"
-            return str(v)
-        lines = ["| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---" for _ in self.columns) + "|"]
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
-        return "\n".join(lines)
+        """The main table as GitHub markdown (numbers with one decimal, ``-`` for none)."""
+        return markdown_table(self.columns, self.rows)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table (floats with one decimal, ``-`` for ``None``)."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -245,8 +253,9 @@ def _depth_plan(params: capacity.DepthParams, ctx: Context) -> List[Step]:
 
 
 def _depth_report(params: capacity.DepthParams, ctx: Context) -> Report:
-    columns, rows, notes, measured = capacity.depth_report(params, ctx.folder, data_note(ctx.data))
-    return Report(columns, rows, notes, None, measured)
+    columns, rows, notes, measured, findings, tables = capacity.depth_report(
+        params, ctx.folder, data_note(ctx.data))
+    return Report(columns, rows, notes, None, measured, findings, tables)
 
 
 # ----- training cost (Appendix C, Table 4) ------------------------------------------------------------
@@ -256,13 +265,23 @@ def _depth_report(params: capacity.DepthParams, ctx: Context) -> Report:
 #: feature distillation, CDA² by Algorithm 1.
 _DEFENSES: Tuple[Tuple[str, Options], ...] = (
     ("gal", (("adv", True),)), ("dverge", ()), ("adp", (("adv", True),)), ("cda2", ()))
+#: CDA²'s adversarial training as the authors' code runs it (Synergy-of-Experts, github.com/cuis15/
+#: synergy-of-experts, ``models/learn_rectified_v2.py`` and ``distillation.py``; docs/training.md):
+#: their detector weighting, the BCE of max-prob x sigmoid(PPD) training the trunk, the PGD
+#: attacking the detector's pick (``select_score soe``); every update adds the clean batch's loss
+#: and BCE to the adversarial one (``loss_soft + adv_loss_soft``); the attack runs with the
+#: experts in train mode (``m.train()`` for the whole epoch); ``Linf_PGD`` with
+#: ``rand_start=False`` (``run.sh`` never passes ``--rand_start``), 10 steps (``'steps': 10``) of
+#: ``--alpha 0.01``. These options win over a budget's shorter training PGD: they are the row.
+_AUTHORS_ADVERSARIAL: Options = (
+    ("weights", "detector"), ("ppd_grad", "trunk"), ("ppd_loss", "soe"), ("select_score", "soe"),
+    ("clean_weight", 1.0), ("pgd_bn", "train"), ("random_start", False), ("steps", 10),
+    ("alpha", 0.01))
 #: The defenses of the white-box, transfer and Square tables: the paper's four, then CDA² trained
-#: as the authors' latest code does (their detector weighting, the BCE of max-prob x sigmoid(PPD)
-#: training the trunk, selection by that detector): ``(row name, method, options, eval --score)``.
+#: as the authors' code does: ``(row name, method, options, eval --score)``.
 _COMPARED: Tuple[Tuple[str, str, Options, str], ...] = (
     *((m, m, options, "ppd") for m, options in _DEFENSES),
-    ("cda2-authors", "cda2", (("weights", "detector"), ("ppd_grad", "trunk"), ("ppd_loss", "soe"),
-                              ("select_score", "soe")), "soe"))
+    ("cda2-authors", "cda2", _AUTHORS_ADVERSARIAL, "soe"))
 
 
 def _time_run(ctx: Context, method: str) -> Path:
@@ -336,9 +355,11 @@ def _train_job(params: DefenseParams, ctx: Context, method: str, options: Option
                                              ("train_limit", params.train_limit),
                                              ("steps", params.train_steps if adversarial else None))
              if value is not None}
-    return TrainJob.of(method=method, **dict(options), depth=params.depth,
+    own = dict(options)  # a row's own options win over the budget's sizes (the authors' PGD-10)
+    return TrainJob.of(method=method, **own, depth=params.depth,
                        num_models=num_models or params.num_models, seed=seed, eval_every=0,
-                       **ctx.train_options(), **sized, out_dir=str(run))
+                       **ctx.train_options(), **{k: v for k, v in sized.items() if k not in own},
+                       out_dir=str(run))
 
 
 def _defense_steps(params: DefenseParams, ctx: Context) -> List[Step]:
@@ -592,6 +613,15 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
                        "2, 8 epochs, one seed: about an hour on 2 CPU cores (--jobs 2); the "
                        "capacity-starved end of Table 6 with 10,000 test images (se ~0.5 points)",
                        "depth 20, the paper's 100 epochs, seed-to-seed spread"),
+         "converged": Budget(
+             capacity.DepthParams((2,), epochs=100, full_data=True,
+                                  # the longest first: two at a time finish together
+                                  arms=("authors", "authors_lr0.3", "paper", "control", "single")),
+             "Table 6's depth-2 column as the paper trained it: all of CIFAR-10 (--data "
+             "cifar-10-jpeg.zip: the JPEG re-encoding), 100 epochs, the paper's schedule, seed 0, "
+             "five arms (the four above and the authors' arm at learning rate 0.3), 10,000 test "
+             "images; about 2 hours on 2 CPU cores (--jobs 2)",
+             "depths 8-20, seed-to-seed spread"),
          "gpu": Budget(capacity.DepthParams((2, 20), epochs=10, full_data=True),
                        "all of CIFAR-10 at both ends of Table 6 (depths 2 and 20), every arm, "
                        "10 epochs, one seed, meant for one device call with --jobs 8; not yet "
@@ -633,6 +663,12 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
                          {"queries": 5000, "square_eps": 0.03}),
         _square_plan, _square_report, methods=("ensemble", "gal", "dverge", "adp", "cda2")),
 )}
+
+
+#: Every budget name of some experiment, smallest first (``cda2 reproduce --budget`` choices).
+BUDGETS: Tuple[str, ...] = tuple(sorted(
+    {b for e in EXPERIMENTS.values() for b in e.budgets},
+    key=("small", "cpu", "converged", "gpu", "paper").index))
 
 
 def missing_methods(exp: Experiment) -> List[str]:

@@ -81,12 +81,17 @@ def output_step(job: Job, out_file: Path, reads: Sequence[Path] = ()) -> Step:
     return Step(job, "output", Path(out_file), [Path(r) for r in reads])
 
 
-def _train_seconds(run: Path) -> Optional[float]:
-    """The summed epoch times of ``run`` (``None`` when its metrics are unreadable)."""
+def _train_cost(run: Path) -> Dict[str, Optional[float]]:
+    """``{"train_seconds", "cpu_share"}`` of ``run``: its summed epoch times and the mean share
+    of its cores it got (``None`` where unreadable or not recorded: a low share says the machine
+    was shared, the usual cause of slow CPU epochs)."""
     try:
-        return round(training_time(run).seconds, 1)
+        cost = training_time(run)
     except CheckpointError:
-        return None
+        return {"train_seconds": None, "cpu_share": None}
+    share = cost.cpu_share
+    return {"train_seconds": round(cost.seconds, 1),
+            "cpu_share": None if share is None else round(share, 2)}
 
 
 def _run_job(job: Job) -> int:
@@ -221,7 +226,7 @@ class StepRunner:
                     continue
                 self.records.append({"command": step.command, "status": status,
                                      "seconds": round(time.perf_counter() - t0, 1),
-                                     "train_seconds": _train_seconds(step.out)})
+                                     **_train_cost(step.out)})
 
     def _train_call(self, step: Step) -> Optional[Tuple[TrainJob, str]]:
         """The job that brings train ``step`` up to date and the status that gives it
@@ -265,6 +270,6 @@ class StepRunner:
         record: Dict[str, Any] = {"command": step.command, "status": status,
                                   "seconds": round(time.perf_counter() - t0, 1)}
         if step.kind == "train":  # the epochs' own time, also for a run reused from earlier
-            record["train_seconds"] = _train_seconds(step.out)
+            record.update(_train_cost(step.out))
         self.records.append(record)
         return status

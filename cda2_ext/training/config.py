@@ -15,14 +15,8 @@ epochs             100             P, Table 4 ("100 epochs")
 batch_size         128             SoE ``--batch_size 128``
 lr / momentum / wd 0.1 / 0.9 / 1e-4  SoE ``--lr_expert`` / ``--momentum`` / ``--weight_decay``
 schedule           multistep       SoE: x0.1 at epochs 50 and 75 (here: at 50% and 75%)
-weights            softmin         P, Eq. 7 (the soft-min surrogate); ``detector``: the authors'
-                                   latest code (SoE ``model_rectified_v2.py``, "adaptative
-                                   training"), see :mod:`cda2_ext.training.weighting`
-sigma              1.0             P leaves sigma open; the authors' older code (SoE
-                                   ``model_rectified_v2.py``, "old loss_base training") weights
-                                   by ``softmax(-CE)``, an implicit sigma = 1. (SoE's ``--tempC``
-                                   is *not* sigma: it is ``temp_c`` below.)
-temp_c             1.0             SoE ``--tempC 1.`` (weights="detector" only)
+weights, sigma,    softmin, 1.0,   the weightings' records, each with its parameters, defaults
+temp_c             1.0             and sources: :data:`~cda2_ext.training.weighting.WEIGHTINGS`
 temp_true          1.0             SoE ``--tempC_trueonly 1.`` (the BCE target's temperature)
 bce_weight         1.0             SoE ``--adaptivetrainlambda 1.``
 phases             adversarial     P, Sec. 3.2: "In our implementation, the natural data
@@ -33,6 +27,11 @@ clean_weight       0               P, Alg. 1 (no clean term); SoE adds soft-min+
 ppd_grad           head            P, Alg. 1 l. 7 ("update module g"); SoE: BCE trains the trunk
 ppd_loss           paper           P, Alg. 1 (BCE of g vs p_y); SoE: BCE of maxprob*sigmoid(s)
 =================  ==============  =====================================================
+
+Beyond the paper: ``arch`` (default ``resnet``; ``wrn16-4``, or ``package.module:function``, a
+user's constructor: :mod:`cda2_ext.models.architectures`), ``dataset="imagefolder"`` (an image
+folder of any K and image size, whose K - ``num_classes`` - and, unless given, per-channel
+``mean``/``std`` the trainer takes from the training split and stores with the run).
 
 ``phases``: ``adversarial`` (Alg. 1 lines 12-19), ``natural`` (lines 2-10), ``both`` (per batch:
 a natural-phase update, then an adversarial-phase update), or ``standard`` (no attack: surrogate +
@@ -48,15 +47,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..ops import _checks
 from .. import limits
-from ..files.records import from_record
+from ..files.records import from_record, to_record
 from ..errors import CheckpointError, ConfigError
+from ..data import IMAGE_DATASETS
+from ..models.architectures import ARCHITECTURES, check_arch_name
 from ..models.collaboration import SCORES, CollaborationConfig
 from ..models.resnet import PPD_INPUTS, valid_depth
 from .methods import METHODS
-from .weighting import WEIGHTINGS
+from .weighting import SIGMA, TEMP_C, WEIGHTINGS, weighting_params
 
 __all__ = ["TrainConfig", "PHASES", "SCHEDULES", "DATASETS", "NONFINITE", "AMP", "OPTIMIZERS",
-           "METHOD_OPTIONS", "RESUMABLE_CHANGES"]
+           "METHOD_OPTIONS", "method_options", "RESUMABLE_CHANGES"]
 
 #: Options that may differ between the run that wrote a checkpoint and the run resuming it: they
 #: change where/how fast/how long the run goes, not the training trajectory (on_nonfinite only
@@ -66,7 +67,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "device", "unfused", "progress", "eval_
 
 PHASES = ("adversarial", "natural", "both", "standard")
 SCHEDULES = ("multistep", "cosine", "constant")
-DATASETS = ("cifar10", "synthetic")
+DATASETS = IMAGE_DATASETS
 #: What a non-finite loss does: stop the run (keeping the last finite checkpoint) or skip that update.
 NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam")
@@ -79,15 +80,21 @@ PGD_BN_MODES = ("eval", "train")
 # ----- the baseline methods' options -----
 _ENSEMBLES = ("ensemble", "adp", "gal", "dverge")
 #: Method-specific options -> the methods that read them; any other method refuses a non-default value.
+#: (CDA²'s weightings and their parameters are CDA²'s too: :func:`method_options` adds them.)
 METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
-    "phases": ("cda2",), "sigma": ("cda2",), "weights": ("cda2",), "temp_c": ("cda2",),
-    "temp_true": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
+    "phases": ("cda2",), "weights": ("cda2",), "temp_true": ("cda2",), "bce_weight": ("cda2",), "select_score": ("cda2",),
     "clean_weight": ("cda2",), "ppd_grad": ("cda2",), "ppd_loss": ("cda2",),
     "adv": _ENSEMBLES, "adp_alpha": ("adp",), "adp_beta": ("adp",), "gal_coeff": ("gal",),
     "gal_noise": ("gal",), "init_from": ("dverge",), "distill_eps": ("dverge",),
     "distill_alpha": ("dverge",), "distill_steps": ("dverge",), "distill_layer": ("dverge",),
     "dverge_coeff": ("dverge",),
 }
+
+
+def method_options() -> Dict[str, Tuple[str, ...]]:
+    """:data:`METHOD_OPTIONS` plus every registered weighting's parameters (read by CDA² only),
+    read at validation time so that a weighting added later is known too."""
+    return {**METHOD_OPTIONS, **{p.name: ("cda2",) for p in weighting_params()}}
 
 
 @dataclass
@@ -100,11 +107,14 @@ class TrainConfig:
     num_models: int = 3
     depth: int = 20
     ppd_input: str = "features"
+    arch: str = "resnet"             # a built-in architecture, or your own package.module:function
     # objective (Algorithm 1)
     phases: str = "adversarial"
-    weights: str = "softmin"         # how samples are shared: Eq. 7 | the authors' "detector"
-    sigma: float = 1.0               # softmin's temperature
-    temp_c: float = 1.0              # detector's temperature
+    # how samples are shared (training/weighting.py: WEIGHTINGS) and the weightings' parameters,
+    # one field each (a checkpoint's JSON key), their defaults the records' own
+    weights: str = "softmin"         # Eq. 7 | the authors' "detector"
+    sigma: float = SIGMA.default     # softmin's temperature
+    temp_c: float = TEMP_C.default   # detector's temperature
     temp_true: float = 1.0           # temperature of p_y, the PPD head's BCE target
     bce_weight: float = 1.0
     select_score: str = "ppd"        # how the adversarial phase picks the attacked sub-model
@@ -136,6 +146,10 @@ class TrainConfig:
     train_limit: Optional[int] = None  # use only the first N training images
     test_limit: Optional[int] = None
     augment: bool = True
+    # the normalisation inside the model; None: CIFAR-10's (cifar10, synthetic), or computed once
+    # from the training split (imagefolder) and stored here
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
     # run
     out_dir: str = "runs/cda2"
     seed: int = 0
@@ -190,18 +204,20 @@ class TrainConfig:
         number("num_models", lambda v: v >= 1, "the number of sub-models M must be an integer >= 1",
                integer=True)
         number("depth", valid_depth, "must be 2 or 6n+2 (8, 14, 20, 32, ...)", integer=True)
+        check_arch_name(self.arch)  # its form only: a config never imports a user's constructor
+        if self.arch in ARCHITECTURES and ARCHITECTURES[self.arch].input_dims != 3:
+            bad("arch", "takes vectors (the XOR experiment), not images")
+        if self.arch != "resnet" and self.depth != TrainConfig.depth:
+            bad("depth", f"is read by arch 'resnet' only, and this run's arch is {self.arch!r}")
+        if self.method == "dverge" and self.arch != "resnet":
+            bad("arch", "method dverge distils the layers of the ResNet: it needs arch 'resnet'")
         choice("ppd_input", PPD_INPUTS)
         choice("phases", PHASES)
-        choice("weights", WEIGHTINGS)
-        number("sigma", lambda v: v > 0, "the soft-min temperature must be finite and > 0")
-        number("temp_c", lambda v: v >= 0, "the detector temperature must be finite and >= 0")
+        self._validate_weighting(bad)
         number("temp_true", lambda v: v > 0, "the BCE target's temperature must be finite and > 0")
-        unread = {"softmin": "temp_c", "detector": "sigma"}[self.weights]
-        if getattr(self, unread) != getattr(TrainConfig, unread):
-            bad(unread, f"is not read with weights {self.weights!r}")
         number("bce_weight", lambda v: v >= 0, "must be finite and >= 0")
         choice("select_score", SCORES)
-        number("eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1] (images are in [0, 1])")
+        limits.radius("eps", self.eps)
         number("alpha", lambda v: 0 <= v <= 1, "the PGD step must lie in [0, 1] (images are in [0, 1])")
         number("clean_weight", lambda v: v >= 0 and (v == 0 or self.phases != "standard"),
                "must be finite and >= 0 (and 0 with phases 'standard', which trains on the clean "
@@ -243,7 +259,7 @@ class TrainConfig:
             bad("adv", "must be true or false")
         for name in ("adp_alpha", "adp_beta", "gal_coeff", "gal_noise", "dverge_coeff"):
             number(name, lambda v: v >= 0, "must be finite and >= 0")
-        number("distill_eps", lambda v: 0 <= v <= 1, "the L-inf radius must lie in [0, 1]")
+        limits.radius("distill_eps", self.distill_eps)
         number("distill_alpha", lambda v: 0 <= v <= 1, "the step must lie in [0, 1]")
         number("distill_steps", lambda v: v >= 1, "must be an integer >= 1", integer=True)
         number("distill_layer", lambda v: 1 <= v <= self.depth, f"must be an integer in "
@@ -256,11 +272,27 @@ class TrainConfig:
         if self.num_models < need:
             bad("num_models", f"method {self.method} needs at least {need} sub-models")
         defaults = TrainConfig()
-        for name, readers in METHOD_OPTIONS.items():
+        for name, readers in method_options().items():
             if self.method not in readers and getattr(self, name) != getattr(defaults, name):
                 bad(name, f"only method(s) {', '.join(readers)} read it, and this run's method is "
                     f"{self.method}")
         return self
+
+    def _validate_weighting(self, bad: Callable[[str, str], None]) -> None:
+        """``weights`` names a registered weighting; every weighting parameter lies within its
+        record's bound; one the chosen weighting does not read keeps its default (all from
+        :data:`~cda2_ext.training.weighting.WEIGHTINGS`, so a new weighting needs no edit here)."""
+        if self.weights not in WEIGHTINGS:
+            bad("weights", f"must be one of {WEIGHTINGS!r}")
+        chosen = WEIGHTINGS[self.weights]
+        for p in weighting_params():
+            if not hasattr(self, p.name):  # a record's mistake, named before anything reads it
+                raise ConfigError(f"weights: {p.name!r}, a parameter of weights "
+                                  f"{[w for w in WEIGHTINGS if WEIGHTINGS[w].reads(p.name)]}, is "
+                                  "no TrainConfig field (add it: name: float = PARAM.default)")
+            p.check(getattr(self, p.name))
+            if not chosen.reads(p.name) and getattr(self, p.name) != p.default:
+                bad(p.name, f"is not read with weights {self.weights!r}")
 
     def _validate_bounds(self, bad: Callable[[str, str], None]) -> None:
         """The checks a config read back from a checkpoint needs beyond the options' own: sane
@@ -287,6 +319,15 @@ class TrainConfig:
             bad("out_dir", "must be a folder path")
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             bad("data_dir", "must be a folder path (or unset)")
+        if (self.mean is None) != (self.std is None):
+            bad("mean" if self.mean is None else "std", "mean and std are given together or not at all")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, tuple) and len(v) == 3 and all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                    and (name == "mean" or c > 0) for c in v)):
+                bad(name, "must be 3 finite numbers, one per RGB channel of images in [0, 1]"
+                    + (", each > 0" if name == "std" else ""))
 
     @classmethod
     def for_method(cls, method: str = "cda2", **given: Any) -> "TrainConfig":
@@ -298,11 +339,18 @@ class TrainConfig:
         own = dict(getattr(METHODS[method], "defaults", {}))
         return cls(**{**own, **given, "method": method})
 
-    def model_config(self) -> CollaborationConfig:
-        """The :class:`CollaborationConfig` of the model this run trains."""
-        return CollaborationConfig(num_models=self.num_models, depth=self.depth,
+    def model_config(self, image_size: Optional[Tuple[int, int]] = None) -> CollaborationConfig:
+        """The :class:`CollaborationConfig` of the model this run trains, on images of
+        ``image_size`` (``(H, W)``, the data's). The size is recorded (and then checked on every
+        input) for an image folder and for any architecture but the ResNet, which pools any size:
+        a CIFAR-10 ResNet run's model config stays the one earlier versions wrote and read."""
+        if self.dataset != "imagefolder" and self.arch == "resnet":
+            image_size = None
+        norm = {} if self.mean is None else {"mean": self.mean, "std": self.std}
+        return CollaborationConfig(num_models=self.num_models, arch=self.arch, depth=self.depth,
                                    num_classes=self.num_classes, ppd_input=self.ppd_input,
-                                   detach_ppd=self.ppd_grad == "head")
+                                   detach_ppd=self.ppd_grad == "head", image_size=image_size,
+                                   **norm)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of (0-based) ``epoch``; a pure function, so resuming needs no state."""
@@ -314,7 +362,10 @@ class TrainConfig:
         return self.lr
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options as JSON; the options added for other data and models (``arch``, ``mean``,
+        ``std``) only where set, so a CIFAR-10 ResNet run's checkpoint is the one earlier
+        versions wrote (and read)."""
+        return to_record(self, later=("arch", "mean", "std"))
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -340,7 +391,7 @@ class TrainConfig:
     def resume_conflicts(self, other: "TrainConfig | Mapping[str, Any]") -> List[str]:
         """The options (sorted) in which ``other`` - a config, or just some options - differs from
         this one beyond :data:`RESUMABLE_CHANGES`: a run of ``self`` cannot continue as ``other``."""
-        mine = self.to_dict()
-        theirs = other.to_dict() if isinstance(other, TrainConfig) else dict(other)
+        mine = dataclasses.asdict(self)  # every field: to_dict leaves defaults of some out
+        theirs = dataclasses.asdict(other) if isinstance(other, TrainConfig) else dict(other)
         return sorted(k for k, v in theirs.items() if k not in RESUMABLE_CHANGES and mine.get(k) != v)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
@@ -41,9 +42,11 @@ from torch import Tensor
 
 from ..ops._checks import labels_checked, labels_in_range
 from ..files.checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
-from ..data import ImageSet, load_images, note_training_size, random_crop_flip, to_float
+from ..data import (ImageSet, channel_stats, crop_padding, load_images, note_training_size,
+                    random_crop_flip, to_float)
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
+from ..models.architectures import ArchLike, arch_name, named_architectures
 from ..models.collaboration import Collaboration
 from ..files.run_folder import METRICS_NAME, RunFolder
 from ..runtime import resolve_device
@@ -61,6 +64,14 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _STATE_NAMES = {"momentum_buffer": "momentum"}
 
 
+def _load_average() -> Optional[float]:
+    """The machine's 1-minute load average (``None`` where the system has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 class Trainer:
     """Trains ``config.method`` on an image set and checkpoints after every epoch.
 
@@ -74,26 +85,47 @@ class Trainer:
         log: called with one summary line per epoch (default: print to stderr); ``None`` mutes.
             Only rank 0 of a multi-process job logs.
         dist: this process's place in a ``torchrun`` job (default: alone).
+        arch: the constructor ``config.arch`` names when that is a user's
+            ``package.module:function`` (the callable, or that path to import), which a config
+            read back from a checkpoint never imports by itself; ``None`` for the built-in ones.
+
+    With ``dataset="imagefolder"`` the number of classes comes from the training split's class
+    folders, and the normalisation, unless given, from its pixels (:func:`channel_stats`);
+    :attr:`config` then holds both, and so does every checkpoint. The random crop pads by
+    :func:`crop_padding` of the images' size, and the model config records that size where it
+    matters (:meth:`TrainConfig.model_config`).
     """
 
     def __init__(self, config: TrainConfig, train_set: Optional[ImageSet] = None,
                  test_set: Optional[ImageSet] = None,
                  log: Optional[Callable[[str], None]] = lambda s: print(s, file=sys.stderr),
-                 dist: Optional[DistContext] = None) -> None:
+                 dist: Optional[DistContext] = None, *, arch: Optional[ArchLike] = None) -> None:
         self.config = cfg = config.validate()
+        if arch is not None and arch_name(arch) != cfg.arch:
+            raise ConfigError(f"arch: the config's arch is {cfg.arch!r}, but the constructor given "
+                              f"is {arch_name(arch)!r}")
         self.dist = dist or DistContext()
         self.dist.check_batch(cfg.batch_size)
         self.device = self.dist.device(resolve_device(cfg.device))
         self.log = log if (log is not None and self.dist.is_main) else (lambda s: None)
         loaded = train_set is None  # a caller's own images are the caller's business
+        # an image folder's K is its own (checked against the config in _fit_to_data)
+        classes = None if cfg.dataset == "imagefolder" else cfg.num_classes
         if loaded:
             train_set = load_images(cfg.dataset, "train", cfg.data_dir, cfg.seed,
-                                    num_classes=cfg.num_classes)
+                                    num_classes=classes)
         if test_set is None and cfg.eval_every > 0:
-            test_set = load_images(cfg.dataset, "test", cfg.data_dir, cfg.seed,
-                                   num_classes=cfg.num_classes)
-        self.train_set = train_set.subset(cfg.train_limit).to(self.device)
+            test_set = load_images(cfg.dataset, "test", cfg.data_dir, cfg.seed, num_classes=classes)
+        train_set = train_set.subset(cfg.train_limit)
+        if cfg.dataset == "imagefolder":
+            self.config = cfg = self._fit_to_data(cfg, train_set)
+        self.train_set = train_set.to(self.device)
         self.test_set = test_set.subset(cfg.test_limit) if test_set is not None else None
+        self.image_size: Tuple[int, int] = tuple(self.train_set.images.shape[-2:])  # type: ignore[assignment]
+        if self.test_set is not None and tuple(self.test_set.images.shape[-2:]) != self.image_size:
+            h, w = self.test_set.images.shape[-2:]
+            raise DataError(f"test set: images of {h}x{w} pixels, but the training images are "
+                            f"{self.image_size[0]}x{self.image_size[1]}")
         if len(self.train_set) < 2:  # no batch could train: BatchNorm needs two images
             raise DataError(f"training set: needs at least 2 images, got {len(self.train_set)}")
         try:  # once here, so that no training step reads labels back (see labels_checked)
@@ -106,7 +138,10 @@ class Trainer:
             note_training_size(len(self.train_set))
 
         torch.manual_seed(cfg.seed)
-        self.model = Collaboration(cfg.model_config(), fused=not cfg.unfused).to(self.device)
+        with named_architectures(*([arch] if arch is not None else [])):
+            self.model = Collaboration(cfg.model_config(self.image_size), fused=not cfg.unfused
+                                       ).to(self.device)
+        self.crop_pad = crop_padding(*self.image_size)
         if cfg.sync_bn and self.dist.enabled:
             convert_sync_batchnorm(self.model)
             # the loop layout runs BatchNorm's arithmetic itself, past the synchronising modules
@@ -130,6 +165,19 @@ class Trainer:
         self.restored = False                            # state came from load()
         self._where = ""                                 # the batch being trained, for messages
         self._global_x: Optional[Tensor] = None          # the global batch this shard is from
+
+    @staticmethod
+    def _fit_to_data(cfg: TrainConfig, train_set: ImageSet) -> TrainConfig:
+        """``cfg`` with an image folder's K and (unless given) its training split's per-channel
+        mean and std, or a :class:`ConfigError` if ``num_classes`` was set to another K."""
+        k = len(train_set.classes)
+        if cfg.num_classes not in (k, TrainConfig.num_classes):
+            raise ConfigError(f"num_classes: {cfg.num_classes}, but the image folder "
+                              f"{train_set.source} has {k} classes (its class folders)")
+        changes: Dict[str, Any] = {"num_classes": k}
+        if cfg.mean is None:
+            changes["mean"], changes["std"] = channel_stats(train_set.images)
+        return cfg.replace(**changes).validate()
 
     # ----- services for methods ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
@@ -201,7 +249,7 @@ class Trainer:
                 continue
             x = to_float(data.images[idx])
             if cfg.augment:
-                x = random_crop_flip(x, generator=self.generator)
+                x = random_crop_flip(x, self.crop_pad, generator=self.generator)
             yield x, data.labels[idx]
 
     def train_step(self, x: Tensor, y: Tensor, tallies: Optional[Dict[str, Tally]] = None
@@ -237,7 +285,7 @@ class Trainer:
             group["lr"] = lr
         tallies = self._new_tallies()
         n_batches = (len(self.train_set) + cfg.batch_size - 1) // cfg.batch_size
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         bar = tqdm(self.batches(), total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not (cfg.progress and self.dist.is_main), leave=False,
                    dynamic_ncols=True, file=sys.stderr)
@@ -259,8 +307,14 @@ class Trainer:
             for key in sorted(tally.sums):
                 self.dist.sum(tally.sums[key])
         seconds = time.perf_counter() - t0
+        # The CPU time this process got, its threads and the machine's load beside the wall
+        # time: an epoch slowed by other jobs on a shared machine says so in its own record
+        # (cpu_seconds well below seconds x cpu_threads, a load above the cores).
         metrics: Dict[str, Any] = {"epoch": self.epoch, "lr": lr, "seconds": seconds,
-                                   "images_per_s": len(self.train_set) / max(seconds, 1e-9)}
+                                   "images_per_s": len(self.train_set) / max(seconds, 1e-9),
+                                   "cpu_seconds": time.process_time() - cpu0,
+                                   "cpu_threads": torch.get_num_threads(),
+                                   "load_average": _load_average()}
         metrics.update(self.method.epoch_metrics(tallies))
         metrics["skipped_steps"] = int(sum(float(t.get("skipped")) for t in tallies.values()))
         if (self.dist.is_main and self.test_set is not None and cfg.eval_every > 0

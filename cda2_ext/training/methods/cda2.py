@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ...attacks.training import collaboration_pgd, per_model_pgd
 from ...models.collaboration import collaborate
-from ..weighting import weighted_loss
+from ..weighting import WEIGHTINGS, weighted_loss
 from .base import Method, Tally
 
 __all__ = ["CDA2", "soe_ppd_bce"]
@@ -130,8 +130,9 @@ class CDA2(Method):
         cfg, backend = t.config, t.backend
         logits, ppd = t.train_forward(x)
         logits, ppd = logits.float(), ppd.float()  # the fused ops accumulate in fp32
-        out = weighted_loss(logits, ppd, y, cfg.weights, sigma=cfg.sigma, temp_c=cfg.temp_c,
-                            temp_true=cfg.temp_true, backend=backend)
+        rule = WEIGHTINGS[cfg.weights]  # its parameters are config fields of the same names
+        out = weighted_loss(logits, ppd, y, cfg.weights, temp_true=cfg.temp_true, backend=backend,
+                            **{p.name: getattr(cfg, p.name) for p in rule.params})
         if cfg.ppd_loss == "soe":
             bce = soe_ppd_bce(logits, ppd, out.p_true, y, label_grad=cfg.ppd_grad == "trunk")
         else:
