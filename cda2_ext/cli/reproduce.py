@@ -1,4 +1,4 @@
-"""``cda2 reproduce EXPERIMENT --budget small|cpu|converged|gpu|paper``: one of the paper's experiments end to end.
+"""``cda2 reproduce EXPERIMENT --budget NAME``: one of the paper's experiments end to end.
 
 Trains what the experiment needs (reusing finished runs in ``--out``, resuming interrupted ones),
 evaluates, and writes ``reproduce_<experiment>_<budget>.{md,json,png}``: the table with the paper's
@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run an experiment of the paper as cda2 commands at a budget: 'small' fits a "
         "2-core CPU on the shared CIFAR-10 subset in minutes, 'cpu' (depth) all of CIFAR-10 in about "
         "an hour on 2 cores, 'converged' (depth) Table 6's depth-2 column at the paper's 100 "
-        "epochs in about 2 hours on 2 cores, 'gpu' one device call, 'paper' is the paper's setting (a GPU, "
-        "full CIFAR-10 via --download or --data). Finished runs in --out are reused and interrupted "
+        "epochs in about 1 h 45 min on 2 cores, 'gpu' one device call, 'paper' is the paper's "
+        "setting (a GPU, full CIFAR-10 via --download or --data). Finished runs in --out are reused and interrupted "
         "ones resumed. Writes reproduce_<experiment>_<budget>.md (table: paper beside measured, "
         "notes, commands), .json (the same as data, with the budget) and .png (the figure, where the "
         "paper has one) to --results. Experiments: " + "; ".join(describe_all()),

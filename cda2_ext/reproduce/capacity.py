@@ -137,10 +137,10 @@ def depth_plan(params: DepthParams, folder: Path, train_options: Mapping[str, An
                     epochs=params.epochs, seed=seed, eval_every=0, **train_options,
                     **train_limit, out_dir=str(run))))
                 out = _eval(folder, depth, arm.name, seed)
+                # every rule, not only the arm's own: where a loss is comes from the others
                 evals.append(output_step(CleanEvalJob.of(
                     checkpoint=str(run), score=arm.score, rules="all", out=str(out),
-                    **eval_options,
-                    **test_limit), out, reads=[run]))
+                    **eval_options, **test_limit), out, reads=[run]))
     return trains + evals
 
 

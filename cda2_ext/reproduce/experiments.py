@@ -620,7 +620,8 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
              "Table 6's depth-2 column as the paper trained it: all of CIFAR-10 (--data "
              "cifar-10-jpeg.zip: the JPEG re-encoding), 100 epochs, the paper's schedule, seed 0, "
              "five arms (the four above and the authors' arm at learning rate 0.3), 10,000 test "
-             "images; about 2 hours on 2 CPU cores (--jobs 2)",
+             "images; about 1 h 45 min on a quiet 2-core CPU with --jobs 2 (27-31 s per three-model "
+             "epoch, two runs side by side)",
              "depths 8-20, seed-to-seed spread"),
          "gpu": Budget(capacity.DepthParams((2, 20), epochs=10, full_data=True),
                        "all of CIFAR-10 at both ends of Table 6 (depths 2 and 20), every arm, "
