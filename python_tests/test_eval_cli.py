@@ -159,7 +159,7 @@ def test_eval_last_iterate_flag(trained, tmp_path):
 def _refuse_clean_eval(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the evaluation ran although its output was refused")
-    monkeypatch.setattr(cli_eval_clean, "evaluate_clean", refuse)
+    monkeypatch.setattr(cli_eval_clean, "collect_outputs", refuse)
     monkeypatch.setattr(cli_eval, "evaluate_robustness", refuse)
 
 

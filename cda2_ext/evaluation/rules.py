@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..data import to_float
 from ..errors import ConfigError
+from .clean import collect_outputs  # re-exported: the report starts from it
 from ..models.collaboration import ensemble_probs, majority_vote
 from ..models.selection import SCORES, selection_score
 from ..registry import Registry
@@ -229,19 +229,6 @@ def rule_table(report: Dict[str, Any], title: Optional[str] = None) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
-
-
-def collect_outputs(model: Any, images: Tensor, batch_size: int,
-                    device: torch.device) -> Tuple[Tensor, Tensor]:
-    """``(logits [M, N, K], ppd_logit [M, N])`` of ``model`` over ``images``, float32 on the CPU
-    (the caller puts the model in eval mode and disables gradients)."""
-    zs: List[Tensor] = []
-    ss: List[Tensor] = []
-    for i in range(0, images.shape[0], batch_size):
-        z, s = model(to_float(images[i:i + batch_size].to(device)))
-        zs.append(z.float().cpu())
-        ss.append(s.float().cpu())
-    return torch.cat(zs, 1), torch.cat(ss, 1)
 
 
 def entry(report: Dict[str, Any], name: str) -> Dict[str, Any]:

@@ -12,8 +12,8 @@ import torch
 from .. import limits
 from ..data import dataset_name, load_images
 from ..errors import ConfigError
-from ..evaluation.clean import evaluate_clean
-from ..evaluation.rules import collect_outputs, rule_report, rule_table
+from ..evaluation.clean import clean_summary, collect_outputs
+from ..evaluation.rules import rule_report, rule_table
 from ..files.checkpoint import atomic_write
 from ..files.run_folder import check_output, save_or_rescue
 from ..models.architectures import named_architectures
@@ -73,15 +73,15 @@ class CleanEvalJob(Job):
         check_fit({"checkpoint": model}, data.images.shape[-2:], len(data.classes), data.source)
         data = data.subset(args.limit)
         t0 = time.perf_counter()
-        res = evaluate_clean(model, data.images, data.labels, args.batch_size, args.score, device)
+        with torch.no_grad(), eval_mode(model):  # one pass: the plain numbers and the rules
+            logits, ppd = collect_outputs(model, data.images, args.batch_size, device)
+        res = clean_summary(logits, ppd, data.labels, args.score, model.backend)
         out: Dict[str, Any] = {"checkpoint": str(args.checkpoint), "epoch": meta.get("epoch"),
                                "dataset": dataset, "split": args.split,
                                "data": {"name": dataset_name(dataset, data.source),
                                         "num_classes": len(data.classes), "source": data.source},
                                **res}
         if args.rules:
-            with torch.no_grad(), eval_mode(model):
-                logits, ppd = collect_outputs(model, data.images, args.batch_size, device)
             out["rules"] = rule_report(logits, ppd, data.labels, own=args.score)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         text = json.dumps(out, indent=2)
