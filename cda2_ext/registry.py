@@ -24,6 +24,10 @@ class Registry(Mapping[str, R], Generic[R]):
         option: the option or argument that names a record (``"score"``), used in error messages.
     """
 
+    #: How many records were added or removed in any registry so far: what a cache of anything
+    #: built from the records (a command's parser) is keyed by.
+    changes: int = 0
+
     def __init__(self, option: str) -> None:
         self.option = option
         self._items: Dict[str, R] = {}
@@ -37,11 +41,13 @@ class Registry(Mapping[str, R], Generic[R]):
         if name in self._items:
             raise ValueError(f"{self.option}: {name!r} is registered already")
         self._items[name] = record
+        Registry.changes += 1
         return record
 
     def remove(self, name: str) -> None:
         """Unregister ``name`` (tests that register a toy record clean up with this)."""
         del self._items[name]
+        Registry.changes += 1
 
     def get_or_raise(self, name: str) -> R:
         """The record called ``name``, or a :class:`ConfigError` naming the option and choices."""

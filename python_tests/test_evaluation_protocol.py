@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,10 +17,11 @@ from torch import nn
 
 from cda2_ext.attacks.whitebox import PGDConfig
 from cda2_ext.attacks.adaptive import AdaptiveConfig
-from cda2_ext.evaluation import ATTACK_GROUPS, DEFAULT_ATTACKS, EvalConfig, evaluate_robustness
+from cda2_ext.evaluation import EvalConfig, attack_groups, default_attacks, evaluate_robustness
 from cda2_ext.evaluation import robustness
 from cda2_ext.evaluation.config import select_subset
-from cda2_ext.evaluation.context import AttackFamily, EvalContext, Outcome
+from cda2_ext.evaluation.context import EvalContext, Outcome
+from cda2_ext.evaluation.family import AttackFamily
 from cda2_ext.evaluation.families import FAMILIES, PROBES, prepare_transfer, run_pgd
 from cda2_ext.evaluation.masking import (CHECKS, Evidence, check_adaptive_gain, check_black_box,
                                          check_budget, check_monotone, check_sanity,
@@ -49,10 +51,17 @@ def evidence(rows, details=None, n=4) -> Evidence:
 
 # ----- registry and rows ---------------------------------------------------------------------------
 def test_the_registry_is_the_attack_groups():
-    assert ATTACK_GROUPS == ("pgd", "adaptive", "transfer", "square", "autoattack")  # --attack choices
-    assert ATTACK_GROUPS == tuple(f.name for f in FAMILIES)
-    assert DEFAULT_ATTACKS == ("pgd", "adaptive", "transfer", "square")  # --attack all
+    assert attack_groups() == ("pgd", "adaptive", "transfer", "square", "autoattack")  # --attack choices
+    assert attack_groups() == tuple(f.name for f in FAMILIES.values())
+    assert default_attacks() == ("pgd", "adaptive", "transfer", "square")  # --attack all
+    assert EvalConfig().attacks == default_attacks()
     assert [p.name for p in PROBES] == ["sanity", "budget"]
+
+
+def test_the_docs_table_of_attack_families_is_the_registry():
+    from cda2_ext.evaluation.family import docs_rows
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    assert "\n".join(docs_rows()) in docs, "docs/evaluation.md: paste cda2_ext.evaluation.family.docs_rows()"
 
 
 def test_row_labels_are_built_in_one_place():
@@ -73,8 +82,8 @@ def test_worst_case_ands_every_row_but_the_parts_of_a_group():
 
 
 def test_schedule_runs_the_sweep_then_extra_radii_in_registry_order():
-    ctx = SimpleNamespace(cfg=EvalConfig(eps=(0.02, 0.01), square_eps=(0.03, 0.01, 0.03)))
-    fams = [f for f in FAMILIES if f.name in ("pgd", "adaptive", "square")]
+    ctx = SimpleNamespace(cfg=EvalConfig(eps=(0.02, 0.01), options={"square": {"eps": (0.03, 0.01, 0.03)}}))
+    fams = [f for f in FAMILIES.values() if f.name in ("pgd", "adaptive", "square")]
     plan = robustness._schedule(ctx, fams)
     assert list(plan) == [0.02, 0.01, 0.03]
     assert {e: [f.name for f in fs] for e, fs in plan.items()} == {
@@ -184,8 +193,8 @@ def tiny():
 
 def small_config(**kw) -> EvalConfig:
     base = dict(attacks=("pgd", "adaptive", "square"), eps=(0.02, 0.05), n_samples=6, batch_size=4,
-                pgd=PGD2, adaptive=AdaptiveConfig(steps=2, apgd_steps=2), square_queries=5,
-                square_eps=(0.05, 0.1), progress=False, seed=3)
+                pgd=PGD2, adaptive=AdaptiveConfig(steps=2, apgd_steps=2),
+                options={"square": {"queries": 5, "eps": (0.05, 0.1)}}, progress=False, seed=3)
     return EvalConfig(**{**base, **kw})
 
 
@@ -233,8 +242,8 @@ def test_a_new_family_is_one_runner_in_the_registry(tiny, monkeypatch):
     def run_fake(ctx: EvalContext, eps: float):
         return [Outcome(name, fake, torch.zeros(ctx.n, dtype=torch.bool)) for name in ctx.targets]
 
-    fams = tuple(AttackFamily("square", run_fake, radii=lambda ctx: (0.05, 0.1)) if f.name == "square" else f
-                 for f in FAMILIES)
+    fams = {f.name: AttackFamily("square", run_fake, "fake", radii=lambda ctx: (0.05, 0.1))
+            if f.name == "square" else f for f in FAMILIES.values()}
     monkeypatch.setattr(robustness, "FAMILIES", fams)
     rep = evaluate_robustness({"plain": models["plain"]}, x, y,
                               small_config(attacks=("pgd", "square"), sanity_eps=None))

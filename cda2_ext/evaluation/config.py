@@ -13,18 +13,9 @@ from ..attacks.transfer import TransferConfig
 from ..attacks.whitebox import PGDConfig
 from .. import limits
 from ..errors import ConfigError
-from .rows import ADAPTIVE, AUTOATTACK, PGD, SQUARE, TRANSFER
+from .family import FAMILIES, attack_groups, default_attacks
 
-__all__ = ["ATTACK_GROUPS", "DEFAULT_ATTACKS", "DEFAULT_EPS", "EvalConfig", "select_subset"]
-
-#: The ``--attack`` groups, in the order they run: the names of
-#: :data:`~cda2_ext.evaluation.families.FAMILIES` (checked there when it is imported). They live
-#: here, not in the registry, so that config does not import it (imports go one way:
-#: families -> context -> config -> rows).
-ATTACK_GROUPS: Tuple[str, ...] = (PGD, ADAPTIVE, TRANSFER, SQUARE, AUTOATTACK)
-#: What ``--attack all`` (and the default configuration) runs: every group but AutoAttack, an
-#: optional extra that costs as much again and is run when named (``--attack all autoattack``).
-DEFAULT_ATTACKS: Tuple[str, ...] = tuple(g for g in ATTACK_GROUPS if g != AUTOATTACK)
+__all__ = ["DEFAULT_EPS", "EvalConfig", "select_subset"]
 
 DEFAULT_EPS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07)
 #: How the evaluated test images are drawn (:func:`select_subset`).
@@ -43,12 +34,16 @@ class EvalConfig:
     """Everything that defines an evaluation run (stored in the JSON output).
 
     Attributes:
-        attacks: attack groups to run, a subset of :data:`ATTACK_GROUPS` (default
-            :data:`DEFAULT_ATTACKS`: all but the optional AutoAttack).
+        attacks: attack groups to run, names of
+            :data:`~cda2_ext.evaluation.family.FAMILIES` (default: those ``in_all``, every
+            family but the optional AutoAttack).
         eps: the L-inf radii of the sweep. n_samples: size of the random test subset.
         seed: picks the subset and seeds every attack. batch_size: images per attack batch.
         pgd, adaptive, transfer: the attacks' configurations (paper budgets by default).
-        square_queries, square_eps, square_p_init: the Square attack (Table 3: 5000, 0.03).
+        options: ``{family: {param: value}}``, the values of the families' own
+            :class:`~cda2_ext.evaluation.family.FamilyParam` s (e.g. Square's ``queries``,
+            ``eps``, ``p_init``: Table 3's 5000 and 0.03). Validation fills in the defaults of
+            every registered family, so the stored config names every value used.
         sanity_eps: the large radius of the "accuracy must reach ~0" check (``None``: skip);
             it runs PGD with ``pgd.steps`` steps and one start.
         sanity_max_acc: the accuracy at ``sanity_eps`` above which the check fails.
@@ -56,7 +51,7 @@ class EvalConfig:
         progress: tqdm progress bars (stderr).
     """
 
-    attacks: Tuple[str, ...] = DEFAULT_ATTACKS
+    attacks: Tuple[str, ...] = field(default_factory=default_attacks)
     eps: Tuple[float, ...] = DEFAULT_EPS
     n_samples: int = 1000
     seed: int = 0
@@ -64,9 +59,7 @@ class EvalConfig:
     pgd: PGDConfig = field(default_factory=PGDConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    square_queries: int = 5000
-    square_eps: Tuple[float, ...] = (0.03,)
-    square_p_init: float = 0.8
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     sanity_eps: Optional[float] = 0.3
     sanity_max_acc: float = 0.05
     score: str = "ppd"
@@ -83,15 +76,15 @@ class EvalConfig:
         """Raise :class:`~cda2_ext.errors.ConfigError` (a ``ValueError``, naming the field) for a
         setting no evaluation can run; ``self``. Runs when the config is built; call it again
         only after changing a field."""
-        bad = [a for a in self.attacks if a not in ATTACK_GROUPS]
+        bad = [a for a in self.attacks if a not in FAMILIES]
         if bad:
-            raise ConfigError(f"attacks: unknown {bad}; expected some of {ATTACK_GROUPS}")
-        for name in ("eps", "square_eps"):
-            for e in getattr(self, name):
-                limits.radius(name, e)
+            raise ConfigError(f"attacks: unknown {bad}; expected some of {attack_groups()}")
+        for e in self.eps:
+            limits.radius("eps", e)
         if self.sanity_eps is not None:
             limits.radius("sanity_eps", self.sanity_eps)
-        for name in ("n_samples", "batch_size", "square_queries"):
+        self.options = self._family_options()
+        for name in ("n_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         self.pgd.validate()
@@ -99,6 +92,33 @@ class EvalConfig:
         self.transfer.validate()
         _check_subset(self.subset)
         return self
+
+    def _family_options(self) -> Dict[str, Dict[str, Any]]:
+        """``options`` checked against the registered families' parameters, with their defaults
+        filled in: a :class:`ConfigError` naming ``{family}_{param}`` for a bad value, or the
+        unknown family or parameter."""
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options: expected {{family: {{param: value}}}}, got {self.options!r}")
+        unknown = [f for f in self.options if f not in FAMILIES]
+        if unknown:
+            raise ConfigError(f"options: unknown attack families {unknown}; expected some of "
+                              f"{attack_groups()}")
+        out: Dict[str, Dict[str, Any]] = {}
+        for fam in FAMILIES.values():
+            given = dict(self.options.get(fam.name) or {})
+            known = {p.name for p in fam.params}
+            extra = sorted(set(given) - known)
+            if extra:
+                raise ConfigError(f"options: {fam.name} reads no {extra}; its parameters are "
+                                  f"{sorted(known)}")
+            if fam.params:
+                out[fam.name] = {p.name: p.check(fam.name, given.get(p.name, p.default))
+                                 for p in fam.params}
+        return out
+
+    def option(self, family: str, param: str) -> Any:
+        """The value of ``family``'s parameter ``param`` (its default where not given)."""
+        return self.options[family][param]
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (the attack configurations as their own dicts)."""

@@ -1,6 +1,6 @@
 """What an attack family gets and gives back: the shared :class:`EvalContext`, the
-:class:`Outcome` of one row, and the :class:`AttackFamily` / :class:`Probe` records that
-:mod:`~cda2_ext.evaluation.families` registers.
+:class:`Outcome` of one row, and the :class:`Probe` records of the checks (the family record
+itself, :class:`~cda2_ext.evaluation.family.AttackFamily`, is in :mod:`.family`).
 
 A family's runner has one signature, ``run(ctx, eps) -> List[Outcome]``: it attacks every model
 of ``ctx`` at radius ``eps`` and returns one per-sample robust flag vector per (model, row). The
@@ -24,10 +24,10 @@ from ..attacks.whitebox import ModelFn
 from ..models.classifier import is_collaboration  # re-exported: the families ask it of each model
 from ..runtime import FUSED, OpsBackend
 from .config import EvalConfig
+from .family import model_batches
 from .rows import Row
 
-__all__ = ["Progress", "Flags", "EvalContext", "Outcome", "Runner", "AttackFamily", "Probe",
-           "is_collaboration"]
+__all__ = ["Progress", "Flags", "EvalContext", "Outcome", "Runner", "Probe", "is_collaboration"]
 
 R = TypeVar("R")
 
@@ -144,44 +144,6 @@ class Outcome:
 
 #: An attack family's runner: attack every model at radius ``eps``.
 Runner = Callable[[EvalContext, float], List[Outcome]]
-
-
-def sweep_radii(ctx: EvalContext) -> Sequence[float]:
-    """The configured eps sweep (the default radii of a family)."""
-    return ctx.cfg.eps
-
-
-def model_batches(ctx: EvalContext) -> int:
-    """One progress step per model and batch (the default)."""
-    return len(ctx.targets) * len(ctx.batches)
-
-
-def ready(ctx: EvalContext) -> Optional[str]:
-    """Nothing to check: the family can always run (the default)."""
-    return None
-
-
-@dataclass(frozen=True)
-class AttackFamily:
-    """A registered attack family (one ``--attack`` group).
-
-    Attributes:
-        name: the group name; also its key in ``details`` and ``details["seconds"]``.
-        run: the :data:`Runner`.
-        radii: where it runs (default: the eps sweep).
-        units: progress steps per radius.
-        prepare: validates the family's inputs before any attack runs (raises ``ValueError``) and
-            returns why it cannot run (a ``NOTE`` in the checks) or ``None``.
-        details: whether its outcomes carry details; the report then has its key even when
-            the family did not run (a fixed JSON layout).
-    """
-
-    name: str
-    run: Runner
-    radii: Callable[[EvalContext], Sequence[float]] = sweep_radii
-    units: Callable[[EvalContext], int] = model_batches
-    prepare: Callable[[EvalContext], Optional[str]] = ready
-    details: bool = False
 
 
 @dataclass(frozen=True)

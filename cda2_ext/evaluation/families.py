@@ -1,10 +1,12 @@
 """The attack families of ``cda2 eval`` and the probes behind its checks, each a small runner.
 
 Adding a family: write ``run_x(ctx, eps) -> List[Outcome]`` (attack every model of ``ctx`` at
-``eps``; build its rows in :mod:`~cda2_ext.evaluation.rows`) and add one
-:class:`~cda2_ext.evaluation.context.AttackFamily` to :data:`FAMILIES`; ``--attack`` and the
-worst case pick it up from there. Its randomness comes from ``ctx.generator(name, eps, batch)``,
-so results do not depend on which other families ran.
+``eps``; its rows are :class:`~cda2_ext.evaluation.rows.Row` s) and add one
+:class:`~cda2_ext.evaluation.family.AttackFamily` to :data:`FAMILIES`, declaring the
+:class:`~cda2_ext.evaluation.family.FamilyParam` s it reads; ``--attack``, its options, ``--help``,
+``EvalConfig`` validation, the docs table and the worst case pick it up from there. Its randomness
+comes from ``ctx.generator(name, eps, batch)``, so results do not depend on which other families
+ran.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ from ..attacks.transfer import (TransferSet, all_variants_correct, generate_tran
                                 transfer_correct)
 from ..attacks.whitebox import PGDConfig, pgd_attack
 from .autoattack import autoattack_units, prepare_autoattack, run_autoattack
-from .config import ATTACK_GROUPS, DEFAULT_ATTACKS
-from .context import AttackFamily, EvalContext, Outcome, Probe, is_collaboration
+from .context import EvalContext, Outcome, Probe, is_collaboration
+from .family import FAMILIES, AttackFamily, FamilyParam
 from .rows import (ADAPTIVE, ADAPTIVE_WORST, AUTOATTACK, BUDGET, BUDGET_CHECK, PGD, SQUARE, TRANSFER,
                    Role, Row, adaptive_row, pgd_row, square_row, transfer_row, worst_case)
 
-__all__ = ["FAMILIES", "PROBES", "ATTACK_GROUPS", "DEFAULT_ATTACKS", "run_pgd", "run_adaptive",
-           "run_transfer", "run_square", "run_sanity", "run_budget_check"]
+__all__ = ["FAMILIES", "PROBES", "run_pgd", "run_adaptive", "run_transfer", "run_square",
+           "run_sanity", "run_budget_check"]
 
 
 # ----- white-box PGD -------------------------------------------------------------------------------
@@ -145,24 +147,25 @@ def _transfer_units(ctx: EvalContext) -> int:
 
 # ----- Square (query-only) ---------------------------------------------------------------------------
 def run_square(ctx: EvalContext, eps: float) -> List[Outcome]:
-    """Square with ``cfg.square_queries`` queries. Details: the queries used and how many samples
+    """Square with its ``queries`` per sample. Details: the queries used and how many samples
     survived only because the budget ran out."""
-    cfg, row = ctx.cfg, square_row(ctx.cfg.square_queries)
+    queries, p_init = ctx.cfg.option(SQUARE, "queries"), ctx.cfg.option(SQUARE, "p_init")
+    row = square_row(queries)
     out = []
     for name, target in ctx.targets.items():
         def one(b: int, s: slice, target=target) -> Tuple[Tensor, Tensor, Tensor]:
-            r = square_attack(target, ctx.x[s], ctx.y[s], eps, cfg.square_queries, p_init=cfg.square_p_init,
+            r = square_attack(target, ctx.x[s], ctx.y[s], eps, queries, p_init=p_init,
                               generator=ctx.generator(SQUARE, eps, b), backend=ctx.backend)
             return r.correct.cpu(), r.queries.cpu(), r.out_of_budget.cpu()
         ok, q, oob = (torch.cat(t) for t in zip(*ctx.over_batches(f"{name} square eps={eps:g}", one)))
         out.append(Outcome(name, row, ok, {
-            "budget": cfg.square_queries, "mean_queries": round(q.float().mean().item(), 1),
+            "budget": queries, "mean_queries": round(q.float().mean().item(), 1),
             "max_queries": int(q.max()), "out_of_budget": int(oob.sum())}))
     return out
 
 
 def _square_radii(ctx: EvalContext) -> Sequence[float]:
-    return ctx.cfg.square_eps
+    return ctx.cfg.option(SQUARE, "eps")
 
 
 # ----- probes ---------------------------------------------------------------------------------------
@@ -249,15 +252,24 @@ def run_budget_check(ctx: EvalContext) -> None:
                 "fell": int((standing & ~survived).sum()), "seconds": round(time.perf_counter() - t0, 2)})])
 
 
-#: The attack families, in the order they run at each radius (and their rows first appear).
-FAMILIES: Tuple[AttackFamily, ...] = (
-    AttackFamily(PGD, run_pgd),
-    AttackFamily(ADAPTIVE, run_adaptive),
-    AttackFamily(TRANSFER, run_transfer, units=_transfer_units, prepare=prepare_transfer, details=True),
-    AttackFamily(SQUARE, run_square, radii=_square_radii, details=True),
-    AttackFamily(AUTOATTACK, run_autoattack, units=autoattack_units, prepare=prepare_autoattack,
-                 details=True),
-)
+# The built-in attack families, in the order they run at each radius (and their rows first appear).
+# The options of the three with a typed configuration (PGDConfig, AdaptiveConfig, TransferConfig,
+# also the attacks' Python API) are EvalConfig fields; the others declare theirs here.
+FAMILIES.add(AttackFamily(PGD, run_pgd, "PGD on each model's hard output (--steps, --restarts, "
+                          "--last-iterate)"))
+FAMILIES.add(AttackFamily(ADAPTIVE, run_adaptive, "the adaptive attacks on the selection and their "
+                          "worst case (--adaptive-attacks and the options after it)"))
+FAMILIES.add(AttackFamily(TRANSFER, run_transfer, "transfer from hold-out surrogates (--surrogate or "
+                          "--transfer-set, --transfer-preset)", units=_transfer_units,
+                          prepare=prepare_transfer, details=True))
+FAMILIES.add(AttackFamily(SQUARE, run_square, "the Square attack, query-only", params=(
+    FamilyParam("queries", 5000, "Square attack query budget per sample", flag="--queries"),
+    FamilyParam("eps", (0.03,), "radii at which Square runs (Table 3: 0.03)", flag="--square-eps"),
+    FamilyParam("p_init", 0.8, "Square's initial fraction of pixels changed per query", low=1e-6,
+                high=1.0)), radii=_square_radii, details=True))
+FAMILIES.add(AttackFamily(AUTOATTACK, run_autoattack, "AutoAttack standard (an optional extra: pip "
+                          "install 'cda2_ext[autoattack]')", in_all=False, units=autoattack_units,
+                          prepare=prepare_autoattack, details=True))
 
 #: Measurements after the sweep: the masking probe, then the budget check (whose row joins the
 #: worst case, so it runs on what every family left standing).
@@ -266,9 +278,3 @@ PROBES: Tuple[Probe, ...] = (
     Probe(BUDGET, run_budget_check, active=lambda ctx: bool({PGD, ADAPTIVE} & set(ctx.cfg.attacks)),
           units=lambda ctx: len(ctx.targets) * len(ctx.cfg.eps)),
 )
-
-# The ``--attack`` groups (:data:`~cda2_ext.evaluation.config.ATTACK_GROUPS`, re-exported here
-# with DEFAULT_ATTACKS) are the names of FAMILIES, in order: one contract, checked on import.
-if tuple(f.name for f in FAMILIES) != ATTACK_GROUPS:  # pragma: no cover - a registry edit
-    raise RuntimeError(f"FAMILIES {tuple(f.name for f in FAMILIES)} and config.ATTACK_GROUPS "
-                       f"{ATTACK_GROUPS} disagree: add the family's name to both")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import EvalConfig
-from .families import ATTACK_GROUPS
+from .family import attack_groups
 from .rows import ADAPTIVE_WORST, WORST, Role, Row, pgd_row
 
 __all__ = ["Evidence", "Check", "CHECKS", "check_sanity", "check_budget", "check_monotone",
@@ -78,7 +78,7 @@ def check_monotone(ev: Evidence) -> List[str]:
 def _black_box_rows(rows: Mapping[Row, object]) -> List[Row]:
     """The black-box rows, family by family in registry order."""
     black = [r for r in rows if r.role is Role.BLACK_BOX]
-    return sorted(black, key=lambda r: ATTACK_GROUPS.index(r.family))
+    return sorted(black, key=lambda r: attack_groups().index(r.family))
 
 
 def check_black_box(ev: Evidence) -> List[str]:

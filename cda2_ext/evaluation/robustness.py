@@ -36,14 +36,15 @@ from ..attacks.transfer import TransferSet
 from ..attacks.whitebox import as_model_fn, predict_correct
 from ..data import to_float
 from ..runtime import ops_backend
-from .config import ATTACK_GROUPS, DEFAULT_EPS, EvalConfig, select_subset
-from .context import AttackFamily, EvalContext, Progress
+from .config import DEFAULT_EPS, EvalConfig, select_subset
+from .context import EvalContext, Progress
+from .family import AttackFamily
 from .families import FAMILIES, PROBES
 from .masking import Evidence, masking_checks
 from .report import EvalReport
 from .rows import WORST, worst_case
 
-__all__ = ["ATTACK_GROUPS", "DEFAULT_EPS", "EvalConfig", "EvalReport", "select_subset",
+__all__ = ["DEFAULT_EPS", "EvalConfig", "EvalReport", "select_subset",
            "evaluate_robustness"]
 
 def _schedule(ctx: EvalContext, families: List[AttackFamily]) -> Dict[float, List[AttackFamily]]:
@@ -95,14 +96,14 @@ def evaluate_robustness(models: Mapping[str, Any], images: Tensor, labels: Tenso
         if isinstance(m, nn.Module):
             m.to(dev).eval()
     families = []
-    for fam in (f for f in FAMILIES if f.name in cfg.attacks):
+    for fam in (f for f in FAMILIES.values() if f.name in cfg.attacks):
         reason = fam.prepare(ctx)  # may raise on bad inputs, before any attack runs
         if reason is None:
             families.append(fam)
         else:
             report.checks.append(f"NOTE: {reason}")
     probes = [p for p in PROBES if p.active(ctx)]
-    ctx.details = {"seconds": {}, **{f.name: {} for f in FAMILIES if f.details}}
+    ctx.details = {"seconds": {}, **{f.name: {} for f in FAMILIES.values() if f.details}}
     plan = _schedule(ctx, families)
     ctx.progress = Progress(sum(f.units(ctx) for fs in plan.values() for f in fs)
                             + sum(p.units(ctx) for p in probes), cfg.progress)

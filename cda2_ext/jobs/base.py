@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Dict, List, Sequence, Tuple, TypeVar
 
 from ..errors import ConfigError
 from ..ops import _checks
+from ..registry import Registry
 
 __all__ = ["Job", "command_line", "flag_value", "check_seed", "add_model_arguments"]
 
@@ -65,7 +66,7 @@ class Job:
 
     #: The ``cda2`` subcommand.
     command_name: ClassVar[str] = ""
-    _parsers: ClassVar[Dict[type, argparse.ArgumentParser]] = {}
+    _parsers: ClassVar[Dict[Tuple[type, int], argparse.ArgumentParser]] = {}
 
     # ----- the command's arguments ---------------------------------------------------------------
     @staticmethod
@@ -75,11 +76,13 @@ class Job:
 
     @classmethod
     def _parser(cls) -> argparse.ArgumentParser:
-        if cls not in Job._parsers:
+        # rebuilt after a record is registered (a weighting, an attack family adds options)
+        key = (cls, Registry.changes)
+        if key not in Job._parsers:
             p = argparse.ArgumentParser(prog=f"cda2 {cls.command_name}", add_help=False)
             cls.add_arguments(p)
-            Job._parsers[cls] = p
-        return Job._parsers[cls]
+            Job._parsers[key] = p
+        return Job._parsers[key]
 
     @classmethod
     def _actions(cls, name: str) -> List[argparse.Action]:

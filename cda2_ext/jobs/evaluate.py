@@ -16,7 +16,9 @@ from ..attacks.transfer import TRANSFER_METHODS, TransferConfig, TransferSet
 from ..attacks.whitebox import EnsembleLogits, PGDConfig
 from ..data import dataset_name, load_images
 from ..errors import ConfigError
-from ..evaluation import ATTACK_GROUPS, DEFAULT_ATTACKS, EvalConfig, evaluate_robustness
+from ..evaluation import EvalConfig, evaluate_robustness
+from ..evaluation.family import (FAMILIES, FamilyParam, attack_groups, attack_help,
+                                 default_attacks)
 from ..files.run_folder import ROBUSTNESS_NAME, check_output, save_or_rescue
 from ..models.architectures import named_architectures
 from ..models.selection import SCORES, score_help
@@ -42,6 +44,31 @@ def _names(paths: List[str]) -> List[str]:
             name, k = f"{base}#{k}", k + 1
         out.append(name)
     return out
+
+
+def _dest(family: str, param: FamilyParam) -> str:
+    """The job option (argparse attribute) of a family parameter: its flag as a name
+    (``--square-eps``: ``square_eps``), as reproduce's plans spell it."""
+    return param.cli_flag(family).lstrip("-").replace("-", "_")
+
+
+def _add_family_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per parameter of every registered attack family (its flag, default and help
+    from the record; its bounds are checked by ``EvalConfig``)."""
+    for fam in FAMILIES.values():
+        for param in fam.params:
+            kind = float if param.radii or isinstance(param.default, float) else int
+            extra: Dict[str, Any] = {"nargs": "+", "default": list(param.default)} if param.radii \
+                else {"default": param.default}
+            dest = _dest(fam.name, param)
+            p.add_argument(param.cli_flag(fam.name), dest=dest, type=kind, metavar=dest.upper(),
+                           help=f"{fam.name}: {param.help}", **extra)
+
+
+def _family_options(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """``EvalConfig.options`` from the family options parsed by :func:`_add_family_arguments`."""
+    return {fam.name: {param.name: getattr(args, _dest(fam.name, param)) for param in fam.params}
+            for fam in FAMILIES.values() if fam.params}
 
 
 def check_fit(nets: Dict[str, Any], size: Any, classes: int, source: Any) -> None:
@@ -80,10 +107,8 @@ class EvalJob(Job):
         d, pgd, ad, tr = EvalConfig(), PGDConfig(), AdaptiveConfig(), TransferConfig()
         p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
                        help="run folder(s) or checkpoint file(s) to evaluate (one table row group each)")
-        p.add_argument("--attack", nargs="+", default=["all"], choices=(*ATTACK_GROUPS, "all"),
-                       help="attack groups to run; all: every group but autoattack (AutoAttack standard, "
-                       "an optional extra: pip install 'cda2_ext[autoattack]'), which runs when named, "
-                       "e.g. --attack all autoattack")
+        p.add_argument("--attack", nargs="+", default=["all"], choices=(*attack_groups(), "all"),
+                       help=attack_help())
         p.add_argument("--surrogate", nargs="+", default=[], metavar="CKPT",
                        help="hold-out checkpoints whose ensembles generate the transfer attacks")
         p.add_argument("--transfer-set", nargs="+", default=[], metavar="FILE",
@@ -131,9 +156,7 @@ class EvalJob(Job):
                        "(the highest-scoring ones at the clean point; all: every class)")
         p.add_argument("--apgd-steps", type=int, default=ad.apgd_steps, help="APGD iterations")
         p.add_argument("--transfer-steps", type=int, default=tr.steps, help="iterations of each transfer attack")
-        p.add_argument("--queries", type=int, default=d.square_queries, help="Square attack query budget per sample")
-        p.add_argument("--square-eps", nargs="+", type=float, default=list(d.square_eps),
-                       help="radii at which Square runs (Table 3: 0.03)")
+        _add_family_arguments(p)
         p.add_argument("--sanity-eps", type=float, default=d.sanity_eps,
                        help="large radius where PGD must reach ~0%% accuracy (0: skip the check)")
         p.add_argument("--score", default=d.score, choices=SCORES,
@@ -161,7 +184,7 @@ class EvalJob(Job):
 
     def _build_config(self) -> EvalConfig:
         args = self.namespace()
-        named = (*DEFAULT_ATTACKS, *args.attack) if "all" in args.attack else args.attack
+        named = (*default_attacks(), *args.attack) if "all" in args.attack else args.attack
         attacks = tuple(a for a in dict.fromkeys(named) if a != "all")
         try:
             decision_targets = None if args.decision_targets == "all" else int(args.decision_targets)
@@ -181,8 +204,7 @@ class EvalJob(Job):
                                 ("restarts", args.restarts, 1, limits.ITERATIONS),
                                 ("adaptive-restarts", args.adaptive_restarts, 1, limits.ITERATIONS),
                                 ("apgd-steps", args.apgd_steps, 0, limits.ITERATIONS),
-                                ("transfer-steps", args.transfer_steps, 0, limits.ITERATIONS),
-                                ("queries", args.queries, 1, limits.ITERATIONS)):
+                                ("transfer-steps", args.transfer_steps, 0, limits.ITERATIONS)):
             if v < lo:
                 raise ConfigError(f"{flag}: must be >= {lo}, got {v}")
             limits.count(flag, v, lo, hi)
@@ -205,7 +227,7 @@ class EvalJob(Job):
             transfer=TransferConfig.preset(args.transfer_preset, steps=args.transfer_steps,
                                            **({"methods": tuple(args.transfer_methods)}
                                               if args.transfer_methods else {})),
-            square_queries=args.queries, square_eps=tuple(args.square_eps),
+            options=_family_options(args),
             sanity_eps=args.sanity_eps or None, score=args.score, unfused=args.unfused,
             subset=args.subset,
             progress=getattr(args, "progress", True))
