@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check the torch-free CUDA kernel headers (csrc/kernels/*.cuh) with plain nvcc, on a
+# Compile-check the torch-free CUDA kernel headers (csrc/torch_free/*.cuh) with plain nvcc, on a
 # machine without a GPU. For every header, a tiny translation unit includes it and explicitly
 # instantiates its kernels and launchers for float, double, __half and __nv_bfloat16 (through the
 # header's CDA2_INSTANTIATE_<STEM>(T) hook), then compiles it for sm_80 and sm_90 (machine code, so
@@ -35,9 +35,9 @@ FLAGS=(-std=c++17 -O3 -c --Werror all-warnings -Xcompiler -Wall
 
 echo "compile_kernels: $("$NVCC" --version | tail -n 1) ; archs sm_80 sm_90"
 shopt -s nullglob
-headers=("$ROOT"/csrc/kernels/*.cuh)
+headers=("$ROOT"/csrc/torch_free/*.cuh)
 if (( ${#headers[@]} == 0 )); then
-  echo "compile_kernels: FAILED: no csrc/kernels/*.cuh found"
+  echo "compile_kernels: FAILED: no csrc/torch_free/*.cuh found"
   exit 1
 fi
 
@@ -58,10 +58,10 @@ $hook(__half)
 $hook(__nv_bfloat16)
 CU
   start=$SECONDS
-  if "$NVCC" "${FLAGS[@]}" "${ARCHS[@]}" -I"$ROOT/csrc/kernels" "$tu" -o "$TMP/${stem}.o" >"$TMP/${stem}.log" 2>&1; then
-    echo "compile_kernels: OK     csrc/kernels/$name (float, double, half, bfloat16; sm_80, sm_90; $((SECONDS - start)) s)"
+  if "$NVCC" "${FLAGS[@]}" "${ARCHS[@]}" -I"$ROOT/csrc/torch_free" "$tu" -o "$TMP/${stem}.o" >"$TMP/${stem}.log" 2>&1; then
+    echo "compile_kernels: OK     csrc/torch_free/$name (float, double, half, bfloat16; sm_80, sm_90; $((SECONDS - start)) s)"
   else
-    echo "compile_kernels: FAILED csrc/kernels/$name"
+    echo "compile_kernels: FAILED csrc/torch_free/$name"
     sed 's/^/    /' "$TMP/${stem}.log"
     fail=1
   fi

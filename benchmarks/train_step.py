@@ -5,9 +5,9 @@ update; ``natural``: M per-model PGDs + update on all M*B variants; ``standard``
 one shape (M sub-models, batch B, ResNet-20), timed for two paths in the same process, alternately:
 
 * **default** - ``Trainer`` exactly as ``cda2 train`` builds it: fused ops, ``Collaboration``
-  with its default layout (``"auto"``: see :mod:`cda2_ext.models.fast`), the attacks through
+  with its default layout (``"auto"``: see :mod:`cda2_ext.models.layouts`), the attacks through
   ``Collaboration.frozen()``.
-* **packed** (only with ``--paths ... packed``) - the default before ``fast.py``: fused ops,
+* **packed** (only with ``--paths ... packed``) - the default before ``models/layouts.py`` (then ``fast.py``): fused ops,
   packed grouped convolutions, attacks through the module in eval mode.
 * **plain** - the authors' way: M separate standard ResNet-20s called one after another in a
   Python loop (NCHW, BatchNorm as modules, attacks through the module in eval mode), with the
@@ -46,7 +46,7 @@ from ops_cpu import machine_info as cpu_machine_info, write_results  # noqa: E40
 
 from cda2_ext.data import ImageSet  # noqa: E402
 from cda2_ext.models import Collaboration, CollaborationConfig  # noqa: E402
-from cda2_ext.models.fast import EvalNet  # noqa: E402
+from cda2_ext.models.layouts import EvalNet  # noqa: E402
 from cda2_ext.training import TrainConfig, Trainer  # noqa: E402
 
 PHASES = ("adversarial", "natural", "standard")
@@ -80,7 +80,7 @@ class PlainCollaboration(nn.Module):
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def frozen(self) -> EvalNet:
-        """The module itself in eval mode: what the attacks differentiated before ``fast.py``."""
+        """The module itself in eval mode: what the attacks differentiated before ``models/layouts.py`` (then ``fast.py``)."""
         return EvalNet(self)
 
 

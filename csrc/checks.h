@@ -10,7 +10,7 @@
 #include <optional>
 #include <vector>
 
-#include "kernels/common.h"
+#include "torch_free/common.h"
 
 namespace cda2 {
 

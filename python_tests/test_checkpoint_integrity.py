@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cda2_ext.files.checkpoint import (ALLOW_UNDIGESTED_ENV, DIGEST_KEY, DOCUMENT_KEY, FORMAT,
+from cda2_ext.storage.checkpoint import (ALLOW_UNDIGESTED_ENV, DIGEST_KEY, DOCUMENT_KEY, FORMAT,
                                  checkpoint_files, document_digest, load_checkpoint,
                                  read_document, save_checkpoint, tensors_digest)
 from cda2_ext.cli import main

@@ -26,13 +26,13 @@ import pytest
 import torch
 
 from cda2_ext.attacks.transfer import TransferSet
-from cda2_ext.files.checkpoint import atomic_write, checkpoint_files
+from cda2_ext.storage.checkpoint import atomic_write, checkpoint_files
 from cda2_ext.cli import compare as cli_compare
 from cda2_ext.cli import main
 from cda2_ext.errors import ConfigError, LostPeerError
 from cda2_ext.evaluation.report import EvalReport
 from cda2_ext.models.collaboration import Collaboration, CollaborationConfig
-from cda2_ext.files.run_folder import LOCK_NAME, RunFolder
+from cda2_ext.storage.run_folder import LOCK_NAME, RunFolder
 from cda2_ext.training.distributed import DistContext
 from helpers import (TINY_TRAIN, free_port, no_training, one_line_error, run_cli, tiny_config,
                      tiny_trainer)

@@ -8,7 +8,7 @@ import pytest
 
 from cda2_ext.cli import build_parser, main
 from cda2_ext.errors import ConfigError
-from cda2_ext.files.run_folder import METRICS_NAME, training_time
+from cda2_ext.storage.run_folder import METRICS_NAME, training_time
 from cda2_ext.jobs import CleanEvalJob, EvalJob, TrainJob, XorJob
 from cda2_ext.jobs.base import flag_value
 from cda2_ext.training import TrainConfig, Trainer

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from cda2_ext.files.checkpoint import DOCUMENT_KEY, FORMAT, document_digest, load_checkpoint
+from cda2_ext.storage.checkpoint import DOCUMENT_KEY, FORMAT, document_digest, load_checkpoint
 from cda2_ext.cli import main
 from cda2_ext.errors import ConfigError
 from cda2_ext.models import Collaboration

@@ -13,7 +13,7 @@ import torch
 
 from cda2_ext.cli import main
 from cda2_ext.errors import NonFiniteLossError
-from cda2_ext.files.checkpoint import checkpoint_files, load_checkpoint
+from cda2_ext.storage.checkpoint import checkpoint_files, load_checkpoint
 from helpers import TINY_TRAIN, only_error_line, poison_first_batch, tiny_config, tiny_trainer
 
 

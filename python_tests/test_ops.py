@@ -523,7 +523,7 @@ def test_in_place_attack_ops_refuse_tensors_that_record_gradients(device, gen):
 # pgd_random_start
 
 def _py_hash_uniform(seed: int, i: int) -> float:
-    """The counter-based hash of csrc/kernels/common.h, in Python integers (the spec)."""
+    """The counter-based hash of csrc/torch_free/common.h, in Python integers (the spec)."""
     M32 = 0xFFFFFFFF
 
     def mix(x):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cda2_ext.files.checkpoint import checkpoint_files, load_checkpoint
+from cda2_ext.storage.checkpoint import checkpoint_files, load_checkpoint
 from cda2_ext.cli import main as cda2_main
 from cda2_ext.reproduce import (EXPERIMENTS, ReproduceError, StepRunner, plan_experiment,
                                 run_experiment)

@@ -18,7 +18,7 @@ import pytest
 
 from cda2_ext.cli import main
 from cda2_ext.errors import CheckpointError, ConfigError
-from cda2_ext.files.run_folder import (LOCK_NAME, METRICS_NAME, ROBUSTNESS_NAME, RobustnessRecord,
+from cda2_ext.storage.run_folder import (LOCK_NAME, METRICS_NAME, ROBUSTNESS_NAME, RobustnessRecord,
                                       RunFolder, training_time)
 from cda2_ext.training.config import RESUMABLE_CHANGES, TrainConfig
 from helpers import TINY_TRAIN, no_training, only_error_line, tiny_config, tiny_trainer

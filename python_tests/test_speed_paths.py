@@ -1,4 +1,4 @@
-"""The faster ways of running a collaboration (cda2_ext.models.fast) compute what the packed
+"""The faster ways of running a collaboration (cda2_ext.models.layouts) compute what the packed
 reference computes: outputs, gradients, BatchNorm buffers, and the adversarial examples of
 training, in float64 on small shapes."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as Fn
 
 from cda2_ext import ops
-from cda2_ext.attacks.training import collaboration_pgd, per_model_pgd
-from cda2_ext.models import Collaboration, CollaborationConfig, fast
+from cda2_ext.attacks.training_pgd import collaboration_pgd, per_model_pgd
+from cda2_ext.models import Collaboration, CollaborationConfig, layouts
 from cda2_ext.runtime import eval_mode
 from helpers import pgd_oracle
 
@@ -104,9 +104,9 @@ def test_layout_is_validated():
     m = Collaboration(num_models=2, depth=8)
     with pytest.raises(ValueError, match="layout"):
         m.layout = "vmap"
-    assert fast.resolve_layout("auto", torch.device("cpu")) == "loop"
-    assert fast.resolve_layout("auto", torch.device("cuda")) == "loop"
-    assert fast.resolve_layout("packed", torch.device("cuda")) == "packed"
+    assert layouts.resolve_layout("auto", torch.device("cpu")) == "loop"
+    assert layouts.resolve_layout("auto", torch.device("cuda")) == "loop"
+    assert layouts.resolve_layout("packed", torch.device("cuda")) == "packed"
 
 
 @pytest.mark.parametrize("depth", [2, 8])
@@ -117,7 +117,7 @@ def test_frozen_matches_packed_eval(gen, depth, per_model, ppd_input, detach_ppd
     packed, loop = _pair(depth, ppd_input=ppd_input, detach_ppd=detach_ppd)
     loop.train()  # frozen() is eval-mode whatever the module's mode
     frozen = loop.frozen()
-    assert isinstance(frozen.fn, fast.FrozenNet)
+    assert isinstance(frozen.fn, layouts.FrozenNet)
     x = _inputs(gen, 3, per_model=per_model)
     xp, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     with eval_mode(packed):
@@ -157,13 +157,13 @@ def test_frozen_backward_visits_only_live_samples(gen, monkeypatch):
     _, loop = _pair(M=3)
     frozen = loop.frozen()
     rows_seen = []
-    inner = fast.FrozenTrunk.backward_one
+    inner = layouts.FrozenTrunk.backward_one
 
     def spy(self, net, grad, x, saved, rows):
         rows_seen.append(grad.shape[0])
         return inner(self, net, grad, x, saved, rows)
 
-    monkeypatch.setattr(fast.FrozenTrunk, "backward_one", spy)
+    monkeypatch.setattr(layouts.FrozenTrunk, "backward_one", spy)
     B = 12
     x = _inputs(gen, 3, B=B).requires_grad_()
     y = torch.randint(0, 10, (B,), generator=gen)
@@ -243,9 +243,9 @@ def test_hooks_make_the_fast_paths_step_aside(gen):
         x = _inputs(gen, 3)
         loop(x)
         assert calls == [1]
-        assert isinstance(loop.frozen().fn, fast.EvalNet)
+        assert isinstance(loop.frozen().fn, layouts.EvalNet)
         loop.frozen()(x)
         assert calls == [1, 1]
     finally:
         handle.remove()
-    assert isinstance(loop.frozen().fn, fast.FrozenNet)
+    assert isinstance(loop.frozen().fn, layouts.FrozenNet)

@@ -20,7 +20,7 @@ import torch
 from cda2_ext.ops import _checks, reference
 from cda2_ext import ops
 from cda2_ext.attacks import graphs
-from cda2_ext.attacks.training import collaboration_pgd, per_model_pgd
+from cda2_ext.attacks.training_pgd import collaboration_pgd, per_model_pgd
 from cda2_ext.data import DataError, ImageSet, synthetic_images
 from cda2_ext.errors import NonFiniteLossError
 from cda2_ext.models.collaboration import Collaboration

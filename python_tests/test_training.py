@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as Fn
 
 from cda2_ext.attacks import collaboration_pgd, per_model_pgd, sign_attack
-from cda2_ext.attacks.training import selected_ce_objective
-from cda2_ext.files.checkpoint import load_checkpoint
+from cda2_ext.attacks.training_pgd import selected_ce_objective
+from cda2_ext.storage.checkpoint import load_checkpoint
 from cda2_ext.training.restore import load_collaboration
 from cda2_ext.data import synthetic_images
 from cda2_ext.models import Collaboration

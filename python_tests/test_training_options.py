@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from cda2_ext.attacks.training import attack_mode, collaboration_pgd, per_model_pgd
+from cda2_ext.attacks.training_pgd import attack_mode, collaboration_pgd, per_model_pgd
 from cda2_ext.cli import build_parser
 from cda2_ext.jobs.train import TrainJob
 from cda2_ext.errors import ConfigError

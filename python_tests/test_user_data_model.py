@@ -24,7 +24,7 @@ from PIL import Image
 from cda2_ext.cli import main
 from cda2_ext.data import (channel_stats, crop_padding, infer_dataset, load_cifar10, load_images)
 from cda2_ext.errors import CheckpointError, ConfigError, DataError
-from cda2_ext.files.checkpoint import load_checkpoint
+from cda2_ext.storage.checkpoint import load_checkpoint
 from cda2_ext.models import ARCHITECTURES, Collaboration, named_architectures
 from cda2_ext.training import TrainConfig, Trainer, load_collaboration
 from helpers import one_line_error, only_error_line, run_cli

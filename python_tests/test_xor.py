@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cda2_ext.toy.xor import XorConfig, run_xor
+from cda2_ext.xor import XorConfig, run_xor
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 5, 7])  # 5 and 7 were failure modes before zero-bias init

@@ -24,6 +24,6 @@ A new gradient attack is an *objective* (``x [G, B, ...] -> (loss [G, B], logits
 from __future__ import annotations
 
 from .engine import AttackResult, Objective, sign_attack
-from .training import collaboration_pgd, per_model_pgd
+from .training_pgd import collaboration_pgd, per_model_pgd
 
 __all__ = ["AttackResult", "Objective", "sign_attack", "per_model_pgd", "collaboration_pgd"]

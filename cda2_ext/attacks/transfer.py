@@ -250,7 +250,7 @@ class TransferSet:
         """Write one safetensors file; the names, eps and config travel in its metadata."""
         from safetensors.torch import save
 
-        from ..files.checkpoint import atomic_write
+        from ..storage.checkpoint import atomic_write
         path = Path(path)
         tensors = {"x_adv": self.x_adv.detach().float().contiguous().cpu(),
                    "labels": self.labels.detach().long().contiguous().cpu()}

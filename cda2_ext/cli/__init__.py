@@ -30,7 +30,7 @@ import warnings
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 from .. import __version__
-from ..files.checkpoint import ALLOW_UNDIGESTED_ENV
+from ..storage.checkpoint import ALLOW_UNDIGESTED_ENV
 from ..errors import Cda2Error, os_reason
 from . import compare, eval_clean, eval_robustness, reproduce, train, xor
 

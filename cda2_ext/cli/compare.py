@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..data import dataset_name
-from ..files.checkpoint import atomic_write, checkpoint_files, read_document
+from ..storage.checkpoint import atomic_write, checkpoint_files, read_document
 from ..errors import CheckpointError, CLIError, one_line
 from ..evaluation.rows import ADAPTIVE_WORST, WORST
-from ..files.run_folder import (ROBUSTNESS_NAME, RobustnessRecord, check_output, save_or_rescue,
+from ..storage.run_folder import (ROBUSTNESS_NAME, RobustnessRecord, check_output, save_or_rescue,
                                 training_time)
 from ..training.config import TrainConfig
 
@@ -239,7 +239,7 @@ def to_csv(summaries: Sequence[RunSummary], path: Path) -> Path:
 def plot(summaries: Sequence[RunSummary], path: Path) -> Path:
     """PNG: robust accuracy vs eps under PGD and under the worst case (eps 0 = clean), transfer
     vs eps, and training time per run."""
-    from ..files.plotting import new_figure, save_figure
+    from ..plotting import new_figure, save_figure
 
     fig, axes = new_figure(1, 3, figsize=(15, 4.8))
     for ax, groups, title in ((axes[0], ("pgd", "worst"), "white-box: PGD (solid), worst case (dotted)"),

@@ -2,10 +2,10 @@
 protocol, its tables, plots and gradient-masking checks).
 
 Layout: :mod:`.config` (what defines a run), :mod:`.family` (the attack family record and its
-registry ``FAMILIES``), :mod:`.families` (the built-in families and probes, one runner each; the optional AutoAttack family's runner in
-:mod:`.autoattack`), :mod:`.rows` (what a table row is), :mod:`.robustness` (the protocol: the
-loop over the registry), :mod:`.masking` (the checks, one function each), :mod:`.report` (table,
-CSV, JSON, PNG), :mod:`.clean` (clean accuracy).
+registry ``FAMILIES``), :mod:`.families` (the built-in families and probes, one runner each; the
+optional AutoAttack family's runner in :mod:`.autoattack_family`), :mod:`.rows` (what a table row
+is), :mod:`.robustness` (the protocol: the loop over the registry), :mod:`.masking` (the checks,
+one function each), :mod:`.report` (table, CSV, JSON, PNG), :mod:`.clean` (clean accuracy).
 """
 from __future__ import annotations
 

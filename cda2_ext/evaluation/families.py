@@ -26,7 +26,7 @@ from ..attacks.square import square_attack
 from ..attacks.transfer import (TransferSet, all_variants_correct, generate_transfer_set,
                                 transfer_correct)
 from ..attacks.whitebox import PGDConfig, pgd_attack
-from .autoattack import autoattack_units, prepare_autoattack, run_autoattack
+from .autoattack_family import autoattack_units, prepare_autoattack, run_autoattack
 from .context import EvalContext, Outcome, Probe, is_collaboration
 from .family import FAMILIES, AttackFamily, FamilyParam
 from .rows import (ADAPTIVE, ADAPTIVE_WORST, AUTOATTACK, BUDGET, BUDGET_CHECK, PGD, SQUARE, TRANSFER,

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from torch import Tensor
 
-from ..files.checkpoint import atomic_write
+from ..storage.checkpoint import atomic_write
 from .rows import WORST, Row
 
 __all__ = ["EvalReport"]
@@ -109,7 +109,7 @@ class EvalReport:
 
     def plot(self, path: Union[str, Path]) -> Path:
         """PNG of robust accuracy vs eps, one line per model/attack (eps 0 = clean accuracy)."""
-        from ..files.plotting import new_figure, save_figure
+        from ..plotting import new_figure, save_figure
 
         fig, ax = new_figure(figsize=(8, 5.5))
         several = len(self.acc) > 1

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..evaluation import EvalConfig, evaluate_robustness
 from ..evaluation.family import (FAMILIES, FamilyParam, attack_groups, attack_help,
                                  default_attacks)
-from ..files.run_folder import ROBUSTNESS_NAME, check_output, save_or_rescue
+from ..storage.run_folder import ROBUSTNESS_NAME, check_output, save_or_rescue
 from ..models.architectures import named_architectures
 from ..models.selection import SCORES, score_help
 from ..runtime import resolve_device

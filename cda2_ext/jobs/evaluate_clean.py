@@ -14,8 +14,8 @@ from ..data import dataset_name, load_images
 from ..errors import ConfigError
 from ..evaluation.clean import clean_summary, collect_outputs
 from ..evaluation.rules import rule_report, rule_table
-from ..files.checkpoint import atomic_write
-from ..files.run_folder import check_output, save_or_rescue
+from ..storage.checkpoint import atomic_write
+from ..storage.run_folder import check_output, save_or_rescue
 from ..models.architectures import named_architectures
 from ..models.selection import SCORES, score_help
 from ..runtime import eval_mode, resolve_device

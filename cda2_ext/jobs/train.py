@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..data import dataset_name, ensure_cifar10, infer_dataset
 from ..errors import ConfigError, LostPeerError
-from ..files.checkpoint import checkpoint_files, load_checkpoint
-from ..files.run_folder import check_run_folder
+from ..storage.checkpoint import checkpoint_files, load_checkpoint
+from ..storage.run_folder import check_run_folder
 from ..models.architectures import ARCHITECTURES, import_constructor, is_import_path
 from ..models.selection import score_help
 from ..runtime import resolve_device

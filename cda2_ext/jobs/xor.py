@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from .. import limits
 from ..errors import ConfigError
-from ..files.plotting import figure_format
-from ..files.run_folder import check_output
-from ..toy.xor import XorConfig, run_xor
+from ..plotting import figure_format
+from ..storage.run_folder import check_output
+from ..xor import XorConfig, run_xor
 from ..training.weighting import SIGMA
 from .base import Job, check_seed
 

@@ -9,7 +9,7 @@ head (:class:`~cda2_ext.models.resnet.DualHeadNet`) sit on top, the same for eve
 Built in (:data:`ARCHITECTURES`, ``CollaborationConfig.arch`` / ``cda2 train --arch``):
 
 * ``resnet``: the paper's CIFAR ResNets (``depth`` 2 or 6n+2), stored packed, run packed or as a
-  loop (``layout``), with the frozen attack snapshot (:mod:`cda2_ext.models.fast`);
+  loop (``layout``), with the frozen attack snapshot (:mod:`cda2_ext.models.layouts`);
 * ``linear``: the XOR experiment's linear sub-models on vectors;
 * ``wrn16-4``: WideResNet-16-4 (:mod:`cda2_ext.models.wide_resnet`), M copies run as a loop.
 
@@ -66,7 +66,7 @@ class Architecture:
         summary: one line for help texts.
         input_dims: dimensions of one input: 3 for images ``(C, H, W)``, 1 for vectors.
         snapshot: whether the loop layout's frozen attack snapshot
-            (:class:`~cda2_ext.models.fast.FrozenNet`) applies; otherwise attacks run the module
+            (:class:`~cda2_ext.models.layouts.FrozenNet`) applies; otherwise attacks run the module
             itself in eval mode.
     """
 

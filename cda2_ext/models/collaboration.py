@@ -4,7 +4,7 @@
 ``[M, B, C, H, W]`` (one variant per sub-model) to ``(logits [M, B, K], ppd_logit [M, B])`` in
 one call, with the weights of all sub-models stored packed (:mod:`cda2_ext.models.resnet`) and run
 either as packed grouped layers or as a loop over sub-models (``layout``,
-:mod:`cda2_ext.models.fast`). On top of that it offers the three ways to turn M answers into one:
+:mod:`cda2_ext.models.layouts`). On top of that it offers the three ways to turn M answers into one:
 
 * :meth:`Collaboration.collaborate` - Algorithm 2: the sub-model with the highest PPD answers
   (fused ``collaborative_select``). ``score="soe"`` ranks sub-models by
@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from .. import limits
 from ..errors import ConfigError
-from ..files.records import from_record, to_record
+from ..storage.records import from_record, to_record
 from ..runtime import FUSED, OpsBackend, ops_backend
 from .classifier import CollaborationLogits, EnsembleLogits
-from .fast import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
+from .layouts import LAYOUTS, EvalNet, FrozenNet, has_hooks, resolve_layout
 from .selection import SCORES, selection_score
 from .architectures import ARCHITECTURES, check_arch_name, import_path, resolve_architecture
 from .resnet import CIFAR10_MEAN, CIFAR10_STD, PPD_INPUTS, DualHeadNet, valid_depth
@@ -62,7 +62,7 @@ class CollaborationConfig:
         normalize: apply ``mean``/``std`` inside the model (inputs are in [0, 1]).
         layout: how the ResNet trunk runs its packed weights - ``"packed"`` (grouped
             convolutions), ``"loop"`` (a loop over sub-models, channels-last) or ``"auto"``
-            (loop on CPU, packed elsewhere); see :mod:`cda2_ext.models.fast`. Speed only: the
+            (loop on CPU, packed elsewhere); see :mod:`cda2_ext.models.layouts`. Speed only: the
             parameters, the state dict and the results do not depend on it. ResNet only: other
             architectures run their M copies as a loop.
         image_size: ``(H, W)`` of the images the model was built for, checked on every input

@@ -1,7 +1,7 @@
 """The packed convolution, the one layer both :mod:`~cda2_ext.models.resnet` (which builds with it)
-and :mod:`~cda2_ext.models.fast` (whose loop layout runs its weights per sub-model) need.
+and :mod:`~cda2_ext.models.layouts` (whose loop layout runs its weights per sub-model) need.
 
-It lives here, below both, so imports go one way: ``resnet -> fast -> packed``. Import it from
+It lives here, below both, so imports go one way: ``resnet -> layouts -> packed``. Import it from
 :mod:`cda2_ext.models` or :mod:`cda2_ext.models.resnet` as before.
 """
 from __future__ import annotations

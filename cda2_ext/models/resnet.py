@@ -18,7 +18,7 @@ on functorch batching rules. A single model is simply ``num_models=1``.
 Storage and execution are separate: the weights are always stored packed, but the trunk can also
 *run* as a loop over sub-models on views of them (``layout="loop"``, what ``"auto"`` picks on every
 device: oneDNN's grouped convolutions are slower on the CPU than M plain ones, and on an H200 the
-packed layout lost up to 2.7x). See :mod:`cda2_ext.models.fast`, which
+packed layout lost up to 2.7x). See :mod:`cda2_ext.models.layouts`, which
 also holds the frozen eval-mode snapshot the attacks differentiate.
 
 Architectures (``depth``):
@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from .fast import has_hooks, loop_trunk_forward, resolve_layout
-from .packed import PackedConv2d  # re-exported: it lives below fast.py (no import circle)
+from .layouts import has_hooks, loop_trunk_forward, resolve_layout
+from .packed import PackedConv2d  # re-exported: it lives below layouts.py (no import circle)
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "PPD_INPUTS", "PackedConv2d", "PackedLinear", "PackedBatchNorm2d",
@@ -130,7 +130,7 @@ class PackedResNetTrunk(nn.Module):
         depth: 2 or 6n+2 (see the module docstring).
         in_channels: image channels (3).
         widths: channels of the three stages (16, 32, 64 for the standard CIFAR ResNets).
-        layout: how the forward runs the packed weights (:data:`cda2_ext.models.fast.LAYOUTS`):
+        layout: how the forward runs the packed weights (:data:`cda2_ext.models.layouts.LAYOUTS`):
             ``"packed"`` grouped convolutions, ``"loop"`` over sub-models, ``"auto"`` per device.
             An attribute that may change at any time; the parameters do not depend on it.
     """

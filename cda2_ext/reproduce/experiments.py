@@ -2,7 +2,7 @@
 
 An entry says, per budget, which jobs to run (``plan``: :mod:`cda2_ext.jobs`, each what one ``cda2``
 command does) and how to turn their outputs into a table with the paper's numbers beside the
-measured ones (``report``, reading them through :mod:`cda2_ext.files.run_folder`). Adding an
+measured ones (``report``, reading them through :mod:`cda2_ext.storage.run_folder`). Adding an
 experiment is one more entry: a ``plan`` that lists train and evaluation steps and a ``report``.
 
 Budgets: ``small`` fits a 2-core CPU on the shared CIFAR-10 subset in minutes; ``cpu`` (where an
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..data import data_note
-from ..files.run_folder import ROBUSTNESS_NAME, RobustnessRecord, training_time
+from ..storage.run_folder import ROBUSTNESS_NAME, RobustnessRecord, training_time
 from ..jobs.evaluate import EvalJob
 from ..jobs.train import TrainJob
 from ..jobs.xor import XorJob

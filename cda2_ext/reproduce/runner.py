@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import Cda2Error, CheckpointError, os_reason
-from ..files.checkpoint import checkpoint_files, load_checkpoint
-from ..files.run_folder import training_time
+from ..storage.checkpoint import checkpoint_files, load_checkpoint
+from ..storage.run_folder import training_time
 from ..jobs.base import Job, command_line
 from ..jobs.train import TrainJob
 from ..training.config import TrainConfig

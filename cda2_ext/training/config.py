@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..ops import _checks
 from .. import limits
-from ..files.records import from_record, to_record
+from ..storage.records import from_record, to_record
 from ..errors import CheckpointError, ConfigError
 from ..data import IMAGE_DATASETS
 from ..models.architectures import ARCHITECTURES, check_arch_name

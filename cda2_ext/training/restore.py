@@ -1,6 +1,6 @@
 """Rebuild a trained collaboration from its run folder or checkpoint file.
 
-It lives with training, not with the checkpoint format (:mod:`cda2_ext.files.checkpoint`),
+It lives with training, not with the checkpoint format (:mod:`cda2_ext.storage.checkpoint`),
 because it reads the stored :class:`~cda2_ext.training.config.TrainConfig`: the file layer stays
 below the library and knows nothing of what a run trains.
 """
@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from ..errors import ArchitectureError, CheckpointError, one_line
-from ..files.checkpoint import PathLike, checkpoint_files, load_checkpoint, load_state
+from ..storage.checkpoint import PathLike, checkpoint_files, load_checkpoint, load_state
 from ..models.architectures import ArchLike, arch_name, named_architectures
 from ..models.collaboration import Collaboration
 from .config import TrainConfig

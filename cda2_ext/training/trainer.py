@@ -16,7 +16,7 @@ Algorithm 1 by default): per batch it makes its inputs (an attack, or none) and 
   global batch, with the global batch's randomness, inside ``DistributedDataParallel``; rank 0
   writes checkpoints, metrics and logs.
 * **Safety**: :meth:`Trainer.fit` owns ``out_dir`` for the run's lifetime
-  (:class:`~cda2_ext.files.run_folder.RunFolder`: checked, locked, stale temporary files removed), and an
+  (:class:`~cda2_ext.storage.run_folder.RunFolder`: checked, locked, stale temporary files removed), and an
   update whose loss is non-finite is never applied (:mod:`.nonfinite`: decided on the device, so a
   step never waits for it): it stops the run with :class:`~cda2_ext.errors.NonFiniteLossError`,
   raised at the next host read of the verdict (every :attr:`Trainer.check_every` steps and at the
@@ -41,14 +41,14 @@ import torch
 from torch import Tensor
 
 from ..ops._checks import labels_checked, labels_in_range
-from ..files.checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
+from ..storage.checkpoint import atomic_write, checkpoint_files, load_checkpoint, load_state, save_checkpoint
 from ..data import (ImageSet, channel_stats, crop_padding, load_images, note_training_size,
                     random_crop_flip, to_float)
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, one_line
 from ..evaluation.clean import evaluate_clean
 from ..models.architectures import ArchLike, arch_name, named_architectures
 from ..models.collaboration import Collaboration
-from ..files.run_folder import METRICS_NAME, RunFolder
+from ..storage.run_folder import METRICS_NAME, RunFolder
 from ..runtime import resolve_device
 from .config import TrainConfig
 from .distributed import DistContext, convert_sync_batchnorm
@@ -328,7 +328,7 @@ class Trainer:
             resume: Optional[bool] = None, force: bool = False) -> List[Dict[str, Any]]:
         """Train until ``config.epochs`` epochs are done, checkpointing after each one.
 
-        ``config.out_dir`` is held as a :class:`~cda2_ext.files.run_folder.RunFolder` meanwhile: a folder
+        ``config.out_dir`` is held as a :class:`~cda2_ext.storage.run_folder.RunFolder` meanwhile: a folder
         that already holds a checkpoint is continued with ``resume`` (loaded under the lock,
         unless this trainer was already restored from it; the default, ``None``, means "if it
         was") and started over with ``force``; anything else is refused before any training.

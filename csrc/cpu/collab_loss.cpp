@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/collab_loss.h"
+#include "../torch_free/collab_loss.h"
 #include "vec_math.h"
 
 namespace cda2 {
@@ -91,7 +91,7 @@ struct Buffers {
 //     in lse, w and p, which are overwritten below;
 //  2. per sub-model, across samples: lse = mx + log(sum), ce = (mx - z_y) + log(sum);
 //  3. per sub-model, across samples: the soft-min over m (Eq. 7) -- the same math as
-//     softmin_forward in kernels/collab_loss.h, laid out so that the M-way loop runs over
+//     softmin_forward in torch_free/collab_loss.h, laid out so that the M-way loop runs over
 //     contiguous samples instead of one sample at a time (the per-sample transcendental calls
 //     were most of the forward at K = 10).
 template <bool kFma, typename scalar_t, typename T = math_t<scalar_t>>

@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/common.h"
+#include "../torch_free/common.h"
 
 namespace cda2 {
 namespace {

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/common.h"
+#include "../torch_free/common.h"
 #include "vec_math.h"
 
 namespace cda2 {

@@ -1,11 +1,11 @@
 // CUDA glue of the collaboration loss: checks, contiguous inputs, outputs, launch on the current
-// stream. The kernels are csrc/kernels/collab_loss.cuh; the CPU twin is csrc/cpu/collab_loss.cpp.
+// stream. The kernels are csrc/torch_free/collab_loss.cuh; the CPU twin is csrc/cpu/collab_loss.cpp.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/collab_loss.cuh"
+#include "../torch_free/collab_loss.cuh"
 #include "glue.h"
 
 namespace cda2 {

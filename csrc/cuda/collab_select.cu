@@ -1,9 +1,9 @@
 // CUDA glue of collaborative selection (Algorithm 2) and its gradient.
-// Kernels: csrc/kernels/collab_select.cuh; CPU twin: csrc/cpu/collab_select.cpp.
+// Kernels: csrc/torch_free/collab_select.cuh; CPU twin: csrc/cpu/collab_select.cpp.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/collab_select.cuh"
+#include "../torch_free/collab_select.cuh"
 #include "glue.h"
 
 namespace cda2 {

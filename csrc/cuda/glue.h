@@ -12,7 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "../checks.h"
-#include "../kernels/cuda_common.cuh"
+#include "../torch_free/cuda_common.cuh"
 
 namespace cda2 {
 namespace glue {

@@ -1,8 +1,8 @@
-// CUDA glue of the PPD-head BCE. Kernels: csrc/kernels/ppd_bce.cuh; CPU twin: csrc/cpu/ppd_bce.cpp.
+// CUDA glue of the PPD-head BCE. Kernels: csrc/torch_free/ppd_bce.cuh; CPU twin: csrc/cpu/ppd_bce.cpp.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/ppd_bce.cuh"
+#include "../torch_free/ppd_bce.cuh"
 #include "glue.h"
 
 namespace cda2 {

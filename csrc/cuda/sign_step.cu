@@ -1,9 +1,9 @@
 // CUDA glue of the PGD pieces (projected sign step, random start), in place on x_adv.
-// Kernels: csrc/kernels/sign_step.cuh; CPU twin: csrc/cpu/sign_step.cpp.
+// Kernels: csrc/torch_free/sign_step.cuh; CPU twin: csrc/cpu/sign_step.cpp.
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../kernels/sign_step.cuh"
+#include "../torch_free/sign_step.cuh"
 #include "glue.h"
 
 namespace cda2 {

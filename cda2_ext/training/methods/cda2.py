@@ -30,7 +30,7 @@ Choices the paper leaves open, each an option (defaults: the paper; see ``TrainC
   PPD head's input), as in the authors' code.
 * ``ppd_loss="soe"``: the authors' BCE, fitted by ``maxprob x sigmoid(s)`` - the score
   ``select_score="soe"`` selects by - instead of by ``sigmoid(s)`` (:func:`soe_ppd_bce`).
-* ``pgd_bn``: BatchNorm mode during the training PGD (:func:`~cda2_ext.attacks.training.attack_mode`).
+* ``pgd_bn``: BatchNorm mode during the training PGD (:func:`~cda2_ext.attacks.training_pgd.attack_mode`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from ...attacks.training import collaboration_pgd, per_model_pgd
+from ...attacks.training_pgd import collaboration_pgd, per_model_pgd
 from ...models.collaboration import collaborate
 from ..weighting import WEIGHTINGS, weighted_loss
 from .base import Method, Tally

@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from ...attacks.engine import derive_generator, sign_attack
-from ...attacks.training import per_model_pgd
-from ...files.checkpoint import load_checkpoint, load_state
+from ...attacks.training_pgd import per_model_pgd
+from ...storage.checkpoint import load_checkpoint, load_state
 from ...errors import ConfigError
 from ...models.features import feature_layers, packed_features
 from ...runtime import FUSED, OpsBackend, eval_mode

@@ -25,8 +25,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as Fn
 
-from ..data import make_xor
-from ..models.collaboration import Collaboration, CollaborationConfig, ensemble_probs
+from .data import make_xor
+from .models.collaboration import Collaboration, CollaborationConfig, ensemble_probs
 
 __all__ = ["XorConfig", "XorResult", "run_xor", "xor_model", "plot_xor"]
 
@@ -117,7 +117,7 @@ def run_xor(cfg: Optional[XorConfig] = None, figure: Optional[str | Path] = None
         plot_xor(collab, ens, xt, yt, pred.selected, res, figure)
     res.seconds = time.perf_counter() - t0
     if json_path is not None:
-        from ..files.checkpoint import atomic_write
+        from .storage.checkpoint import atomic_write
         atomic_write(json_path, (json.dumps(res.to_dict(), indent=2) + "\n").encode())
     return res
 
@@ -127,7 +127,7 @@ def plot_xor(collab: Collaboration, ens: Collaboration, x: torch.Tensor, y: torc
     """Figure 4: (a) ensemble regions + labels, (b) collaboration regions + assignments."""
     from matplotlib.colors import ListedColormap
 
-    from ..files.plotting import new_figure, save_figure
+    from .plotting import new_figure, save_figure
 
     lim = 2.2
     g = torch.linspace(-lim, lim, 241)

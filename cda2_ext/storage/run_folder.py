@@ -62,7 +62,7 @@ METRICS_NAME = "metrics.json"
 ROBUSTNESS_NAME = "robustness.json"
 #: What a training run writes into its folder (earlier results: kept unless resumed or forced).
 RUN_RESULTS = (f"{CHECKPOINT_NAME}.safetensors", f"{CHECKPOINT_NAME}.json", METRICS_NAME)
-#: The temporary files of :func:`~cda2_ext.files.checkpoint.atomic_write` for those results.
+#: The temporary files of :func:`~cda2_ext.storage.checkpoint.atomic_write` for those results.
 _RUN_TMP = tuple(f".{name}.*.tmp" for name in RUN_RESULTS)
 
 

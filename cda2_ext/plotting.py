@@ -26,7 +26,7 @@ def figure_format(path: Union[str, Path], option: str = "figure") -> str:
     (checked before the work whose figure it is, not after)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    from ..errors import ConfigError
+    from .errors import ConfigError
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     known = FigureCanvasBase.get_supported_filetypes()
     if fmt not in known:
@@ -42,7 +42,7 @@ def save_figure(fig: Any, path: Union[str, Path], dpi: int = 120) -> Path:
     interrupted run never leaves half a figure where an earlier one was."""
     import io
 
-    from .checkpoint import atomic_write
+    from .storage.checkpoint import atomic_write
     fig.tight_layout()
     path = Path(path)
     buf = io.BytesIO()  # the format the name asks for (fig.pdf, fig.svg), PNG without a suffix

@@ -24,7 +24,7 @@ checkpoint anyway, with a one-line warning, still checking its tensors when it h
 Durability: each file is written to a temporary file in the same folder, flushed to disk, moved
 into place with ``os.replace`` and the folder is synced, so a crash leaves either the previous
 checkpoint or the new one, never a torn file (at worst a stale ``.*.tmp`` file, which the next run
-in that folder removes: :class:`cda2_ext.files.run_folder.RunFolder`).
+in that folder removes: :class:`cda2_ext.storage.run_folder.RunFolder`).
 
 Every way a file can be unusable (missing, not safetensors, not ours, damaged metadata or tensors,
 tensors that do not fit the model) raises :class:`~cda2_ext.errors.CheckpointError` with one line

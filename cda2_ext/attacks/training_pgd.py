@@ -66,7 +66,7 @@ def attack_mode(model: nn.Module, bn: str = "eval") -> Iterator[None]:
 def _attacked(model: nn.Module, bn: str) -> nn.Module:
     """What the attack differentiates: in eval mode, ``model.frozen()`` where offered (the same
     function and input gradient with less work: BatchNorm folded, zero-gradient samples skipped,
-    :mod:`cda2_ext.models.fast`), else the model itself."""
+    :mod:`cda2_ext.models.layouts`), else the model itself."""
     frozen = getattr(model, "frozen", None)
     return frozen() if bn == "eval" and callable(frozen) else model
 
