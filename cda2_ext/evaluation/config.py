@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -105,7 +105,9 @@ class EvalConfig:
                               f"{attack_groups()}")
         out: Dict[str, Dict[str, Any]] = {}
         for fam in FAMILIES.values():
-            given = dict(self.options.get(fam.name) or {})
+            given = self.options.get(fam.name) or {}
+            if not isinstance(given, Mapping):
+                raise ConfigError(f"options: {fam.name} needs {{param: value}}, got {given!r}")
             known = {p.name for p in fam.params}
             extra = sorted(set(given) - known)
             if extra:
