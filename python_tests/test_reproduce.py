@@ -61,6 +61,15 @@ def test_table6_numbers_are_the_papers():
     assert paper.TABLE6[14]["gain"] == 0.9
 
 
+def test_the_converged_budget_checks_two_arms_on_a_second_seed(tmp_path):
+    steps = plan_experiment("depth", "converged", tmp_path, data="/d", device="cpu")
+    trains = [s.out.name for s in steps if s.kind == "train"]
+    assert trains == [f"resnet2_{a}_seed0" for a in
+                      ("authors", "authors_lr0.3", "paper", "control", "single")] + [
+        "resnet2_authors_lr0.3_seed1", "resnet2_single_seed1"]
+    assert len(steps) == 2 * len(trains)
+
+
 def test_depth_plan_trains_four_arms_per_depth_and_seed(tmp_path):
     steps = plan_experiment("depth", "paper", tmp_path, data="/d", device="cpu")
     trains = [s for s in steps if s.kind == "train"]
@@ -205,14 +214,16 @@ def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_pa
 def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, monkeypatch,
                                                                       cifar_dir):
     _with_budget(monkeypatch, "depth", depths=(2,), epochs=1, train_limit=64, test_limit=50,
-                 seeds=(0, 1), arms=("single", "paper", "authors", "authors_lr0.3", "control"))
+                 seeds=(0, 1), arms=("single", "paper", "authors", "authors_lr0.3", "control"),
+                 extra_seeds=(("single", 2), ("paper", 2)))  # a seed check of two arms
     rec = run_experiment("depth", "small", tmp_path, data=str(cifar_dir), device="cpu",
                          log=lambda s: None, jobs=2)
     assert rec["columns"][:8] == ["depth", "seed", "arm", "rule", "answer %", "± images",
                                   "vs one model", "± paired"]
     rows = {(r[1], r[2]): r for r in rec["rows"]}
-    assert len(rows) == 10 and all(r[0] == 2 for r in rows.values())
-    for seed in (0, 1):
+    assert len(rows) == 12 and all(r[0] == 2 for r in rows.values())
+    assert {a for s, a in rows if s == 2} == {"one model", "CDA², paper (Eq. 7, sigma 1)"}
+    for seed in (0, 1, 2):
         single = rows[seed, "one model"]
         paper_arm = rows[seed, "CDA², paper (Eq. 7, sigma 1)"]
         for r in rows.values():
@@ -225,6 +236,7 @@ def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, 
     assert rec["notes"][0].startswith("Verdicts, fixed before the runs")
     assert len(rec["findings"]) == 4  # three CDA² arms, then the split-gradient finding
     assert rec["findings"][-1].startswith("Depth 2, split gradient")
+    assert rec["findings"][0].count(" ± ") == 3 and "on its seeds" in rec["findings"][0]  # 0, 1, 2
     # the rule-by-rule table: every rule, sub-model, best, oracle and the fitted selector
     table = rec["tables"][0]
     assert table["columns"] == ["rule", "CDA², paper (Eq. 7, sigma 1)", "CDA², authors' weighting",
@@ -233,7 +245,10 @@ def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, 
     assert {"PPD (Algorithm 2)", "the authors' detector", "max-probability", "margin",
             "minimum entropy", "mean-probability ensemble", "vote", "oracle (some sub-model is right)",
             "fitted selector (logistic, fit half)"} <= set(labels)
-    assert {s["status"] for s in rec["steps"]} == {"ran"} and len(rec["steps"]) == 20
+    assert {s["status"] for s in rec["steps"]} == {"ran"} and len(rec["steps"]) == 24
+    assert [t["title"].split(":")[0] for t in rec["tables"]] == [
+        "Depth 2, seed 0", "Depth 2, seed 1", "Depth 2, seed 2"]
+    assert rec["tables"][2]["columns"] == ["rule", "CDA², paper (Eq. 7, sigma 1)"]
     assert rec["measured"]["2"]["arms"]["control_seed0"]["score"] == "maxprob"
     assert "per_image" not in rec["measured"]["2"]["arms"]["control_seed0"]["rules"]
     md = (tmp_path / "reproduce_depth_small.md").read_text()

@@ -139,6 +139,11 @@ def test_verdict_follows_the_written_criteria():
     assert verdict([c(-0.05, 0.0)]) == "contradicts"
     assert verdict([c(0.0, 0.0)]) == "inconclusive"
     assert verdict([]) == "inconclusive"
+    # a seed without the control (a seed check of some arms) cannot confirm, but can contradict
+    no_control = Comparison((0.02, se), None, (0.0, se), (0.0, se))
+    assert verdict([c(0.02, 0.02), no_control]) == "inconclusive"
+    assert verdict([c(-0.05, 0.0), Comparison((-0.05, se), None, (0.0, se), (0.0, se))]) == \
+        "contradicts"
 
 
 def test_where_the_loss_is_follows_the_written_criteria():

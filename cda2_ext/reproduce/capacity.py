@@ -99,6 +99,10 @@ class DepthParams:
     Attributes:
         depths: the ResNet depths (Table 6: 2, 8, 14, 20). epochs, seeds: of every run.
         arms: the arms' names (:data:`ARMS`).
+        extra_seeds: ``(arm, seed)`` pairs run besides: a seed check of some arms. An arm's
+            comparison on such a seed needs ``single`` on it too; without the control there,
+            the seed cannot confirm Table 6 (that needs the control on every seed), but it
+            counts for "contradicts" and for where the loss is.
         full_data: meant for all of CIFAR-10 (the report warns when the data were smaller).
         train_limit, test_limit: only the first N training / test images (``None``: all).
     """
@@ -107,9 +111,17 @@ class DepthParams:
     epochs: int
     seeds: Tuple[int, ...] = (0,)
     arms: Tuple[str, ...] = ("single", "paper", "authors", "control")
+    extra_seeds: Tuple[Tuple[str, int], ...] = ()
     full_data: bool = False
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
+
+
+def _runs(params: DepthParams) -> List[Tuple[int, str]]:
+    """Every ``(seed, arm)`` the budget trains, per depth: each arm on each seed, then the
+    extra seeds."""
+    pairs = [(s, a) for s in params.seeds for a in params.arms]
+    return pairs + [(s, a) for a, s in params.extra_seeds if (s, a) not in pairs]
 
 
 def _run(folder: Path, depth: int, arm: str, seed: int) -> Path:
@@ -129,18 +141,18 @@ def depth_plan(params: DepthParams, folder: Path, train_options: Mapping[str, An
     train_limit = {"train_limit": params.train_limit} if params.train_limit else {}
     test_limit = {"limit": params.test_limit} if params.test_limit else {}
     for depth in params.depths:
-        for seed in params.seeds:
-            for arm in (_BY_NAME[n] for n in params.arms):
-                run = _run(folder, depth, arm.name, seed)
-                trains.append(train_step(TrainJob.of(
-                    **dict(arm.train_options), depth=depth, num_models=arm.num_models,
-                    epochs=params.epochs, seed=seed, eval_every=0, **train_options,
-                    **train_limit, out_dir=str(run))))
-                out = _eval(folder, depth, arm.name, seed)
-                # every rule, not only the arm's own: where a loss is comes from the others
-                evals.append(output_step(CleanEvalJob.of(
-                    checkpoint=str(run), score=arm.score, rules="all", out=str(out),
-                    **eval_options, **test_limit), out, reads=[run]))
+        for seed, name in _runs(params):
+            arm = _BY_NAME[name]
+            run = _run(folder, depth, arm.name, seed)
+            trains.append(train_step(TrainJob.of(
+                **dict(arm.train_options), depth=depth, num_models=arm.num_models,
+                epochs=params.epochs, seed=seed, eval_every=0, **train_options,
+                **train_limit, out_dir=str(run))))
+            out = _eval(folder, depth, arm.name, seed)
+            # every rule, not only the arm's own: where a loss is comes from the others
+            evals.append(output_step(CleanEvalJob.of(
+                checkpoint=str(run), score=arm.score, rules="all", out=str(out),
+                **eval_options, **test_limit), out, reads=[run]))
     return trains + evals
 
 
@@ -165,14 +177,15 @@ class Comparison:
     the reported half)."""
 
     own_vs_single: Diff
-    own_vs_control: Diff
+    own_vs_control: Optional[Diff]  # None: the control did not run on this seed
     best_vs_single: Diff
     fitted_vs_single: Diff
 
 
 def verdict(runs: Sequence[Comparison]) -> str:
     """Table 6's verdict (:data:`CRITERIA`) for one arm over its seeds."""
-    if runs and all(_beats(c.own_vs_single) and _beats(c.own_vs_control) for c in runs):
+    if runs and all(_beats(c.own_vs_single) and c.own_vs_control is not None
+                    and _beats(c.own_vs_control) for c in runs):
         return "confirms"
     if runs and all(_below(c.own_vs_single) for c in runs):
         return "contradicts"
@@ -201,15 +214,19 @@ def split_gradient(authors: Sequence[Comparison], faster: Sequence[Comparison]) 
     return bool(faster) and all(not _below(c.best_vs_single) for c in faster)
 
 
-def _compare(arm: Dict[str, Any], single: Dict[str, Any], control: Dict[str, Any]) -> Comparison:
+def _compare(arm: Dict[str, Any], single: Dict[str, Any],
+             control: Optional[Dict[str, Any]]) -> Comparison:
     """The paired differences of one arm's rule report against the one model's and the
-    control's (the control answers by its best label-free rule on the reported half)."""
-    a, s, c = arm["rules"], single["rules"], control["rules"]
+    control's (the control answers by its best label-free rule on the reported half; ``None``:
+    no control on this seed)."""
+    a, s = arm["rules"], single["rules"]
     own = a["own"]
-    control_best = max((e for e in c["entries"] if e["kind"] == "rule"),
-                       key=lambda e: e["accuracy"])["name"]
-    return Comparison(paired_between(a, own, s, s["own"]),
-                      paired_between(a, own, c, control_best),
+    vs_control = None
+    if control is not None:
+        c = control["rules"]
+        best = max((e for e in c["entries"] if e["kind"] == "rule"), key=lambda e: e["accuracy"])
+        vs_control = paired_between(a, own, c, best["name"])
+    return Comparison(paired_between(a, own, s, s["own"]), vs_control,
                       paired_between(a, "best sub-model", s, s["own"]),
                       paired_between(a, "fitted selector", s, s["own"]))
 
@@ -222,6 +239,8 @@ def _findings(depth: int, label: str, runs: Sequence[Comparison], table6: str,
               lost: Sequence[str]) -> str:
     gains = ", ".join(f"{100 * c.own_vs_single[0]:+.1f} ± {100 * c.own_vs_single[1]:.1f}"
                       for c in runs)
+    if len(runs) > 1:
+        gains += " on its seeds"
     where = {"experts": "its experts (the best sub-model is below the one model)",
              "selector": "its selector (a sub-model as good as the one model exists, the rule "
                          "does not pick it)",
@@ -249,15 +268,17 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
     notes: List[str] = [CRITERIA]
     n_rep = None
     arms = [a for a in ARMS if a.name in params.arms]
+    runs = _runs(params)
+    seeds = list(dict.fromkeys(s for s, _ in runs))
     for depth in params.depths:
-        res = {(a.name, s): _eval_json(folder, depth, a.name, s)
-               for a in arms for s in params.seeds}
+        res = {(a, s): _eval_json(folder, depth, a, s) for s, a in runs}
         comps: Dict[str, List[Comparison]] = {}
         if {"single", "control"} <= set(params.arms):
             for a in arms:
                 if a.name in _CDA2_ARMS:
-                    comps[a.name] = [_compare(res[a.name, s], res["single", s], res["control", s])
-                                     for s in params.seeds]
+                    comps[a.name] = [_compare(res[a.name, s], res["single", s],
+                                              res.get(("control", s)))
+                                     for s in seeds if (a.name, s) in res and ("single", s) in res]
         verdicts = {a: verdict(c) for a, c in comps.items()}
         lost = {a: where_lost(c) for a, c in comps.items()}
         for a in arms:
@@ -273,9 +294,9 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
                     "learning rate 0.3 closes the authors' arm's experts gap: the loss is the "
                     "split gradient." if closed else
                     "learning rate 0.3 does not close the authors' arm's experts gap."))
-        for s in params.seeds:
+        for s in seeds:
             single = res.get(("single", s))
-            for a in arms:
+            for a in (a for a in arms if (a.name, s) in res):
                 r = res[a.name, s]["rules"]
                 n_rep = r["n_report"]
                 own = entry(r, r["own"])
@@ -292,7 +313,7 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
                     paper.TABLE6.get(depth, {}).get("gain") if a.name in _CDA2_ARMS else None,
                     verdicts.get(a.name, ""), ", ".join(lost.get(a.name, []))])
             # the rule-by-rule table: every entry of every multi-model arm, vs the one model
-            multi_arms = [a for a in arms if a.num_models > 1]
+            multi_arms = [a for a in arms if a.num_models > 1 and (a.name, s) in res]
             if multi_arms:
                 names = [e["name"] for e in res[multi_arms[0].name, s]["rules"]["entries"]]
                 t_rows = []
@@ -316,9 +337,10 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
             "arms": {f"{a}_seed{s}": {k: v for k, v in r.items() if k != "rules"}
                      | {"rules": {k: v for k, v in r["rules"].items() if k != "per_image"}}
                      for (a, s), r in res.items()}}
+    extra = "".join(f"; {_BY_NAME[a].label} also seed {s}" for a, s in params.extra_seeds)
     notes.append(f"Standard training (no attack), {params.epochs} epochs, seed(s) "
-                 f"{', '.join(map(str, params.seeds))}; every arm on the same data, schedule and "
-                 f"seed. Every accuracy is on the same {n_rep} reported test images (a fixed random "
+                 f"{', '.join(map(str, params.seeds))}{extra}; every arm on the same data, "
+                 f"schedule and seed. Every accuracy is on the same {n_rep} reported test images (a fixed random "
                  "half; the other half chooses the best sub-model and fits the selector). "
                  "'± images' is the binomial standard error of one accuracy, '± paired' that of "
                  "the difference over the same images.")

@@ -616,13 +616,17 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
          "converged": Budget(
              capacity.DepthParams((2,), epochs=100, full_data=True,
                                   # the longest first: two at a time finish together
-                                  arms=("authors", "authors_lr0.3", "paper", "control", "single")),
+                                  arms=("authors", "authors_lr0.3", "paper", "control", "single"),
+                                  # the seed check: the one model and the best CDA² arm of seed 0
+                                  extra_seeds=(("authors_lr0.3", 1), ("single", 1))),
              "Table 6's depth-2 column as the paper trained it: all of CIFAR-10 (--data "
              "cifar-10-jpeg.zip: the JPEG re-encoding), 100 epochs, the paper's schedule, seed 0, "
              "five arms (the four above and the authors' arm at learning rate 0.3), 10,000 test "
-             "images; about 1 h 45 min on a quiet 2-core CPU with --jobs 2 (27-31 s per three-model "
+             "images, and seed 1 of the one model and of the best CDA² arm on seed 0 (authors, lr "
+             "0.3); about 2 h 40 min on a quiet 2-core CPU with --jobs 2 (27-31 s per three-model "
              "epoch, two runs side by side)",
-             "depths 8-20, seed-to-seed spread"),
+             "depths 8-20, the spread over more than two seeds, and on seed 1 the comparison with "
+             "the control (not run there)"),
          "gpu": Budget(capacity.DepthParams((2, 20), epochs=10, full_data=True),
                        "all of CIFAR-10 at both ends of Table 6 (depths 2 and 20), every arm, "
                        "10 epochs, one seed, meant for one device call with --jobs 8; not yet "
