@@ -349,3 +349,18 @@ def test_every_planned_step_is_the_command_it_prints(tmp_path):
                 assert again.namespace() == step.job.namespace(), step.command
                 if isinstance(step.job, TrainJob):
                     assert again.config() == step.job.config()
+
+
+def test_ranking_notes_place_the_authors_row_among_the_measured_ones():
+    from cda2_ext.reproduce import experiments
+    measured = {"gal": {"0.03": 12.0}, "dverge": {"0.03": 6.5}, "adp": {"0.03": 17.0},
+                "cda2": {"0.03": 11.0}, "cda2-authors": {"0.03": 17.0}}
+    (note,) = experiments._ranking_notes("PGD", ["0.03"], experiments.paper.TABLE1, measured)
+    assert note.startswith("PGD at 0.03: here adp 17.0%, gal 12.0%, cda2 11.0%, dverge 6.5%; the "
+                           "paper's best is cda2 (47.8%), so this disagrees with it (CDA² ranks 3 "
+                           "of 4).")
+    # a tie shares the higher place
+    assert note.endswith("(cda2-authors) has 17.0%: place 1 of 5.")
+    del measured["cda2-authors"]
+    (note,) = experiments._ranking_notes("PGD", ["0.03"], experiments.paper.TABLE1, measured)
+    assert "cda2-authors" not in note

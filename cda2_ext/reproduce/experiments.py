@@ -442,6 +442,10 @@ def _protocol_note(params: DefenseParams, results: RobustnessRecord) -> str:
             + (f"{params.epochs} epochs" if params.epochs else "each method's own epochs")
             + (f" on the first {params.train_limit} images" if params.train_limit else "")
             + (f", training PGD {params.train_steps} steps" if params.train_steps else "")
+            + ("; cda2-authors trains as the authors' code does at every budget (PGD-10 with step "
+               "0.01, no random start, the attack's BatchNorm in train mode, the clean and the "
+               "adversarial term in every step: docs/training.md)"
+               if "cda2-authors" in results.clean else "")
             + f". Clean accuracy {min(clean):.1f}-{max(clean):.1f}% (the paper's: "
             f"{min(p_clean):.1f}-{max(p_clean):.1f}%)"
             + (": models this far from trained say little about the trained defenses."
@@ -462,9 +466,16 @@ def _ranking_notes(what: str, keys: Sequence[str], paper_rows: Mapping[str, Mapp
         order = sorted(got, key=lambda m: -got[m])
         place = order.index("cda2") + 1 if "cda2" in order else None
         agree = "agrees with" if order[0] in p_best else "disagrees with"
+        authors = measured.get("cda2-authors", {}).get(k)
+        with_authors = ""
+        if authors is not None:  # not a row of the paper: its place among the measured ones
+            rank = 1 + sum(v > authors for v in got.values())
+            with_authors = (f" CDA² trained as the authors' code does (cda2-authors) has "
+                            f"{authors:.1f}%: place {rank} of {len(order) + 1}.")
         notes.append(f"{what} at {k}: here {', '.join(f'{m} {got[m]:.1f}%' for m in order)}; the "
                      f"paper's best is {' = '.join(p_best)} ({top:.1f}%), so this {agree} it"
-                     + (f" (CDA² ranks {place} of {len(order)})." if place else "."))
+                     + (f" (CDA² ranks {place} of {len(order)})." if place else ".")
+                     + with_authors)
     return notes
 
 
