@@ -204,6 +204,7 @@ def test_reproduce_xor_writes_table_record_and_figure_and_reuses_on_rerun(tmp_pa
     md = (results / "reproduce_xor_small.md").read_text()
     assert "cda2 xor --seed 0" in md and "reproduce_xor_small.png" in md
     assert (results / "reproduce_xor_small.png").stat().st_size > 0
+    assert rec["figure"] == "reproduce_xor_small.png"  # beside the record: no machine path
     run_experiment("xor", "small", out, results, log=lambda s: None)
     rec2 = json.loads((results / "reproduce_xor_small.json").read_text())
     assert [s["status"] for s in rec2["steps"]] == ["reused", "reused"]
@@ -286,8 +287,15 @@ def test_defense_experiments_share_their_training_runs(tmp_path):
 
 def test_defense_experiments_at_the_paper_budget_use_the_published_protocol(tmp_path):
     # one evaluation per selection rule: the paper's four by PPD, the authors' CDA² by its detector
-    ev, ev_soe = [s for s in plan_experiment("whitebox", "paper", tmp_path) if s.kind == "output"]
+    ev, ev_soe, every, every_soe = [s for s in plan_experiment("whitebox", "paper", tmp_path)
+                                    if s.kind == "output"]
     for cmd in (" ".join(ev.argv), " ".join(ev_soe.argv)):
+        assert "--attack pgd --eps" in cmd
+    # then every white-box attack, with the evaluation's own adaptive budget at this budget
+    for cmd in (" ".join(every.argv), " ".join(every_soe.argv)):
+        assert "--attack pgd adaptive --eps" in cmd and "--apgd-steps" not in cmd
+    assert every.argv[:every.argv.index("--attack")] == ev.argv[:ev.argv.index("--attack")]
+    for cmd in (" ".join(a.argv) for a in (ev, ev_soe, every, every_soe)):
         assert "--steps 50 --restarts 5" in cmd and "--last-iterate" in cmd
         assert "--subset dverge" in cmd and "--n-samples 1000" in cmd and "--seed 0" in cmd
         assert "--eps " + " ".join(f"{e:g}" for e in paper.EPS) in cmd
@@ -320,6 +328,15 @@ def test_whitebox_then_square_reuse_the_runs_and_tabulate_paper_beside_measured(
         want = paper.TABLE1.get(method, {})  # the paper has no row for the authors' CDA²
         assert p_clean == want.get("clean") and p_03 == want.get("0.03")
         assert 0 <= got <= clean <= 100  # PGD never raises accuracy above clean
+    # every white-box attack: never above its own PGD row (one of the attacks it takes the worst of)
+    (every,) = wb["tables"]
+    assert every["columns"] == ["method", "clean %", "every attack 0.03 %"]
+    clean_of = {r[0]: r[2] for r in wb["rows"]}
+    for method, clean, worst in every["rows"]:
+        rows = wb["measured"]["every_attack"][method]
+        pgd = next(v for label, v in rows.items() if label.startswith("PGD-"))["0.03"]
+        assert 0 <= worst <= 100 * pgd + 1e-9 and clean == clean_of[method]
+    assert wb["findings"][0].startswith("Against every white-box attack (worst case) at 0.03: here")
     sq = run_experiment("square", "small", tmp_path, **kw)
     statuses = [s["status"] for s in sq["steps"]]
     assert statuses[:6] == ["reused"] * 6 and statuses[6:] == ["ran", "ran"]

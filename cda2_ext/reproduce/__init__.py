@@ -155,7 +155,8 @@ def run_experiment(name: str, budget: str, out: PathLike, results: Optional[Path
         "findings": report.findings, "columns": report.columns, "rows": report.rows,
         "tables": [{"title": t, "columns": c, "rows": r} for t, c, r in report.tables],
         "notes": report.notes,
-        "figure": str(figure) if figure else None, "measured": report.measured,
+        # the figure's file name: it lies beside the record, wherever --results put both
+        "figure": figure.name if figure else None, "measured": report.measured,
         "environment": _environment(device), "seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
