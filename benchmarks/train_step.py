@@ -7,7 +7,7 @@ one shape (M sub-models, batch B, ResNet-20), timed for two paths in the same pr
 * **default** - ``Trainer`` exactly as ``cda2 train`` builds it: fused ops, ``Collaboration``
   with its default layout (``"auto"``: see :mod:`cda2_ext.models.layouts`), the attacks through
   ``Collaboration.frozen()``.
-* **packed** (only with ``--paths ... packed``) - the default before ``models/layouts.py`` (then ``fast.py``): fused ops,
+* **packed** (only with ``--paths ... packed``) - the default before ``layouts.py``: fused ops,
   packed grouped convolutions, attacks through the module in eval mode.
 * **plain** - the authors' way: M separate standard ResNet-20s called one after another in a
   Python loop (NCHW, BatchNorm as modules, attacks through the module in eval mode), with the
@@ -80,7 +80,7 @@ class PlainCollaboration(nn.Module):
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def frozen(self) -> EvalNet:
-        """The module itself in eval mode: what the attacks differentiated before ``models/layouts.py`` (then ``fast.py``)."""
+        """The module itself in eval mode: what the attacks differentiated before ``layouts.py``."""
         return EvalNet(self)
 
 

@@ -237,7 +237,7 @@ def test_reproduce_depth_tabulates_every_arm_with_errors_and_verdicts(tmp_path, 
     assert rec["notes"][0].startswith("Verdicts, fixed before the runs")
     assert len(rec["findings"]) == 4  # three CDA² arms, then the split-gradient finding
     assert rec["findings"][-1].startswith("Depth 2, split gradient")
-    assert rec["findings"][0].count(" ± ") == 3 and "on its seeds" in rec["findings"][0]  # 0, 1, 2
+    assert rec["findings"][0].count(" ± ") == 3 and "on seeds 0 and 1 and 2" in rec["findings"][0]
     # the rule-by-rule table: every rule, sub-model, best, oracle and the fitted selector
     table = rec["tables"][0]
     assert table["columns"] == ["rule", "CDA², paper (Eq. 7, sigma 1)", "CDA², authors' weighting",

@@ -235,18 +235,19 @@ def _pct(v: Optional[float]) -> Optional[float]:
     return None if v is None else 100.0 * v
 
 
-def _findings(depth: int, label: str, runs: Sequence[Comparison], table6: str,
-              lost: Sequence[str]) -> str:
-    gains = ", ".join(f"{100 * c.own_vs_single[0]:+.1f} ± {100 * c.own_vs_single[1]:.1f}"
-                      for c in runs)
+def _findings(depth: int, label: str, runs: Sequence[Comparison], seeds: Sequence[int],
+              table6: str, lost: Sequence[str]) -> str:
+    gains = " and ".join(f"{100 * c.own_vs_single[0]:+.1f} ± {100 * c.own_vs_single[1]:.1f}"
+                         for c in runs) + " points vs the one model"
     if len(runs) > 1:
-        gains += " on its seeds"
+        gains += f" on seeds {' and '.join(map(str, seeds))}"
     where = {"experts": "its experts (the best sub-model is below the one model)",
              "selector": "its selector (a sub-model as good as the one model exists, the rule "
                          "does not pick it)",
              "ppd training": "how its PPD head is trained (a fitted selector beats the one model, "
                              "the arm's rule does not)"}
-    text = f"Depth {depth}, {label}: {table6} Table 6 ({gains} points vs the one model)"
+    says = {"inconclusive": "inconclusive on"}.get(table6, table6)
+    text = f"Depth {depth}, {label}: {says} Table 6 ({gains})"
     if lost:
         text += "; the loss is in " + " and in ".join(where[w] for w in lost)
     return text + "."
@@ -273,18 +274,20 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
     for depth in params.depths:
         res = {(a, s): _eval_json(folder, depth, a, s) for s, a in runs}
         comps: Dict[str, List[Comparison]] = {}
+        compared: Dict[str, List[int]] = {}  # the seeds of each arm's comparisons
         if {"single", "control"} <= set(params.arms):
             for a in arms:
                 if a.name in _CDA2_ARMS:
+                    compared[a.name] = [s for s in seeds
+                                        if (a.name, s) in res and ("single", s) in res]
                     comps[a.name] = [_compare(res[a.name, s], res["single", s],
-                                              res.get(("control", s)))
-                                     for s in seeds if (a.name, s) in res and ("single", s) in res]
+                                              res.get(("control", s))) for s in compared[a.name]]
         verdicts = {a: verdict(c) for a, c in comps.items()}
         lost = {a: where_lost(c) for a, c in comps.items()}
         for a in arms:
             if a.name in comps:
-                findings.append(_findings(depth, a.label, comps[a.name], verdicts[a.name],
-                                          lost[a.name]))
+                findings.append(_findings(depth, a.label, comps[a.name], compared[a.name],
+                                          verdicts[a.name], lost[a.name]))
         if "authors" in comps and "authors_lr0.3" in comps:
             closed = split_gradient(comps["authors"], comps["authors_lr0.3"])
             findings.append(
