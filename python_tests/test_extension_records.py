@@ -136,12 +136,13 @@ def test_eval_validation_knows_the_toy_family(toy_family, tmp_path, capsys):
     from cda2_ext.evaluation import EvalConfig
     assert EvalConfig().options[NOISE] == {"tries": 3}  # its default, stored with every config
     assert NOISE not in EvalConfig().attacks  # not in_all
-    with pytest.raises(ValueError, match=r"^noise_tries: must be an integer in \[1, 50\], got 0$"):
+    with pytest.raises(ValueError, match=r"^noise_tries \(--noise-tries\): must be an integer in "
+                                         r"\[1, 50\], got 0$"):
         EvalConfig(options={NOISE: {"tries": 0}})
     rc, err = run_cli(["eval", "--checkpoint", str(tmp_path / "none"), "--attack", NOISE,
                        "--noise-tries", "51", "--out", str(tmp_path / "e")], capsys)
     assert rc == 2
-    one_line_error(err, "noise_tries: must be an integer in [1, 50], got 51")
+    one_line_error(err, "noise_tries (--noise-tries): must be an integer in [1, 50], got 51")
     assert not (tmp_path / "e").exists()
 
 

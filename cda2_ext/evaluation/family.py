@@ -74,8 +74,8 @@ class FamilyParam:
 
     def check(self, family: str, value: Any) -> ParamValue:
         """``value`` in the parameter's kind, or :class:`~cda2_ext.errors.ConfigError` naming
-        ``{family}_{name}``."""
-        name = self.option(family)
+        ``{family}_{name}`` and the option that sets it (``square_queries (--queries)``)."""
+        name = f"{self.option(family)} ({self.cli_flag(family)})"
         if self.radii:
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ConfigError(f"{name}: expected a list of L-inf radii, got {value!r}")
