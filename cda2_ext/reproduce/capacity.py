@@ -343,8 +343,9 @@ def depth_report(params: DepthParams, folder: Path, data_note: Optional[str]
     extra = "".join(f"; {_BY_NAME[a].label} also seed {s}" for a, s in params.extra_seeds)
     notes.append(f"Standard training (no attack), {params.epochs} epochs, seed(s) "
                  f"{', '.join(map(str, params.seeds))}{extra}; every arm on the same data, "
-                 f"schedule and seed. Every accuracy is on the same {n_rep} reported test images (a fixed random "
-                 "half; the other half chooses the best sub-model and fits the selector). "
+                 f"schedule and seed. Every accuracy is on the same {n_rep} reported test "
+                 "images (a fixed random half; the other half chooses the best sub-model and "
+                 "fits the selector). "
                  "'± images' is the binomial standard error of one accuracy, '± paired' that of "
                  "the difference over the same images.")
     notes.append("rule = the arm's own: Algorithm 2's PPD (paper arm), the authors' "
