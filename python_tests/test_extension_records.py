@@ -169,3 +169,21 @@ def test_train_and_evaluate_with_the_toy_family(toy_family, tmp_path, capsys):
 def test_the_toy_family_is_gone_after_its_test():
     from cda2_ext.evaluation import EvalConfig
     assert NOISE not in FAMILIES and NOISE not in EvalConfig().options
+
+
+def test_a_command_parser_built_before_a_record_is_rebuilt_after_it():
+    """Jobs cache their parser; registering a record must invalidate it, or a family added after
+    the first job was built would be unknown to validation and ``--help``."""
+    from cda2_ext.jobs.evaluate import EvalJob
+    EvalJob.of(n_samples=5)  # builds (and caches) the parser without the toy
+    toy = registered(FAMILIES, AttackFamily(NOISE, _run_noise, "toy", in_all=False,
+                                            params=(FamilyParam("tries", 3, "draws"),)))
+    next(toy)
+    try:
+        job = EvalJob.of(checkpoint=["r"], attack=[NOISE], noise_tries=4)
+        assert job.config().option(NOISE, "tries") == 4
+    finally:
+        next(toy, None)  # runs the generator's cleanup
+    assert NOISE not in FAMILIES
+    with pytest.raises(ValueError, match="no option 'noise_tries'"):
+        EvalJob.of(noise_tries=4)
